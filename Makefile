@@ -1,0 +1,26 @@
+# Every target works on a fresh machine with only Python 3 and pip: the venv is created and
+# filled on first use (and again whenever requirements.txt, setup.py or pyproject.toml change).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test install clean
+
+demo: $(STAMP)
+	$(PY) -m odenets_fast.demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+install: $(STAMP)
+
+# No build isolation: a C++ extension must build against the torch installed from requirements.txt.
+$(STAMP): requirements.txt setup.py pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-build-isolation -e .
+	touch $@
+
+clean:
+	rm -rf $(VENV) build *.egg-info

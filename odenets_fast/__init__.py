@@ -1,0 +1,20 @@
+"""odenets_fast: deep residual MLP stacks trained as neural ODEs, with memory that does not grow with depth.
+
+See DESIGN.md for the formulas every backend implements.
+"""
+
+from . import diagnostics, functional
+from .backends import BackendUnavailableError, available_backends
+from .nn import ODEMLP
+from .ops import ode_mlp
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ODEMLP",
+    "BackendUnavailableError",
+    "available_backends",
+    "diagnostics",
+    "functional",
+    "ode_mlp",
+]

@@ -1,0 +1,79 @@
+"""Backend registry and automatic choice (DESIGN.md §7).
+
+A backend is a module with `forward(x, W, V, b, c, spec)` and `backward(grad_out, saved, W, V, b,
+c, spec)` as documented in `reference.py`. Choice, in order: the explicit `backend=` argument,
+then the environment variable `ODENETS_FAST_BACKEND`, then the device: CUDA tensors → "triton",
+CPU tensors → "cpp", each falling back to "reference" when it is not available.
+"""
+
+import os
+from types import ModuleType
+from typing import Callable, Optional
+
+import torch
+
+from . import reference
+from .spec import check_choice
+
+ENV_VAR = "ODENETS_FAST_BACKEND"
+BACKEND_NAMES = ("reference", "triton", "cpp")
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was asked for by name but cannot run here; the message says why."""
+
+
+def _load_reference() -> ModuleType:
+    return reference
+
+
+def _not_built(name: str, issue: str) -> Callable[[], ModuleType]:
+    def load() -> ModuleType:
+        raise BackendUnavailableError(f"backend {name!r} is not available: {issue}")
+
+    return load
+
+
+# Each loader returns the backend module or raises BackendUnavailableError saying why.
+_LOADERS: dict[str, Callable[[], ModuleType]] = {
+    "reference": _load_reference,
+    "triton": _not_built("triton", "the Triton kernels are not part of this version of odenets_fast yet"),
+    "cpp": _not_built("cpp", "the C++ extension is not part of this version of odenets_fast yet"),
+}
+
+
+def load_backend(name: str) -> ModuleType:
+    check_choice("backend", name, BACKEND_NAMES)
+    return _LOADERS[name]()
+
+
+def available_backends() -> dict[str, str]:
+    """Map every backend name to "available" or the reason it is not."""
+    status = {}
+    for name in BACKEND_NAMES:
+        try:
+            load_backend(name)
+            status[name] = "available"
+        except BackendUnavailableError as err:
+            status[name] = str(err)
+    return status
+
+
+def _automatic(device: torch.device) -> ModuleType:
+    preferred = "triton" if device.type == "cuda" else "cpp"
+    try:
+        return load_backend(preferred)
+    except BackendUnavailableError:
+        return reference
+
+
+def select_backend(backend: Optional[str], device: torch.device) -> ModuleType:
+    """The backend module for tensors on `device`, honouring `backend=` and ODENETS_FAST_BACKEND."""
+    if backend is not None:
+        return load_backend(backend)
+    env = os.environ.get(ENV_VAR, "")
+    if env:
+        if env not in BACKEND_NAMES:
+            raise ValueError(f"environment variable {ENV_VAR} must be one of {list(BACKEND_NAMES)}; got {env!r}")
+        return load_backend(env)
+    return _automatic(device)

@@ -1,0 +1,130 @@
+"""nn.Modules built on the ops."""
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .activations import ACTIVATIONS
+from .backends import BACKEND_NAMES
+from .ops import ode_mlp
+from .spec import BACKWARD_MODES, METHODS, check_anchor_every, check_choice, check_positive_int, check_real
+
+INITS = ("tied", "iid", "smooth")
+SMOOTH_V_STD = 0.1  # "smooth" init: V small so that the stack starts close to the identity map
+
+
+def smooth_in_depth(num_layers: int, depth: int, shape: tuple, lengthscale: float) -> Tensor:
+    """Gaussian-process samples over depth: a (num_layers, *shape) float64 tensor whose entries,
+    as functions of s = k / depth, are independent GPs with covariance exp(−(s − s')² / 2ℓ²).
+
+    Sampled through the eigenvectors of the covariance with non-negligible eigenvalues: the
+    squared-exponential spectrum decays fast, so this is a cheap, well-conditioned factor even at
+    depths where a Cholesky factorisation would fail.
+    """
+    s = torch.arange(num_layers, dtype=torch.float64) / depth
+    cov = torch.exp(-0.5 * ((s[:, None] - s[None, :]) / lengthscale) ** 2)
+    evals, evecs = torch.linalg.eigh(cov)
+    keep = evals > evals.max() * 1e-12
+    factor = evecs[:, keep] * evals[keep].sqrt()
+    noise = torch.randn(int(keep.sum()), math.prod(shape), dtype=torch.float64)
+    return (factor @ noise).reshape(num_layers, *shape)
+
+
+class ODEMLP(nn.Module):
+    """A depth-L residual MLP x_{n+1} = x_n + (T/L) f(x_n; θ_n) with stacked parameters.
+
+    Parameters: ``W`` (P, hidden, dim), ``V`` (P, dim, hidden) and with ``bias=True`` ``b``
+    (P, hidden), ``c`` (P, dim); P = depth (Euler) or depth + 1 (Heun).
+
+    Inits: ``"tied"`` — V = 0 and every W_k the same standard-Gaussian matrix (the weight-tied
+    init of "Implicit regularization of deep residual networks towards neural ODEs");
+    ``"iid"`` — independent standard-Gaussian W_k, V = 0; ``"smooth"`` — the entries of W and V
+    are Gaussian processes over depth s = k / depth with squared-exponential covariance of length
+    ``smooth_lengthscale`` (W standard, V with std ``SMOOTH_V_STD``). Biases start at zero.
+
+    After a backward pass in adjoint mode, ``last_drift`` is the float ‖x̃_0 − x_0‖ / ‖x_0‖ of
+    that batch (None before the first one; backprop-mode passes leave it unchanged).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden: int,
+        depth: int,
+        *,
+        method: str = "euler",
+        activation: str = "gelu",
+        T: float = 1.0,
+        backward: str = "adjoint",
+        anchor_every: Optional[int] = None,
+        bias: bool = False,
+        init: str = "tied",
+        smooth_lengthscale: float = 0.2,
+        backend: Optional[str] = None,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        self.dim = check_positive_int("dim", dim)
+        self.hidden = check_positive_int("hidden", hidden)
+        self.depth = check_positive_int("depth", depth)
+        self.method = check_choice("method", method, METHODS)
+        self.activation = check_choice("activation", activation, ACTIVATIONS)
+        self.T = check_real("T", T, positive=True)
+        self.backward_mode = check_choice("backward", backward, BACKWARD_MODES)
+        self.anchor_every = check_anchor_every(anchor_every, backward)
+        self.init = check_choice("init", init, INITS)
+        self.smooth_lengthscale = check_real("smooth_lengthscale", smooth_lengthscale, positive=True)
+        self.backend = None if backend is None else check_choice("backend", backend, BACKEND_NAMES)
+        if not isinstance(bias, bool):
+            raise TypeError(f"bias must be a bool; got {type(bias).__name__}")
+
+        P = depth + 1 if method == "heun" else depth
+        factory = {"device": device, "dtype": dtype}
+        self.W = nn.Parameter(torch.empty(P, hidden, dim, **factory))
+        self.V = nn.Parameter(torch.empty(P, dim, hidden, **factory))
+        self.b = nn.Parameter(torch.empty(P, hidden, **factory)) if bias else None
+        self.c = nn.Parameter(torch.empty(P, dim, **factory)) if bias else None
+        self._drift: Optional[Tensor] = None
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        P, hidden, dim = self.W.shape
+        if self.init == "tied":
+            self.W.copy_(torch.randn(hidden, dim, dtype=torch.float64).expand(P, hidden, dim))
+            self.V.zero_()
+        elif self.init == "iid":
+            self.W.copy_(torch.randn(P, hidden, dim, dtype=torch.float64))
+            self.V.zero_()
+        else:
+            ell = self.smooth_lengthscale
+            self.W.copy_(smooth_in_depth(P, self.depth, (hidden, dim), ell))
+            self.V.copy_(SMOOTH_V_STD * smooth_in_depth(P, self.depth, (dim, hidden), ell))
+        for bias in (self.b, self.c):
+            if bias is not None:
+                bias.zero_()
+
+    def _record_drift(self, drift: Tensor) -> None:
+        self._drift = drift.detach()
+
+    @property
+    def last_drift(self) -> Optional[float]:
+        return None if self._drift is None else float(self._drift)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ode_mlp(
+            x, self.W, self.V, self.b, self.c,
+            method=self.method, activation=self.activation, T=self.T,
+            backward=self.backward_mode, anchor_every=self.anchor_every,
+            backend=self.backend, on_drift=self._record_drift,
+        )  # fmt: skip
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, hidden={self.hidden}, depth={self.depth}, method={self.method!r}, "
+            f"activation={self.activation!r}, T={self.T}, backward={self.backward_mode!r}, "
+            f"anchor_every={self.anchor_every}, bias={self.b is not None}, init={self.init!r}"
+        )

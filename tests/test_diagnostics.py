@@ -1,0 +1,75 @@
+"""diagnostics: shapes, edge values and the quantities they claim to measure."""
+
+import pytest
+import torch
+
+from conftest import make_stack, smooth_stack
+from odenets_fast import diagnostics, ode_mlp
+
+
+@pytest.mark.parametrize("method", ["euler", "heun"])
+def test_reconstruction_error_shape_and_ends(method):
+    x, W, V, b, c = make_stack(L=6, method=method, bias=True)
+    err = diagnostics.reconstruction_error(x, W, V, b, c, method=method)
+    assert err.shape == (7,)
+    assert err[-1] == 0 and err[0] > 0
+    anchored = diagnostics.reconstruction_error(x, W, V, b, c, method=method, anchor_every=2)
+    assert anchored[0] == 0 and anchored[2] == 0 and anchored[4] == 0 and anchored[1] > 0
+
+
+def test_reconstruction_error_grows_with_step():
+    x, W, V, b, c = smooth_stack(16, method="euler")
+    small = diagnostics.reconstruction_error(x, W, V, T=0.5)[0]
+    large = diagnostics.reconstruction_error(x, W, V, T=1.0)[0]
+    assert large > 1.5 * small
+
+
+@pytest.mark.parametrize("method", ["euler", "heun"])
+def test_gradient_error_keys_and_consistency(method):
+    x, W, V, b, c = make_stack(L=6, method=method, bias=True)
+    err = diagnostics.gradient_error(x, W, V, b, c, method=method)
+    assert set(err) == {"x", "W", "V", "b", "c", "W_per_layer"}
+    assert err["W_per_layer"].shape == (W.shape[0],)
+    assert all(err[k] > 0 for k in "xWVbc")
+    # recompute the W error by hand from the two gradients
+    grad_out = torch.randn(x.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    grads = {}
+    for mode in ("backprop", "adjoint"):
+        Wl = W.clone().requires_grad_(True)
+        out = ode_mlp(x, Wl, V, b, c, method=method, backward=mode)
+        (grads[mode],) = torch.autograd.grad(out, Wl, grad_out)
+    want = (grads["adjoint"] - grads["backprop"]).norm() / grads["backprop"].norm()
+    assert err["W"] == pytest.approx(float(want), rel=1e-10)
+
+
+def test_gradient_error_zero_with_every_state_anchored():
+    x, W, V, b, c = make_stack(L=5)
+    err = diagnostics.gradient_error(x, W, V, anchor_every=1)
+    assert err["x"] < 1e-14 and err["W"] < 1e-14 and err["W_per_layer"].max() < 1e-14
+
+
+def test_gradient_error_rejects_bad_grad_out():
+    x, W, V, b, c = make_stack()
+    with pytest.raises(ValueError, match="grad_out must be a tensor of the shape of x"):
+        diagnostics.gradient_error(x, W, V, grad_out=torch.ones(3))
+
+
+def test_depth_smoothness():
+    W = torch.zeros(4, 2, 2)
+    W[2] = 3.0  # ‖W_2 − W_1‖_F = ‖W_3 − W_2‖_F = 6
+    assert diagnostics.depth_smoothness(W) == pytest.approx(6.0)
+    assert diagnostics.depth_smoothness(W[:1]) == 0.0
+
+
+def test_saved_tensor_bytes_adjoint_is_depth_independent():
+    x, W, V, b, c = make_stack(B=32, q=8, m=8, L=64, dtype=torch.float32)
+    W.requires_grad_(True)
+
+    def saved(mode, depth):
+        return diagnostics.saved_tensor_bytes(
+            lambda: ode_mlp(x, W[:depth], V[:depth], backward=mode), exclude=(W, V)
+        )
+
+    state_bytes = 32 * 8 * 4
+    assert saved("adjoint", 8) == saved("adjoint", 64) == 2 * state_bytes  # x_0 and x_L
+    assert saved("backprop", 64) == 65 * state_bytes  # x_0 … x_63 and x_L
