@@ -5,13 +5,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean gpu
 
 demo: $(STAMP)
 	$(PY) -m odenets_fast.demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q tests --ignore=tests/gpu
 
 install: $(STAMP)
 
@@ -24,3 +24,12 @@ $(STAMP): requirements.txt setup.py pyproject.toml
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# On a GPU machine (no venv, no internet: the machine's own torch and triton): install the package
+# in place, run the GPU tests, compute-sanitizer and the kernel benchmarks, write bench/results/.
+GPU_PYTHON ?= python3
+RESULTS ?= bench/results
+
+gpu:
+	$(GPU_PYTHON) -m pip install -q --no-deps --no-build-isolation -e .
+	$(GPU_PYTHON) -m bench.gpu_suite --out $(RESULTS)

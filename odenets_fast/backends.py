@@ -27,6 +27,21 @@ def _load_reference() -> ModuleType:
     return reference
 
 
+def _load_triton() -> ModuleType:
+    try:
+        import triton  # noqa: F401
+    except ImportError as err:
+        raise BackendUnavailableError(f"backend 'triton' is not available: triton is not installed ({err})") from err
+    from . import triton_backend
+
+    if not (torch.cuda.is_available() or triton_backend.INTERPRETED):
+        raise BackendUnavailableError(
+            "backend 'triton' is not available: no CUDA device (set TRITON_INTERPRET=1 before importing "
+            "odenets_fast to run the kernels on CPU tensors through Triton's interpreter, for testing)"
+        )
+    return triton_backend
+
+
 def _not_built(name: str, issue: str) -> Callable[[], ModuleType]:
     def load() -> ModuleType:
         raise BackendUnavailableError(f"backend {name!r} is not available: {issue}")
@@ -37,7 +52,7 @@ def _not_built(name: str, issue: str) -> Callable[[], ModuleType]:
 # Each loader returns the backend module or raises BackendUnavailableError saying why.
 _LOADERS: dict[str, Callable[[], ModuleType]] = {
     "reference": _load_reference,
-    "triton": _not_built("triton", "the Triton kernels are not part of this version of odenets_fast yet"),
+    "triton": _load_triton,
     "cpp": _not_built("cpp", "the C++ extension is not part of this version of odenets_fast yet"),
 }
 

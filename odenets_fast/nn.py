@@ -9,7 +9,16 @@ from torch import Tensor, nn
 from .activations import ACTIVATIONS
 from .backends import BACKEND_NAMES
 from .ops import ode_mlp
-from .spec import BACKWARD_MODES, METHODS, check_anchor_every, check_choice, check_positive_int, check_real
+from .spec import (
+    BACKWARD_MODES,
+    INPUT_PRECISIONS,
+    METHODS,
+    check_anchor_every,
+    check_bool,
+    check_choice,
+    check_positive_int,
+    check_real,
+)
 
 INITS = ("tied", "iid", "smooth")
 SMOOTH_V_STD = 0.1  # "smooth" init: V small so that the stack starts close to the identity map
@@ -44,6 +53,8 @@ class ODEMLP(nn.Module):
     are Gaussian processes over depth s = k / depth with squared-exponential covariance of length
     ``smooth_lengthscale`` (W standard, V with std ``SMOOTH_V_STD``). Biases start at zero.
 
+    ``input_precision`` and ``deterministic`` are the Triton backend's knobs (see ``ode_mlp``).
+
     After a backward pass in adjoint mode, ``last_drift`` is the float ‖x̃_0 − x_0‖ / ‖x_0‖ of
     that batch (None before the first one; backprop-mode passes leave it unchanged).
     """
@@ -63,6 +74,8 @@ class ODEMLP(nn.Module):
         init: str = "tied",
         smooth_lengthscale: float = 0.2,
         backend: Optional[str] = None,
+        input_precision: str = "ieee",
+        deterministic: bool = True,
         device=None,
         dtype=None,
     ):
@@ -78,8 +91,9 @@ class ODEMLP(nn.Module):
         self.init = check_choice("init", init, INITS)
         self.smooth_lengthscale = check_real("smooth_lengthscale", smooth_lengthscale, positive=True)
         self.backend = None if backend is None else check_choice("backend", backend, BACKEND_NAMES)
-        if not isinstance(bias, bool):
-            raise TypeError(f"bias must be a bool; got {type(bias).__name__}")
+        self.input_precision = check_choice("input_precision", input_precision, INPUT_PRECISIONS)
+        self.deterministic = check_bool("deterministic", deterministic)
+        check_bool("bias", bias)
 
         P = depth + 1 if method == "heun" else depth
         factory = {"device": device, "dtype": dtype}
@@ -119,7 +133,8 @@ class ODEMLP(nn.Module):
             x, self.W, self.V, self.b, self.c,
             method=self.method, activation=self.activation, T=self.T,
             backward=self.backward_mode, anchor_every=self.anchor_every,
-            backend=self.backend, on_drift=self._record_drift,
+            backend=self.backend, input_precision=self.input_precision, deterministic=self.deterministic,
+            on_drift=self._record_drift,
         )  # fmt: skip
 
     def extra_repr(self) -> str:

@@ -53,6 +53,8 @@ def ode_mlp(
     scale_in: Optional[float] = None,
     scale_out: Optional[float] = None,
     backend: Optional[str] = None,
+    input_precision: str = "ieee",
+    deterministic: bool = True,
     on_drift: Optional[Callable[[Tensor], None]] = None,
 ) -> Tensor:
     """A depth-L residual MLP stack, x_{n+1} = x_n + (T/L) f(x_n; θ_n), as one differentiable op.
@@ -70,6 +72,10 @@ def ode_mlp(
             from the stored state there (k = 1 gives exact gradients).
         scale_in, scale_out: a_in and a_out; default 1/sqrt(q) and 1/sqrt(m).
         backend: "reference", "triton" or "cpp"; None picks by device (or ODENETS_FAST_BACKEND).
+        input_precision: "ieee" (default) or "tf32" for float32 matrix products (Triton backend;
+            the reference and C++ backends always use full float32/float64 products).
+        deterministic: Triton backend — True (default) reduces weight gradients over the batch in
+            a fixed order (bitwise reproducible); False uses atomics (faster, last bits vary).
         on_drift: called after an adjoint backward with the 0-dim tensor ‖x̃_0 − x_0‖ / ‖x_0‖.
 
     Returns:
@@ -79,6 +85,7 @@ def ode_mlp(
         x, W, V, b, c,
         method=method, activation=activation, T=T, backward=backward,
         anchor_every=anchor_every, scale_in=scale_in, scale_out=scale_out,
+        input_precision=input_precision, deterministic=deterministic,
     )  # fmt: skip
     impl = select_backend(backend, x.device)
     if on_drift is not None and not callable(on_drift):

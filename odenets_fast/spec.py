@@ -17,6 +17,7 @@ from .activations import ACTIVATIONS
 
 METHODS = ("euler", "heun")
 BACKWARD_MODES = ("adjoint", "backprop")
+INPUT_PRECISIONS = ("ieee", "tf32")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -26,6 +27,9 @@ class StackSpec:
 
     `depth` is L; the parameter tensors hold `num_params` = L (Euler) or L + 1 (Heun) layers.
     `anchor_every` is None in plain adjoint mode and always None in backprop mode.
+    `input_precision` and `deterministic` are execution knobs of the Triton backend (float32
+    products in IEEE or TF32; weight gradients reduced in a fixed order or with atomics); the
+    reference and C++ backends always compute in IEEE float32/float64 and are deterministic.
     """
 
     method: str
@@ -36,6 +40,8 @@ class StackSpec:
     scale_out: float
     backward: str
     anchor_every: Optional[int]
+    input_precision: str = "ieee"
+    deterministic: bool = True
 
     @property
     def num_params(self) -> int:
@@ -58,6 +64,12 @@ def check_real(name: str, value, *, positive: bool = False) -> float:
         raise ValueError(f"{name} must be finite; got {value}")
     if positive and value <= 0:
         raise ValueError(f"{name} must be > 0; got {value}")
+    return value
+
+
+def check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool; got {type(value).__name__}")
     return value
 
 
@@ -113,6 +125,8 @@ def check_stack(
     anchor_every,
     scale_in,
     scale_out,
+    input_precision: str = "ieee",
+    deterministic: bool = True,
 ) -> StackSpec:
     """Validate the arguments of `ode_mlp`; return the stack's `StackSpec`."""
     _check_tensor("x", x, None)
@@ -151,6 +165,8 @@ def check_stack(
         needed = "L + 1 >= 2 (θ_0 … θ_L)" if method == "heun" else "L >= 1"
         raise ValueError(f"W has P = {P} layers but method={method!r} needs P = {needed}")
     T = check_real("T", T, positive=True)
+    check_choice("input_precision", input_precision, INPUT_PRECISIONS)
+    check_bool("deterministic", deterministic)
     return StackSpec(
         method=method,
         activation=activation,
@@ -160,4 +176,6 @@ def check_stack(
         scale_out=1.0 / math.sqrt(m) if scale_out is None else check_real("scale_out", scale_out),
         backward=backward,
         anchor_every=check_anchor_every(anchor_every, backward),
+        input_precision=input_precision,
+        deterministic=deterministic,
     )

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import make_stack
+from helpers import make_stack
 from odenets_fast import BackendUnavailableError, available_backends, backends, ode_mlp, reference
 
 

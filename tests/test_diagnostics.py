@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import make_stack, smooth_stack
+from helpers import make_stack, smooth_stack
 from odenets_fast import diagnostics, ode_mlp
 
 

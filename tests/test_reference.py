@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import naive
-from conftest import make_stack, smooth_stack
+from helpers import make_stack, smooth_stack
 from odenets_fast import diagnostics, ode_mlp
 from odenets_fast.activations import ACTIVATIONS
 
@@ -34,7 +34,7 @@ def test_forward_and_backprop_match_autograd(method, activation, bias):
     x, W, V, b, c = make_stack(method=method, bias=bias)
     ours, theirs = _leaves(x, W, V, b, c), _leaves(x, W, V, b, c)
     out = ode_mlp(*ours, method=method, activation=activation, backward="backprop", backend="reference")
-    want = naive.forward(*theirs, method=method, activation=activation)
+    want = naive.eager_forward(*theirs, method=method, activation=activation)
     torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
     grad_out = torch.randn_like(out)
     _assert_all_close(_grads(out, ours, grad_out), _grads(want, theirs, grad_out), rtol=1e-10, atol=1e-12)
@@ -125,9 +125,9 @@ def test_low_precision_carries_float32_states(method, dtype):
         out = fn(*leaves)
         return [out] + list(_grads(out, leaves, grad_out.to(out.dtype)))
 
-    exact = run(lambda *t: naive.forward(*t, method=method), [x64, W64, V64, b64, c64])
+    exact = run(lambda *t: naive.eager_forward(*t, method=method), [x64, W64, V64, b64, c64])
     ours = run(lambda *t: ode_mlp(*t, method=method, backward="backprop", backend="reference"), low)
-    plain = run(lambda *t: naive.forward(*t, method=method), low)
+    plain = run(lambda *t: naive.eager_forward(*t, method=method), low)
     for o, p, e in zip(ours, plain, exact):
         assert o.dtype == dtype
         err_ours = (o.double() - e).norm() / e.norm()

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from conftest import make_stack
+from helpers import make_stack
 from odenets_fast import ODEMLP, ode_mlp
 
 
@@ -215,6 +215,16 @@ def test_scale_in_not_finite(stack):
         _call(*stack, scale_in=math.nan)
 
 
+def test_unknown_input_precision(stack):
+    with pytest.raises(ValueError, match="input_precision must be one of"):
+        _call(*stack, input_precision="fp16")
+
+
+def test_deterministic_not_bool(stack):
+    with pytest.raises(TypeError, match="deterministic must be a bool"):
+        _call(*stack, deterministic=1)
+
+
 def test_on_drift_not_callable(stack):
     with pytest.raises(TypeError, match="on_drift must be callable"):
         _call(*stack, on_drift=3)
@@ -232,6 +242,8 @@ def test_on_drift_not_callable(stack):
         ({"backend": "gpu"}, ValueError, "backend must be one of"),
         ({"backward": "backprop", "anchor_every": 4}, ValueError, "anchor_every is only meaningful"),
         ({"bias": 1}, TypeError, "bias must be a bool"),
+        ({"input_precision": "bf16"}, ValueError, "input_precision must be one of"),
+        ({"deterministic": None}, TypeError, "deterministic must be a bool"),
     ],
 )
 def test_module_arguments(kwargs, exc, message):

@@ -1,0 +1,112 @@
+"""GPU tests of the Triton backend (run by `make gpu`; `make test` covers the same kernels under
+the interpreter). Low-precision results are judged against a same-dtype PyTorch run: the kernel's
+error against a float64 oracle may be at most twice that of the plain eager loop in that dtype."""
+
+import pytest
+import torch
+
+import naive
+from helpers import make_stack
+from odenets_fast import ode_mlp
+from odenets_fast.activations import ACTIVATIONS
+
+CUDA = torch.device("cuda")
+
+
+def _grads(fn, tensors, grad_out):
+    leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
+    out = fn(*leaves)
+    return [out.detach()] + [g.detach() for g in torch.autograd.grad(out, leaves, grad_out.to(out.dtype))]
+
+
+def _rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+def _stack(method, dtype=torch.float32, B=1000, q=100, m=300, L=8):
+    return [t.to(CUDA) for t in make_stack(B=B, q=q, m=m, L=L, method=method, bias=True, v_scale=0.5, dtype=dtype)]
+
+
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("backward", ["backprop", "adjoint"])
+@pytest.mark.parametrize("method", ["euler", "heun"])
+def test_float32_ieee_matches_float64_reference(method, backward, activation):
+    tensors = _stack(method)
+    grad_out = torch.randn(1000, 100, device=CUDA)
+    kw = dict(method=method, backward=backward, activation=activation)
+    got = _grads(lambda *t: ode_mlp(*t, backend="triton", **kw), tensors, grad_out)
+    want = _grads(lambda *t: ode_mlp(*t, backend="reference", **kw), [t.double() for t in tensors], grad_out.double())
+    for g, w in zip(got, want):
+        assert _rel(g, w) < 1e-5
+
+
+@pytest.mark.parametrize("precision, dtype", [("tf32", torch.float32), ("ieee", torch.bfloat16), ("ieee", torch.float16)])
+@pytest.mark.parametrize("backward", ["backprop", "adjoint"])
+@pytest.mark.parametrize("method", ["euler", "heun"])
+def test_reduced_precision_no_worse_than_eager_same_dtype(method, backward, precision, dtype):
+    """Oracle: the float64 reference in the same backward mode. Yardstick: the eager loop run in
+    `dtype` (with TF32 matmuls for "tf32") against the float64 eager loop — its rounding error."""
+    tensors64 = _stack(method, torch.float64)
+    grad_out = torch.randn(1000, 100, device=CUDA, dtype=torch.float64)
+    oracle = _grads(lambda *t: ode_mlp(*t, method=method, backward=backward, backend="reference"), tensors64, grad_out)
+    exact = _grads(lambda *t: naive.eager_forward(*t, method=method), tensors64, grad_out)
+    low = [t.to(dtype) for t in tensors64]
+    ours = _grads(lambda *t: ode_mlp(*t, method=method, backward=backward, backend="triton", input_precision=precision),
+                  low, grad_out)  # fmt: skip
+    allow_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    try:
+        eager = _grads(lambda *t: naive.eager_forward(*t, method=method), low, grad_out)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+    for o, want, e_low, e in zip(ours, oracle, eager, exact):
+        assert o.dtype == dtype
+        assert _rel(o, want) <= 2 * _rel(e_low, e) + 1e-4, (_rel(o, want), _rel(e_low, e))
+
+
+@pytest.mark.parametrize("method", ["euler", "heun"])
+def test_deterministic_mode_is_bitwise_reproducible(method):
+    tensors = _stack(method, B=4096, q=64, m=128, L=6)
+    grad_out = torch.randn(4096, 64, device=CUDA)
+    runs = [_grads(lambda *t: ode_mlp(*t, method=method, backend="triton"), tensors, grad_out) for _ in range(2)]
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    atomic = _grads(lambda *t: ode_mlp(*t, method=method, backend="triton", deterministic=False), tensors, grad_out)
+    for a, b in zip(atomic, runs[0]):
+        assert _rel(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("shape", [dict(B=1, q=1, m=1), dict(B=37, q=24, m=40), dict(B=513, q=256, m=1000)])
+def test_odd_and_limit_shapes(shape):
+    tensors = _stack("heun", L=3, **shape)
+    x_wide = torch.randn(shape["B"], 2 * shape["q"], device=CUDA)[:, ::2]  # non-contiguous x
+    tensors[0] = x_wide
+    grad_out = torch.randn(shape["B"], shape["q"], device=CUDA)
+    got = _grads(lambda *t: ode_mlp(*t, method="heun", backend="triton"), tensors, grad_out)
+    want = _grads(lambda *t: ode_mlp(*t, method="heun", backend="reference"), [t.double() for t in tensors],
+                  grad_out.double())  # fmt: skip
+    for g, w in zip(got, want):
+        assert _rel(g, w) < 1e-5
+
+
+def _peak_step_bytes(L, method, backward, B=4096, q=256, m=512):
+    """Peak CUDA memory of one training step above what exists anyway: inputs, parameters and the
+    parameter gradients it produces."""
+    x, W, V, _, _ = make_stack(B=B, q=q, m=m, L=L, method=method, dtype=torch.float32, v_scale=0.5)
+    x, W, V = x.to(CUDA), W.to(CUDA).requires_grad_(True), V.to(CUDA).requires_grad_(True)
+    grad_out = torch.randn_like(x)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    ode_mlp(x, W, V, method=method, backward=backward, backend="triton").backward(grad_out)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base - (W.numel() + V.numel()) * 4
+
+
+@pytest.mark.parametrize("method", ["euler", "heun"])
+def test_adjoint_peak_memory_does_not_grow_with_depth(method):
+    shallow, deep = _peak_step_bytes(8, method, "adjoint"), _peak_step_bytes(64, method, "adjoint")
+    assert deep <= 1.05 * shallow + 2**20, (shallow, deep)
+    # and the comparison is meaningful: backprop's does grow by the stored states
+    grows = _peak_step_bytes(64, method, "backprop") - _peak_step_bytes(8, method, "backprop")
+    assert grows >= 56 * 4096 * 256 * 4
