@@ -7,10 +7,12 @@ from . import diagnostics, functional
 from .backends import BackendUnavailableError, available_backends
 from .nn import ODEMLP
 from .ops import ode_mlp
+from .stack import AdjointResidualStack
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdjointResidualStack",
     "ODEMLP",
     "BackendUnavailableError",
     "available_backends",

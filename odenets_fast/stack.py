@@ -1,0 +1,199 @@
+"""Memory-free residual stacks of arbitrary blocks: x_{n+1} = x_n + h f_n(x_n) with any nn.Module f_n.
+
+The same backward modes as `ode_mlp` (DESIGN.md §5), for blocks that are not MLPs — e.g. the
+pre-activation convolution blocks of "Do Residual Neural Networks discretize Neural Ordinary
+Differential Equations?". The per-layer VJP is taken by autograd on a recompute of one layer at a
+time, so the memory held by the backward pass is one layer's graph, whatever the depth.
+
+Training-mode state (BatchNorm): the forward pass updates running statistics once per layer, as a
+plain loop would. Reconstruction and recompute run the blocks again in the same mode, so
+BatchNorm normalises with the *batch statistics of the state it is given* (the reconstructed x̃_n
+in adjoint mode, the stored x_n at anchors and in backprop mode — identical to the forward's
+there); every buffer of the blocks (running_mean, running_var, num_batches_tracked, …) is restored
+when the backward pass ends, so the running statistics are updated exactly once per forward.
+
+Randomness (dropout): with `preserve_rng_state=True` (default) the RNG state before each layer's
+forward is kept (a few KB per layer) and restored when that layer is re-run, so reconstruction and
+recompute use the forward's random numbers — as `torch.utils.checkpoint` does.
+"""
+
+import contextlib
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .reference import relative_drift
+from .spec import BACKWARD_MODES, METHODS, check_anchor_every, check_bool, check_choice, check_real
+
+
+class _RngStates:
+    """The CPU (and, for CUDA tensors, current-device CUDA) RNG state before each layer."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.states: list = []
+
+    def capture(self) -> None:
+        self.states.append((torch.get_rng_state(), torch.cuda.get_rng_state() if self.cuda else None))
+
+    @contextlib.contextmanager
+    def replay(self, layer: int):
+        devices = [torch.cuda.current_device()] if self.cuda else []
+        with torch.random.fork_rng(devices=devices, enabled=True):
+            cpu, cuda = self.states[layer]
+            torch.set_rng_state(cpu)
+            if self.cuda:
+                torch.cuda.set_rng_state(cuda)
+            yield
+
+
+@contextlib.contextmanager
+def _buffers_restored(blocks: nn.Module):
+    """Re-run blocks without leaving a trace in their buffers (running statistics, counters)."""
+    saved = [(buf, buf.detach().clone()) for buf in blocks.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buf, value in saved:
+                buf.copy_(value)
+
+
+class _AdjointStackFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, stack: "AdjointResidualStack", *params: Tensor) -> Tensor:
+        L, every = stack.depth, stack.anchor_every or stack.depth
+        rng = _RngStates(x.device) if stack.preserve_rng_state else None
+        anchors = []
+        state = x.detach()
+        with torch.no_grad():
+            for n in range(L):
+                if n % every == 0:
+                    anchors.append(state)
+                if rng is not None:
+                    rng.capture()
+                state = stack.step(state, n)
+        ctx.stack, ctx.rng = stack, rng
+        ctx.save_for_backward(state, *anchors)
+        return state
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "double backward (create_graph=True) through an adjoint-mode stack is not supported: its backward "
+                "reconstructs states instead of recording them. Use backward='backprop' for higher-order gradients."
+            )
+        stack, rng = ctx.stack, ctx.rng
+        final, *anchors = ctx.saved_tensors
+        params = [p for p in stack.parameters() if p.requires_grad]
+        grads = {p: None for p in params}
+        every = stack.anchor_every or stack.depth
+        x_next, g = final, grad_out
+        with _buffers_restored(stack.blocks):
+            for n in reversed(range(stack.depth)):
+                anchored = stack.anchor_every is not None and n % every == 0
+                if not anchored or n == 0:
+                    with torch.no_grad(), _replay(rng, n):
+                        reconstructed = stack.reverse_step(x_next, n)
+                    if n == 0:
+                        stack._drift = relative_drift(reconstructed.detach(), anchors[0])
+                x = anchors[n // every] if anchored else reconstructed
+                layer_params = [p for p in stack.layer_parameters(n) if p.requires_grad]
+                with torch.enable_grad(), _replay(rng, n):
+                    x_in = x.detach().requires_grad_(True)
+                    out = stack.step(x_in, n)
+                    g, *dparams = torch.autograd.grad(out, [x_in] + layer_params, g, allow_unused=True)
+                for p, d in zip(layer_params, dparams):
+                    if d is not None:
+                        grads[p] = d if grads[p] is None else grads[p] + d
+                x_next = x
+        return (g, None) + tuple(grads[p] for p in params)
+
+
+def _replay(rng: Optional[_RngStates], layer: int):
+    return contextlib.nullcontext() if rng is None else rng.replay(layer)
+
+
+class AdjointResidualStack(nn.Module):
+    """x_{n+1} = x_n + (T/L) f_n(x_n) over a list of blocks f_n (same-shape in and out).
+
+    Args:
+        blocks: L modules for ``method="euler"``, L + 1 for ``"heun"`` (f_0 … f_L, Heun's step n
+            uses f_n and f_{n+1}).
+        method, T, backward, anchor_every: as in `odenets_fast.ode_mlp`. ``"backprop"`` runs the
+            plain loop under autograd (exact, stores every activation); ``"adjoint"`` keeps x_0 and
+            x_L (and the anchors) and reconstructs the rest in backward.
+        preserve_rng_state: re-run each layer with the RNG state of its forward (dropout).
+
+    ``last_drift``: ‖x̃_0 − x_0‖ / ‖x_0‖ of the latest adjoint backward (None before one).
+    """
+
+    def __init__(
+        self,
+        blocks: Sequence[nn.Module],
+        *,
+        method: str = "euler",
+        T: float = 1.0,
+        backward: str = "adjoint",
+        anchor_every: Optional[int] = None,
+        preserve_rng_state: bool = True,
+    ):
+        super().__init__()
+        if not all(isinstance(block, nn.Module) for block in blocks):
+            raise TypeError("blocks must be a sequence of nn.Module")
+        self.blocks = nn.ModuleList(blocks)
+        self.method = check_choice("method", method, METHODS)
+        self.depth = len(self.blocks) - (1 if method == "heun" else 0)
+        if self.depth < 1:
+            needed = "L + 1 >= 2 blocks" if method == "heun" else "at least 1 block"
+            raise ValueError(f"method={method!r} needs {needed}; got {len(self.blocks)}")
+        self.T = check_real("T", T, positive=True)
+        self.step_size = self.T / self.depth
+        self.backward_mode = check_choice("backward", backward, BACKWARD_MODES)
+        self.anchor_every = check_anchor_every(anchor_every, backward)
+        self.preserve_rng_state = check_bool("preserve_rng_state", preserve_rng_state)
+        self._drift: Optional[Tensor] = None
+
+    def layer_parameters(self, n: int) -> list:
+        """Parameters that forward layer n reads: f_n's (and f_{n+1}'s for Heun)."""
+        blocks = [self.blocks[n]] + ([self.blocks[n + 1]] if self.method == "heun" else [])
+        # dict: a block reused at several depths (weight tying) must be differentiated once per call
+        return list(dict.fromkeys(p for block in blocks for p in block.parameters()))
+
+    def step(self, x: Tensor, n: int) -> Tensor:
+        """Forward layer n (DESIGN.md §3)."""
+        h = self.step_size
+        k1 = self.blocks[n](x)
+        if self.method == "euler":
+            return x + h * k1
+        return x + (0.5 * h) * (k1 + self.blocks[n + 1](x + h * k1))
+
+    def reverse_step(self, x_next: Tensor, n: int) -> Tensor:
+        """x̃_n from x̃_{n+1} by the forward rule run backwards (DESIGN.md §4)."""
+        h = self.step_size
+        if self.method == "euler":
+            return x_next - h * self.blocks[n](x_next)
+        k_next = self.blocks[n + 1](x_next)
+        return x_next - (0.5 * h) * (k_next + self.blocks[n](x_next - h * k_next))
+
+    @property
+    def last_drift(self) -> Optional[float]:
+        return None if self._drift is None else float(self._drift)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a torch.Tensor; got {type(x).__name__}")
+        if self.backward_mode == "backprop" or not torch.is_grad_enabled():
+            for n in range(self.depth):
+                x = self.step(x, n)
+            return x
+        params = [p for p in self.parameters() if p.requires_grad]
+        return _AdjointStackFunction.apply(x, self, *params)
+
+    def extra_repr(self) -> str:
+        return (
+            f"depth={self.depth}, method={self.method!r}, T={self.T}, backward={self.backward_mode!r}, "
+            f"anchor_every={self.anchor_every}, preserve_rng_state={self.preserve_rng_state}"
+        )

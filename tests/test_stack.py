@@ -1,0 +1,160 @@
+"""AdjointResidualStack: any residual blocks, against a plain loop and against ode_mlp."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from helpers import make_stack
+from odenets_fast import AdjointResidualStack, diagnostics, ode_mlp
+
+
+class MLPBlock(nn.Module):
+    """f(x) = a_out V tanh(a_in W x): the ODE-MLP residual as a module, to compare with ode_mlp."""
+
+    def __init__(self, W, V):
+        super().__init__()
+        self.W, self.V = nn.Parameter(W.clone()), nn.Parameter(V.clone())
+
+    def forward(self, x):
+        q, m = self.W.shape[1], self.W.shape[0]
+        return (torch.tanh(x @ self.W.T / math.sqrt(q)) @ self.V.T) / math.sqrt(m)
+
+
+def conv_block(channels, dropout=0.0):
+    """The pre-activation basic block bn → relu → conv → bn → relu → conv (NeurIPS 2022)."""
+    return nn.Sequential(
+        nn.BatchNorm2d(channels), nn.ReLU(), nn.Conv2d(channels, channels, 3, padding=1),
+        nn.BatchNorm2d(channels), nn.ReLU(), nn.Dropout(dropout), nn.Conv2d(channels, channels, 3, padding=1),
+    )  # fmt: skip
+
+
+def _mlp_stack(method, L=5, **kwargs):
+    x, W, V, _, _ = make_stack(B=6, q=4, m=7, L=L, method=method)
+    stack = AdjointResidualStack([MLPBlock(W[n], V[n]) for n in range(W.shape[0])], method=method, **kwargs)
+    return x, W, V, stack.double()
+
+
+def _grads(stack, x, grad_out):
+    x = x.clone().requires_grad_(True)
+    out = stack(x)
+    params = list(stack.parameters())
+    return [out.detach()] + list(torch.autograd.grad(out, [x] + params, grad_out))
+
+
+@pytest.mark.parametrize("backward, anchor_every", [("backprop", None), ("adjoint", None), ("adjoint", 2)])
+@pytest.mark.parametrize("method", ["euler", "heun"])
+def test_mlp_blocks_match_ode_mlp(method, backward, anchor_every):
+    """The generic stack, differentiated through autograd per layer, equals the hand-written
+    reference backend of ode_mlp in every backward mode."""
+    x, W, V, stack = _mlp_stack(method, backward=backward, anchor_every=anchor_every)
+    grad_out = torch.randn_like(x)
+    got = _grads(stack, x, grad_out)
+    leaves = [t.clone().requires_grad_(True) for t in (x, W, V)]
+    out = ode_mlp(*leaves, method=method, activation="tanh", backward=backward, anchor_every=anchor_every,
+                  backend="reference")  # fmt: skip
+    gx, gW, gV = torch.autograd.grad(out, leaves, grad_out)
+    torch.testing.assert_close(got[0], out.detach())
+    torch.testing.assert_close(got[1], gx)
+    torch.testing.assert_close(torch.stack(got[2::2]), gW)
+    torch.testing.assert_close(torch.stack(got[3::2]), gV)
+
+
+@pytest.mark.parametrize("method", ["euler", "heun"])
+def test_anchor_every_one_equals_backprop(method):
+    x, W, V, stack = _mlp_stack(method, anchor_every=1)
+    grad_out = torch.randn_like(x)
+    exact = _grads(stack, x, grad_out)
+    stack.backward_mode, stack.anchor_every = "backprop", None
+    for a, b in zip(exact, _grads(stack, x, grad_out)):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-14)
+
+
+def test_last_drift_equals_reconstruction_error():
+    x, W, V, stack = _mlp_stack("euler", L=8)
+    assert stack.last_drift is None
+    stack(x.clone().requires_grad_(True)).sum().backward()
+    want = diagnostics.reconstruction_error(x, W, V, method="euler", activation="tanh")[0]
+    assert stack.last_drift == pytest.approx(float(want), rel=1e-10)
+
+
+def test_weight_tied_blocks_count_each_use_once():
+    x, W, V, _ = _mlp_stack("heun", L=4)
+    block = MLPBlock(W[0], V[0]).double()
+    tied = AdjointResidualStack([block] * 5, method="heun", anchor_every=1)
+    plain = AdjointResidualStack([block] * 5, method="heun", backward="backprop")
+    grad_out = torch.randn_like(x)
+    for a, b in zip(_grads(tied, x, grad_out), _grads(plain, x, grad_out)):
+        torch.testing.assert_close(a, b)
+
+
+def _conv_model(L, method="euler", dropout=0.0, **kwargs):
+    torch.manual_seed(0)
+    blocks = [conv_block(4, dropout) for _ in range(L + (method == "heun"))]
+    return AdjointResidualStack(blocks, method=method, **kwargs)
+
+
+@pytest.mark.parametrize("method", ["euler", "heun"])
+def test_batchnorm_running_stats_updated_once(method):
+    x = torch.randn(8, 4, 6, 6)
+    adjoint = _conv_model(3, method)
+    plain = _conv_model(3, method, backward="backprop")
+    for model in (adjoint, plain):
+        model(x.clone().requires_grad_(True)).square().sum().backward()
+    for (name, a), b in zip(adjoint.named_buffers(), plain.buffers()):
+        torch.testing.assert_close(a, b, msg=name)  # same running stats and num_batches_tracked
+    assert adjoint.blocks[0][0].num_batches_tracked.item() == 1
+
+
+@pytest.mark.parametrize("method", ["euler", "heun"])
+def test_batchnorm_gradients_exact_at_anchors(method):
+    """In train mode BatchNorm normalises with the batch statistics of the state it is given: at
+    stored states (anchor_every=1) those are the forward's, so gradients are exact."""
+    x = torch.randn(8, 4, 6, 6)
+    grad_out = torch.randn(8, 4, 6, 6)
+    anchored, plain = _conv_model(3, method, anchor_every=1), _conv_model(3, method, backward="backprop")
+    for a, b in zip(_grads(anchored, x, grad_out), _grads(plain, x, grad_out)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_dropout_recompute_uses_forward_random_numbers():
+    x, grad_out = torch.randn(8, 4, 6, 6), torch.randn(8, 4, 6, 6)
+    results = {}
+    for preserve in (True, False):
+        for mode, anchors in (("backprop", None), ("adjoint", 1)):
+            model = _conv_model(2, dropout=0.5, backward=mode, anchor_every=anchors, preserve_rng_state=preserve)
+            torch.manual_seed(1)
+            results[preserve, mode] = _grads(model, x, grad_out)
+    for a, b in zip(results[True, "adjoint"], results[True, "backprop"]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    # without the RNG state the recompute draws new masks: the gradients differ
+    assert not torch.allclose(results[False, "adjoint"][2], results[False, "backprop"][2])
+
+
+def test_adjoint_memory_does_not_grow_with_depth():
+    x = torch.randn(4, 4, 6, 6, requires_grad=True)
+
+    def saved(L, mode):
+        model = _conv_model(L, backward=mode)
+        return diagnostics.saved_tensor_bytes(lambda: model(x), exclude=tuple(model.parameters()))
+
+    assert saved(2, "adjoint") == saved(12, "adjoint")
+    assert saved(12, "backprop") > 5 * saved(12, "adjoint")
+
+
+def test_double_backward_is_a_clear_error():
+    x, W, V, stack = _mlp_stack("euler")
+    x = x.requires_grad_(True)
+    out = stack(x)
+    with pytest.raises(RuntimeError, match="double backward .* not supported.*backward='backprop'"):
+        torch.autograd.grad(out.sum(), x, create_graph=True)
+
+
+def test_bad_arguments():
+    with pytest.raises(TypeError, match="blocks must be a sequence of nn.Module"):
+        AdjointResidualStack([lambda x: x])
+    with pytest.raises(ValueError, match="needs L \\+ 1 >= 2 blocks"):
+        AdjointResidualStack([nn.Identity()], method="heun")
+    with pytest.raises(ValueError, match="anchor_every is only meaningful"):
+        AdjointResidualStack([nn.Identity()], backward="backprop", anchor_every=2)
