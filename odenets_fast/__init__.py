@@ -5,6 +5,7 @@ See DESIGN.md for the formulas every backend implements.
 
 from . import diagnostics, functional
 from .backends import BackendUnavailableError, available_backends
+from .convert import convert
 from .nn import ODEMLP
 from .ops import ode_mlp
 from .stack import AdjointResidualStack
@@ -16,6 +17,7 @@ __all__ = [
     "ODEMLP",
     "BackendUnavailableError",
     "available_backends",
+    "convert",
     "diagnostics",
     "functional",
     "ode_mlp",
