@@ -15,6 +15,10 @@ when the backward pass ends, so the running statistics are updated exactly once 
 Randomness (dropout): with `preserve_rng_state=True` (default) the RNG state before each layer's
 forward is kept (a few KB per layer) and restored when that layer is re-run, so reconstruction and
 recompute use the forward's random numbers — as `torch.utils.checkpoint` does.
+
+Autocast: the blocks are re-run under the autocast state of the forward (the backward pass runs
+outside the caller's `torch.autocast` region). The state x itself is never cast: x_n + h f_n(x_n)
+keeps the dtype of x (float32 for a float32 input) while the blocks compute in the autocast dtype.
 """
 
 import contextlib
@@ -48,6 +52,18 @@ class _RngStates:
             yield
 
 
+class _AutocastState:
+    """The autocast setting of the forward for one device type, to re-enter during backward."""
+
+    def __init__(self, device: torch.device):
+        self.device_type = device.type
+        self.enabled = torch.is_autocast_enabled(self.device_type)
+        self.dtype = torch.get_autocast_dtype(self.device_type)
+
+    def __call__(self):
+        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)
+
+
 @contextlib.contextmanager
 def _buffers_restored(blocks: nn.Module):
     """Re-run blocks without leaving a trace in their buffers (running statistics, counters)."""
@@ -74,7 +90,7 @@ class _AdjointStackFunction(torch.autograd.Function):
                 if rng is not None:
                     rng.capture()
                 state = stack.step(state, n)
-        ctx.stack, ctx.rng = stack, rng
+        ctx.stack, ctx.rng, ctx.autocast = stack, rng, _AutocastState(x.device)
         ctx.save_for_backward(state, *anchors)
         return state
 
@@ -85,7 +101,7 @@ class _AdjointStackFunction(torch.autograd.Function):
                 "double backward (create_graph=True) through an adjoint-mode stack is not supported: its backward "
                 "reconstructs states instead of recording them. Use backward='backprop' for higher-order gradients."
             )
-        stack, rng = ctx.stack, ctx.rng
+        stack, rng, autocast = ctx.stack, ctx.rng, ctx.autocast
         final, *anchors = ctx.saved_tensors
         params = [p for p in stack.parameters() if p.requires_grad]
         grads = {p: None for p in params}
@@ -95,13 +111,13 @@ class _AdjointStackFunction(torch.autograd.Function):
             for n in reversed(range(stack.depth)):
                 anchored = stack.anchor_every is not None and n % every == 0
                 if not anchored or n == 0:
-                    with torch.no_grad(), _replay(rng, n):
+                    with torch.no_grad(), autocast(), _replay(rng, n):
                         reconstructed = stack.reverse_step(x_next, n)
                     if n == 0:
                         stack._drift = relative_drift(reconstructed.detach(), anchors[0])
                 x = anchors[n // every] if anchored else reconstructed
                 layer_params = [p for p in stack.layer_parameters(n) if p.requires_grad]
-                with torch.enable_grad(), _replay(rng, n):
+                with torch.enable_grad(), autocast(), _replay(rng, n):
                     x_in = x.detach().requires_grad_(True)
                     out = stack.step(x_in, n)
                     g, *dparams = torch.autograd.grad(out, [x_in] + layer_params, g, allow_unused=True)

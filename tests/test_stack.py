@@ -132,6 +132,21 @@ def test_dropout_recompute_uses_forward_random_numbers():
     assert not torch.allclose(results[False, "adjoint"][2], results[False, "backprop"][2])
 
 
+def test_autocast_bfloat16_replayed_in_backward_and_state_stays_float32():
+    x, grad_out = torch.randn(8, 4, 6, 6), torch.randn(8, 4, 6, 6)
+    results = {}
+    for mode, anchors in (("backprop", None), ("adjoint", 1)):
+        model = _conv_model(2, backward=mode, anchor_every=anchors)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            xl = x.clone().requires_grad_(True)
+            out = model(xl)
+        assert out.dtype == torch.float32  # x + h f(x): the state keeps x's dtype
+        results[mode] = [out] + list(torch.autograd.grad(out, [xl] + list(model.parameters()), grad_out))
+    # exact at anchors only if the recompute ran in bfloat16 like the forward
+    for a, b in zip(results["adjoint"], results["backprop"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_adjoint_memory_does_not_grow_with_depth():
     x = torch.randn(4, 4, 6, 6, requires_grad=True)
 
