@@ -10,10 +10,11 @@ import triton.language as tl
 
 ACTIVATION_CODES = {"identity": 0, "relu": 1, "tanh": 2, "gelu": 3, "gelu_tanh": 4, "silu": 5}
 
-_SQRT_HALF = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
-_SQRT_2_OVER_PI = 0.7978845608028654
-_GELU_TANH_CUBIC = 0.044715
+# constexpr: a @triton.jit function may only read globals that are compile-time constants
+_SQRT_HALF = tl.constexpr(0.7071067811865476)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
+_SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
+_GELU_TANH_CUBIC = tl.constexpr(0.044715)
 
 
 @triton.jit

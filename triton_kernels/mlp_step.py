@@ -312,6 +312,7 @@ class StepConfig(NamedTuple):
     block_m: int  # hidden-width chunk per iteration
     block_q: int  # state width padded to a power of two (≥ 16 for tl.dot)
     num_warps: int
+    num_stages: int  # software-pipelining depth of the m loop: each stage buffers a W and a Vᵀ tile
 
 
 class Layer(NamedTuple):
@@ -325,14 +326,16 @@ class Layer(NamedTuple):
 
 def step_config(q: int, m: int, interpreted: bool) -> StepConfig:
     """Tile sizes: fixed small tiles under the interpreter (fast to emulate); on the GPU, fewer rows
-    per program as q grows so that the per-row float32 blocks still fit in registers."""
+    per program as q grows so that the per-row float32 blocks still fit in registers, and two
+    pipeline stages at q = 256, where three float32 stages of the Heun reverse step would need
+    more than the H100's 227 KiB of shared memory (checked by tests/triton_aot.py)."""
     block_q = max(16, triton.next_power_of_2(q))
     if interpreted:
-        return StepConfig(block_b=16, block_m=32, block_q=block_q, num_warps=1)
+        return StepConfig(block_b=16, block_m=32, block_q=block_q, num_warps=1, num_stages=1)
     block_b = 64 if block_q <= 64 else 32
     block_m = 64 if block_q <= 128 else 32
     return StepConfig(block_b=block_b, block_m=min(block_m, max(16, triton.next_power_of_2(m))), block_q=block_q,
-                      num_warps=4 if block_q <= 64 else 8)  # fmt: skip
+                      num_warps=4 if block_q <= 64 else 8, num_stages=2 if block_q >= 256 else 3)  # fmt: skip
 
 
 def _pointers(layer: Layer, fallback: Tensor):
@@ -357,7 +360,7 @@ def forward_step(
         HEUN=heun, ACT=act, HAS_B=layer.b is not None, HAS_C=layer.c is not None,
         SAVE_STATE=saved_state is not None, SAVE_STAGE=saved_stage is not None,
         BLOCK_B=config.block_b, BLOCK_M=config.block_m, BLOCK_Q=config.block_q, PRECISION=precision,
-        num_warps=config.num_warps,
+        num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
 
 
@@ -384,7 +387,7 @@ def reverse_step(
         HEUN=heun, ACT=act, HAS_B=layer.b is not None, HAS_C=layer.c is not None,
         RECONSTRUCT=reconstruct, USE_STORED=stored_state is not None, USE_STAGE=stored_stage is not None,
         ATOMIC=atomic, BLOCK_B=config.block_b, BLOCK_M=config.block_m, BLOCK_Q=config.block_q, PRECISION=precision,
-        num_warps=config.num_warps,
+        num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
 
 
