@@ -16,7 +16,7 @@ test: $(STAMP)
 install: $(STAMP)
 
 # No build isolation: a C++ extension must build against the torch installed from requirements.txt.
-$(STAMP): requirements.txt setup.py pyproject.toml
+$(STAMP): requirements.txt setup.py pyproject.toml $(wildcard csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-build-isolation -e .

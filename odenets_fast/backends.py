@@ -7,6 +7,7 @@ CPU tensors → "cpp", each falling back to "reference" when it is not available
 """
 
 import os
+import warnings
 from types import ModuleType
 from typing import Callable, Optional
 
@@ -42,18 +43,23 @@ def _load_triton() -> ModuleType:
     return triton_backend
 
 
-def _not_built(name: str, issue: str) -> Callable[[], ModuleType]:
-    def load() -> ModuleType:
-        raise BackendUnavailableError(f"backend {name!r} is not available: {issue}")
-
-    return load
+def _load_cpp() -> ModuleType:
+    try:
+        from . import cpp_backend
+    except ImportError as err:
+        raise BackendUnavailableError(
+            f"backend 'cpp' is not available: the C++ extension odenets_fast._C could not be imported ({err}); "
+            f"build it from the source checkout with `pip install --no-build-isolation -e .` "
+            f"(needs a C++ compiler; see setup.py)"
+        ) from err
+    return cpp_backend
 
 
 # Each loader returns the backend module or raises BackendUnavailableError saying why.
 _LOADERS: dict[str, Callable[[], ModuleType]] = {
     "reference": _load_reference,
     "triton": _load_triton,
-    "cpp": _not_built("cpp", "the C++ extension is not part of this version of odenets_fast yet"),
+    "cpp": _load_cpp,
 }
 
 
@@ -74,21 +80,35 @@ def available_backends() -> dict[str, str]:
     return status
 
 
+_warned_fallbacks: set[str] = set()
+
+
 def _automatic(device: torch.device) -> ModuleType:
     preferred = "triton" if device.type == "cuda" else "cpp"
     try:
         return load_backend(preferred)
-    except BackendUnavailableError:
+    except BackendUnavailableError as err:
+        if preferred not in _warned_fallbacks:  # once per process: the reason does not change
+            _warned_fallbacks.add(preferred)
+            warnings.warn(f"{err}. Falling back to the slower 'reference' backend.", stacklevel=3)
         return reference
+
+
+def _check_device(name: str, device: torch.device) -> None:
+    if name == "cpp" and device.type != "cpu":
+        raise ValueError(f"backend 'cpp' runs on CPU tensors only; got tensors on {device}")
 
 
 def select_backend(backend: Optional[str], device: torch.device) -> ModuleType:
     """The backend module for tensors on `device`, honouring `backend=` and ODENETS_FAST_BACKEND."""
     if backend is not None:
+        check_choice("backend", backend, BACKEND_NAMES)
+        _check_device(backend, device)
         return load_backend(backend)
     env = os.environ.get(ENV_VAR, "")
     if env:
         if env not in BACKEND_NAMES:
             raise ValueError(f"environment variable {ENV_VAR} must be one of {list(BACKEND_NAMES)}; got {env!r}")
+        _check_device(env, device)
         return load_backend(env)
     return _automatic(device)

@@ -3,8 +3,6 @@ import os
 import pytest
 import torch
 
-from helpers import make_stack, smooth_stack  # noqa: F401  (TEMP: test_cpp.py in progress imports these from here)
-
 # Without a GPU the Triton kernels run on CPU tensors through Triton's interpreter. The variable is
 # read when the kernels are decorated, so it must be set before odenets_fast.triton_kernels loads.
 if not torch.cuda.is_available():

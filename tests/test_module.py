@@ -57,7 +57,8 @@ def test_smooth_init_large_depth_is_well_conditioned():
 @pytest.mark.parametrize("method", ["euler", "heun"])
 def test_forward_and_grads_equal_functional(method):
     torch.manual_seed(0)
-    model = ODEMLP(4, 6, 5, method=method, activation="silu", init="smooth", bias=True, dtype=torch.float64)
+    model = ODEMLP(4, 6, 5, method=method, activation="silu", init="smooth", bias=True, dtype=torch.float64,
+                   backend="reference")  # fmt: skip
     x = torch.randn(9, 4, dtype=torch.float64)
     out = model(x)
     params = [p.detach().clone().requires_grad_(True) for p in (model.W, model.V, model.b, model.c)]

@@ -1,0 +1,260 @@
+#include "fused_elementwise.h"
+
+#include <c10/util/Exception.h>
+
+// Multiversioned so that one build runs everywhere yet uses the widest vectors the CPU has: GCC
+// 12 is the first to accept the x86-64-v3/v4 levels here, and the choice at load time is a glibc
+// ifunc. Elsewhere the compiler's default target.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__) && __GNUC__ >= 12
+#define ODENETS_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define ODENETS_SIMD_CLONES
+#endif
+
+namespace odenets_fast {
+
+Activation parse_activation(c10::string_view name) {
+  if (name == "identity") return Activation::identity;
+  if (name == "relu") return Activation::relu;
+  if (name == "tanh") return Activation::tanh;
+  if (name == "gelu") return Activation::gelu;
+  if (name == "gelu_tanh") return Activation::gelu_tanh;
+  if (name == "silu") return Activation::silu;
+  TORCH_CHECK(false, "activation must be one of ['identity', 'relu', 'tanh', 'gelu', 'gelu_tanh', 'silu']; got '",
+              std::string(name.data(), name.size()), "'");
+}
+
+namespace {
+
+// Runs Kernel::run<σ, with_bias> so that every loop is compiled with its activation inlined and
+// never tests the bias pointer per element (a vectorized conditional load of an absent bias is a
+// masked load from a null address: legal, but microcode-slow on some CPUs).
+template <typename T, typename Kernel, bool with_bias, typename... Args>
+ODENETS_ALWAYS_INLINE void with_activation_and_bias(Activation act, Args... args) {
+  switch (act) {
+    case Activation::identity: return Kernel::template run<Identity<T>, with_bias>(args...);
+    case Activation::relu: return Kernel::template run<Relu<T>, with_bias>(args...);
+    case Activation::tanh: return Kernel::template run<Tanh<T>, with_bias>(args...);
+    case Activation::gelu: return Kernel::template run<Gelu<T>, with_bias>(args...);
+    case Activation::gelu_tanh: return Kernel::template run<GeluTanh<T>, with_bias>(args...);
+    case Activation::silu: return Kernel::template run<Silu<T>, with_bias>(args...);
+  }
+}
+
+template <typename T, typename Kernel, typename... Args>
+ODENETS_ALWAYS_INLINE void with_activation(Activation act, const T* bias, Args... args) {
+  if (bias) {
+    with_activation_and_bias<T, Kernel, true>(act, bias, args...);
+  } else {
+    with_activation_and_bias<T, Kernel, false>(act, bias, args...);
+  }
+}
+
+template <typename T, bool with_bias>
+ODENETS_ALWAYS_INLINE T preactivation(T acc, T scale_in, const T* bias, int64_t j) {
+  if constexpr (with_bias) {
+    return scale_in * acc + bias[j];
+  } else {
+    return scale_in * acc;
+  }
+}
+
+template <typename T>
+struct Activate {
+  template <typename Act, bool with_bias>
+  static ODENETS_ALWAYS_INLINE void run(const T* bias, T* acc, T scale_in, int64_t rows, int64_t cols) {
+    for (int64_t i = 0; i < rows; ++i) {
+      T* row = acc + i * cols;
+      for (int64_t j = 0; j < cols; ++j) row[j] = Act::value(preactivation<T, with_bias>(row[j], scale_in, bias, j));
+    }
+  }
+};
+
+template <typename T>
+struct ActivateWithSlope {
+  template <typename Act, bool with_bias>
+  static ODENETS_ALWAYS_INLINE void run(const T* bias, T* acc, T* slope, T scale_in, int64_t rows, int64_t cols) {
+    for (int64_t i = 0; i < rows; ++i) {
+      T* row = acc + i * cols;
+      T* slope_row = slope + i * cols;
+      for (int64_t j = 0; j < cols; ++j) {
+        Act::both(preactivation<T, with_bias>(row[j], scale_in, bias, j), row[j], slope_row[j]);
+      }
+    }
+  }
+};
+
+template <typename T>
+struct ActivateAndBackprop {
+  template <typename Act, bool with_bias>
+  static ODENETS_ALWAYS_INLINE void run(const T* bias, T* acc, T* grad, T scale_in, T grad_scale, T* bias_grad,
+                                        int64_t rows, int64_t cols) {
+    for (int64_t i = 0; i < rows; ++i) {
+      T* row = acc + i * cols;
+      T* grad_row = grad + i * cols;
+      for (int64_t j = 0; j < cols; ++j) {
+        T slope;
+        Act::both(preactivation<T, with_bias>(row[j], scale_in, bias, j), row[j], slope);
+        grad_row[j] *= grad_scale * slope;
+      }
+      if (bias_grad) {
+        for (int64_t j = 0; j < cols; ++j) bias_grad[j] += grad_row[j];
+      }
+    }
+  }
+};
+
+template <typename T>
+ODENETS_ALWAYS_INLINE void scale_by_slope_impl(T* grad, const T* slope, T grad_scale, T* bias_grad, int64_t rows,
+                                               int64_t cols) {
+  for (int64_t i = 0; i < rows; ++i) {
+    T* grad_row = grad + i * cols;
+    const T* slope_row = slope + i * cols;
+    for (int64_t j = 0; j < cols; ++j) grad_row[j] *= grad_scale * slope_row[j];
+    if (bias_grad) {
+      for (int64_t j = 0; j < cols; ++j) bias_grad[j] += grad_row[j];
+    }
+  }
+}
+
+template <typename T>
+ODENETS_ALWAYS_INLINE void add_scaled_bias_impl(T* out, const T* in, const T* bias, T bias_scale, int64_t rows,
+                                                int64_t cols) {
+  for (int64_t i = 0; i < rows; ++i) {
+    T* out_row = out + i * cols;
+    const T* in_row = in + i * cols;
+    if (bias) {
+      for (int64_t j = 0; j < cols; ++j) out_row[j] = in_row[j] + bias_scale * bias[j];
+    } else {
+      for (int64_t j = 0; j < cols; ++j) out_row[j] = in_row[j];
+    }
+  }
+}
+
+template <typename T>
+ODENETS_ALWAYS_INLINE void add_scaled_impl(T* out, const T* x, T s, const T* k, const T* bias, int64_t rows,
+                                           int64_t cols) {
+  for (int64_t i = 0; i < rows; ++i) {
+    T* out_row = out + i * cols;
+    const T* x_row = x + i * cols;
+    const T* k_row = k + i * cols;
+    if (bias) {
+      for (int64_t j = 0; j < cols; ++j) out_row[j] = x_row[j] + s * (k_row[j] + bias[j]);
+    } else {
+      for (int64_t j = 0; j < cols; ++j) out_row[j] = x_row[j] + s * k_row[j];
+    }
+  }
+}
+
+template <typename T>
+ODENETS_ALWAYS_INLINE void finish_stage_impl(T* k, T* y, const T* x, const T* bias, T k_scale, T h, int64_t rows,
+                                             int64_t cols) {
+  for (int64_t i = 0; i < rows; ++i) {
+    T* k_row = k + i * cols;
+    T* y_row = y + i * cols;
+    const T* x_row = x + i * cols;
+    if (bias) {
+      for (int64_t j = 0; j < cols; ++j) k_row[j] = k_scale * k_row[j] + bias[j];
+    } else {
+      for (int64_t j = 0; j < cols; ++j) k_row[j] = k_scale * k_row[j];
+    }
+    for (int64_t j = 0; j < cols; ++j) y_row[j] = x_row[j] + h * k_row[j];
+  }
+}
+
+template <typename T>
+ODENETS_ALWAYS_INLINE void heun_cotangents_impl(T* u1, T* g, const T* gy_raw, T gy_scale, T half_h, T h,
+                                                T* bias_grad_y, T* bias_grad_x, int64_t rows, int64_t cols) {
+  for (int64_t i = 0; i < rows; ++i) {
+    T* u1_row = u1 + i * cols;
+    T* g_row = g + i * cols;
+    const T* gy_row = gy_raw + i * cols;
+    if (bias_grad_y) {
+      for (int64_t j = 0; j < cols; ++j) bias_grad_y[j] += half_h * g_row[j];
+    }
+    for (int64_t j = 0; j < cols; ++j) {
+      const T gy = gy_scale * gy_row[j];
+      u1_row[j] = half_h * g_row[j] + h * gy;
+      g_row[j] += gy;
+    }
+    if (bias_grad_x) {
+      for (int64_t j = 0; j < cols; ++j) bias_grad_x[j] += u1_row[j];
+    }
+  }
+}
+
+template <typename T>
+ODENETS_ALWAYS_INLINE void accumulate_column_sums_impl(T* sums, const T* data, T scale, int64_t rows, int64_t cols) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const T* row = data + i * cols;
+    for (int64_t j = 0; j < cols; ++j) sums[j] += scale * row[j];
+  }
+}
+
+template <typename T>
+ODENETS_ALWAYS_INLINE std::pair<double, double> squared_distance_and_norm_impl(const T* a, const T* b, int64_t size) {
+  double distance = 0.0, norm = 0.0;
+  for (int64_t i = 0; i < size; ++i) {
+    const double d = static_cast<double>(a[i]) - static_cast<double>(b[i]);
+    distance += d * d;
+    norm += static_cast<double>(b[i]) * static_cast<double>(b[i]);
+  }
+  return {distance, norm};
+}
+
+}  // namespace
+
+#define ODENETS_DEFINE_KERNELS(T)                                                                                   \
+  template <>                                                                                                       \
+  ODENETS_SIMD_CLONES void activate<T>(T * acc, const T* bias, T scale_in, int64_t rows, int64_t cols,              \
+                                       Activation act) {                                                            \
+    with_activation<T, Activate<T>>(act, bias, acc, scale_in, rows, cols);                                          \
+  }                                                                                                                 \
+  template <>                                                                                                       \
+  ODENETS_SIMD_CLONES void activate_with_slope<T>(T * acc, T * slope, const T* bias, T scale_in, int64_t rows,      \
+                                                  int64_t cols, Activation act) {                                   \
+    with_activation<T, ActivateWithSlope<T>>(act, bias, acc, slope, scale_in, rows, cols);                          \
+  }                                                                                                                 \
+  template <>                                                                                                       \
+  ODENETS_SIMD_CLONES void activate_and_backprop<T>(T * acc, T * grad, const T* bias, T scale_in, T grad_scale,     \
+                                                    T * bias_grad, int64_t rows, int64_t cols, Activation act) {    \
+    with_activation<T, ActivateAndBackprop<T>>(act, bias, acc, grad, scale_in, grad_scale, bias_grad, rows, cols);  \
+  }                                                                                                                 \
+  template <>                                                                                                       \
+  ODENETS_SIMD_CLONES void scale_by_slope<T>(T * grad, const T* slope, T grad_scale, T* bias_grad, int64_t rows,    \
+                                             int64_t cols) {                                                        \
+    scale_by_slope_impl(grad, slope, grad_scale, bias_grad, rows, cols);                                            \
+  }                                                                                                                 \
+  template <>                                                                                                       \
+  ODENETS_SIMD_CLONES void add_scaled_bias<T>(T * out, const T* in, const T* bias, T bias_scale, int64_t rows,      \
+                                              int64_t cols) {                                                       \
+    add_scaled_bias_impl(out, in, bias, bias_scale, rows, cols);                                                    \
+  }                                                                                                                 \
+  template <>                                                                                                       \
+  ODENETS_SIMD_CLONES void add_scaled<T>(T * out, const T* x, T s, const T* k, const T* bias, int64_t rows,         \
+                                         int64_t cols) {                                                            \
+    add_scaled_impl(out, x, s, k, bias, rows, cols);                                                                \
+  }                                                                                                                 \
+  template <>                                                                                                       \
+  ODENETS_SIMD_CLONES void finish_stage<T>(T * k, T * y, const T* x, const T* bias, T k_scale, T h, int64_t rows,   \
+                                           int64_t cols) {                                                          \
+    finish_stage_impl(k, y, x, bias, k_scale, h, rows, cols);                                                       \
+  }                                                                                                                 \
+  template <>                                                                                                       \
+  ODENETS_SIMD_CLONES void heun_cotangents<T>(T * u1, T * g, const T* gy_raw, T gy_scale, T half_h, T h,            \
+                                              T * bias_grad_y, T * bias_grad_x, int64_t rows, int64_t cols) {       \
+    heun_cotangents_impl(u1, g, gy_raw, gy_scale, half_h, h, bias_grad_y, bias_grad_x, rows, cols);                 \
+  }                                                                                                                 \
+  template <>                                                                                                       \
+  ODENETS_SIMD_CLONES void accumulate_column_sums<T>(T * sums, const T* data, T scale, int64_t rows, int64_t cols) { \
+    accumulate_column_sums_impl(sums, data, scale, rows, cols);                                                     \
+  }                                                                                                                 \
+  template <>                                                                                                       \
+  std::pair<double, double> squared_distance_and_norm<T>(const T* a, const T* b, int64_t size) {                    \
+    return squared_distance_and_norm_impl(a, b, size);                                                              \
+  }
+
+ODENETS_DEFINE_KERNELS(float)
+ODENETS_DEFINE_KERNELS(double)
+
+}  // namespace odenets_fast
