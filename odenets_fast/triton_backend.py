@@ -1,15 +1,21 @@
-"""The "triton" backend: the depth loop around the per-layer fused kernels of
-`odenets_fast.triton_kernels.mlp_step` (one launch per layer forward; one per layer backward plus
-the deterministic weight-gradient sum).
+"""The "triton" backend: launch plan and buffers around the fused kernels of
+`odenets_fast.triton_kernels.mlp_step`.
 
-States and gradients travel between layers in float32 buffers of shape (B, q) updated in place;
-weight gradients accumulate in one float32 (P, slot) buffer (layout in `mlp_step`) and are cast
-to the parameter dtype at the end. What is saved for backward follows the reference exactly
-(`reference._Saved`): x_L, the anchors and, for Heun in backprop mode, the stages y_n — so the
-activation memory of adjoint mode is O(B q) whatever the depth. The backward's workspaces (two
-(B, q) buffers, the (P, slot) accumulator and the (programs, slots, slot) partial buffer) are
-allocated once per call, not per layer.
+Each launch walks a range of layers with every program's rows of x (and g) on-chip in float32:
+the whole depth in one launch by default ("whole-depth"), or `ODENETS_FAST_TRITON_LAYERS_PER_LAUNCH`
+layers per launch (1 = the per-layer path: a launch and a round trip of the state through memory
+per layer). In deterministic mode a backward launch writes its weight gradients into per-program
+float32 partial rows for the layers it covers, summed afterwards in a fixed order; the partial
+buffer is capped at `PARTIAL_BUFFER_BYTES`, which bounds the layers per backward launch. With
+`deterministic=False` the kernels add into the accumulator with atomics: no partial buffer, no sum.
+
+What is saved for backward follows the reference exactly (`reference._Saved`): x_L, the anchors
+and, for Heun in backprop mode, the stages y_n — so the activation memory of adjoint mode is
+O(B q) whatever the depth. Weight gradients accumulate in one flat float32 buffer whose sections
+are the (P, …) gradients (`mlp_step.GradLayout`), cast to the parameter dtype at the end.
 """
+
+import os
 
 import torch
 import triton
@@ -19,9 +25,11 @@ from .reference import Gradients, _Saved, anchor_interval, relative_drift
 from .spec import StackSpec
 from .triton_kernels import mlp_step
 from .triton_kernels.activations import ACTIVATION_CODES
-from .triton_kernels.mlp_step import MAX_STATE_WIDTH, Layer
+from .triton_kernels.mlp_step import MAX_STATE_WIDTH, Params
 
-INTERPRETED = type(mlp_step.forward_step_kernel).__name__ == "InterpretedFunction"
+INTERPRETED = type(mlp_step.forward_layers_kernel).__name__ == "InterpretedFunction"
+LAYERS_PER_LAUNCH_ENV = "ODENETS_FAST_TRITON_LAYERS_PER_LAUNCH"
+PARTIAL_BUFFER_BYTES = 256 * 2**20
 _INT32_MAX = 2**31 - 1
 
 
@@ -42,44 +50,53 @@ def check_supported(x: Tensor, W: Tensor) -> None:
             f"backend 'triton' keeps the state width on-chip up to q = {MAX_STATE_WIDTH}; got q = {q}. "
             f"Use backend='reference' (or 'cpp' on CPU) for wider states"
         )
-    if x.shape[0] * q > _INT32_MAX or m * q > _INT32_MAX // 4:
-        raise ValueError(f"backend 'triton' indexes with int32: B·q = {x.shape[0] * q} and m·q = {m * q} are too large")
+    # the kernels index with int32: the largest buffers are the stacked weights and the stored states
+    if P * m * q > _INT32_MAX or (P + 1) * x.shape[0] * q > _INT32_MAX:
+        raise ValueError(
+            f"backend 'triton' indexes with int32: P·m·q = {P * m * q} and (L + 1)·B·q = {(P + 1) * x.shape[0] * q} "
+            f"must stay below 2^31; split the batch or use backend='reference'"
+        )
 
 
-def _layers(W, V, b, c) -> list[Layer]:
-    W, V = W.contiguous(), V.contiguous()
-    b = None if b is None else b.contiguous()
-    c = None if c is None else c.contiguous()
-    return [Layer(W[n], V[n], None if b is None else b[n], None if c is None else c[n]) for n in range(W.shape[0])]
+def layers_per_launch(depth: int) -> int:
+    """Layers one launch walks: the whole depth unless ODENETS_FAST_TRITON_LAYERS_PER_LAUNCH says
+    otherwise (1 = per-layer launches). The crossover between the two is to be measured on the GPU
+    (bench.triton_step reports both); until then whole-depth is the default, as it saves a launch
+    and a round trip of the state through memory per layer."""
+    value = os.environ.get(LAYERS_PER_LAUNCH_ENV, "")
+    if not value:
+        return depth
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{LAYERS_PER_LAUNCH_ENV} must be a positive integer; got {value!r}")
+    return min(int(value), depth)
 
 
-def _kernel_args(spec: StackSpec, q: int, m: int) -> dict:
-    return dict(
-        act=ACTIVATION_CODES[spec.activation],
-        step=spec.step,
-        scale_in=spec.scale_in,
-        scale_out=spec.scale_out,
-        precision=spec.input_precision,
-        config=mlp_step.step_config(q, m, INTERPRETED),
-    )
+def _chunks(depth: int, size: int) -> list:
+    """(start, stop) ranges of at most `size` layers, from the top of the stack down."""
+    return [(max(0, stop - size), stop) for stop in range(depth, 0, -size)]
+
+
+def _setup(spec: StackSpec, W, V, b, c, q: int) -> tuple:
+    params = Params(W.contiguous(), V.contiguous(), None if b is None else b.contiguous(),
+                    None if c is None else c.contiguous())  # fmt: skip
+    config = mlp_step.step_config(q, W.shape[1], INTERPRETED)
+    args = dict(heun=spec.method == "heun", act=ACTIVATION_CODES[spec.activation], step=spec.step,
+                scale_in=spec.scale_in, scale_out=spec.scale_out, precision=spec.input_precision, config=config)  # fmt: skip
+    return params, args
 
 
 def forward(x: Tensor, W, V, b, c, spec: StackSpec) -> tuple[Tensor, tuple]:
     check_supported(x, W)
     B, q = x.shape
-    heun = spec.method == "heun"
-    layers = _layers(W, V, b, c)
-    args = _kernel_args(spec, q, W.shape[1])
+    params, args = _setup(spec, W, V, b, c, q)
     state = x.to(torch.float32, copy=True).contiguous()
     every = anchor_interval(spec)
     anchors = state.new_empty((len(range(0, spec.depth, every)), B, q))
-    stages = state.new_empty((spec.depth, B, q)) if heun and spec.backward == "backprop" else None
-    for n in range(spec.depth if B else 0):
-        mlp_step.forward_step(
-            state, layers[n], layers[n + 1] if heun else None,
-            saved_state=anchors[n // every] if n % every == 0 else None,
-            saved_stage=None if stages is None else stages[n], **args,
-        )  # fmt: skip
+    stages = state.new_empty((spec.depth, B, q)) if args["heun"] and spec.backward == "backprop" else None
+    if B:
+        for start, stop in reversed(_chunks(spec.depth, layers_per_launch(spec.depth))):
+            mlp_step.forward_layers(state, params, start, stop, anchors=anchors, anchor_every=every, stages=stages,
+                                    **args)  # fmt: skip
     return state.to(x.dtype), tuple(_Saved(state, anchors, stages))
 
 
@@ -88,43 +105,38 @@ def backward(grad_out: Tensor, saved: tuple, W, V, b, c, spec: StackSpec) -> Gra
     final, anchors, stages = _Saved(*saved)
     B, q = final.shape
     P, m, _ = W.shape
-    heun = spec.method == "heun"
-    layers = _layers(W, V, b, c)
-    args = _kernel_args(spec, q, m)
+    params, args = _setup(spec, W, V, b, c, q)
     layout = mlp_step.GradLayout(P, q, m)
-    slots = 2 if heun else 1  # layers whose gradients one reverse step touches
     grads = torch.zeros(layout.numel, dtype=torch.float32, device=final.device)
     atomic = not spec.deterministic
+    adjoint = spec.backward == "adjoint"
+    extra = 1 if args["heun"] else 0  # Heun's layer n also writes θ_{n+1}'s gradients
+    size = layers_per_launch(spec.depth)
     programs = triton.cdiv(B, args["config"].block_b)
-    row = slots * sum(layout.sizes)
-    if layout.numel > _INT32_MAX or programs * row > _INT32_MAX:
-        raise ValueError(
-            f"backend 'triton' indexes gradients with int32: {layout.numel} accumulator and {programs * row} "
-            f"partial floats; use a smaller batch or fewer/narrower layers"
-        )
+    if not atomic:  # the partial buffer bounds the layers per launch
+        layer_floats = max(programs, 1) * sum(layout.sizes)
+        size = max(1, min(size, PARTIAL_BUFFER_BYTES // (4 * layer_floats) - extra, _INT32_MAX // layer_floats - extra))
+    chunks = _chunks(spec.depth, size)
+    slots = size + extra
     if not atomic:
         # zeros, not empty: without biases the kernels never write the db/dc entries that the sum reads
-        partials = torch.zeros((programs, row), dtype=torch.float32, device=final.device)
-        segments = mlp_step.partial_segments(layout, slots, spec.depth, b is not None, c is not None, final.device)
+        partials = torch.zeros((programs, slots * sum(layout.sizes)), dtype=torch.float32, device=final.device)
+        segments = mlp_step.partial_segments(layout, [(start, stop - start + extra) for start, stop in chunks],
+                                             slots, b is not None, c is not None, final.device)  # fmt: skip
     state = final.clone()
     g = grad_out.to(torch.float32, copy=True).contiguous()
-    every = anchor_interval(spec)
+    drift_state = torch.zeros_like(state) if adjoint else None
     use_anchors = spec.backward == "backprop" or spec.anchor_every is not None
-    drift = None
-    for n in reversed(range(spec.depth)):
-        anchored = use_anchors and n % every == 0
-        if B:
-            mlp_step.reverse_step(
-                state, g, layers[n], layers[n + 1] if heun else None,
-                grads if atomic else partials, layout.starts(n) if atomic else layout.partial_starts(slots),
-                reconstruct=not anchored or (n == 0 and spec.backward == "adjoint"),
-                stored_state=anchors[n // every] if anchored else None,
-                stored_stage=None if stages is None else stages[n], atomic=atomic, **args,
-            )  # fmt: skip
-            if not atomic:
-                mlp_step.sum_partials(partials, grads, segments[n], longest=slots * m * q)
-        if n == 0 and spec.backward == "adjoint":
-            drift = relative_drift(state, anchors[0])
+    for index, (start, stop) in enumerate(chunks if B else []):
+        mlp_step.reverse_layers(
+            state, g, params, start, stop, grads if atomic else partials,
+            layout.starts(0) if atomic else layout.partial_starts(slots), 0 if atomic else start,
+            reconstruct=adjoint, anchors=anchors if use_anchors else None, anchor_every=anchor_interval(spec),
+            stages=stages, drift_state=drift_state if start == 0 else None, atomic=atomic, **args,
+        )  # fmt: skip
+        if not atomic:
+            mlp_step.sum_partials(partials, grads, segments[index], longest=(stop - start + extra) * m * q)
+    drift = relative_drift(drift_state, anchors[0]) if adjoint else None
     grad_W, grad_V, grad_b, grad_c = layout.split(grads)
     return Gradients(
         g.to(grad_out.dtype),

@@ -113,60 +113,100 @@ def _spec(x, W, method, **kwargs):
                        scale_out=None, **kwargs)  # fmt: skip
 
 
-@pytest.mark.parametrize("save", [False, True])
+def _kernel_args(spec):
+    return dict(heun=spec.method == "heun", act=ACTIVATION_CODES["tanh"], step=spec.step, scale_in=spec.scale_in,
+                scale_out=spec.scale_out, precision="ieee",
+                config=mlp_step.step_config(ODD["q"], ODD["m"], triton_backend.INTERPRETED))  # fmt: skip
+
+
 @pytest.mark.parametrize("method", ["euler", "heun"])
-def test_forward_step_kernel_one_layer(method, save):
-    x, W, V, b, c = make_stack(L=1, method=method, bias=True, dtype=torch.float32, **ODD)
+def test_forward_layers_kernel_range(method):
+    """One launch over layers 1 … 3 of a 4-layer stack: the state, the anchors (every 2nd) and the
+    Heun stages against the reference's step function."""
+    x, W, V, b, c = make_stack(L=4, method=method, bias=True, dtype=torch.float32, **ODD)
     spec = _spec(x, W, method)
-    layers = [mlp_step.Layer(W[n], V[n], b[n], c[n]) for n in range(W.shape[0])]
-    state, saved_state, saved_stage = x.clone(), torch.full_like(x, float("nan")), torch.full_like(x, float("nan"))
-    mlp_step.forward_step(
-        state, layers[0], layers[1] if method == "heun" else None, act=ACTIVATION_CODES["tanh"], step=spec.step,
-        scale_in=spec.scale_in, scale_out=spec.scale_out, precision="ieee",
-        config=mlp_step.step_config(ODD["q"], ODD["m"], triton_backend.INTERPRETED),
-        saved_state=saved_state if save else None, saved_stage=saved_stage if save and method == "heun" else None,
-    )  # fmt: skip
     stack = reference._Stack(W, V, b, c, spec, torch.float32)
-    want, y = reference._forward_step(stack, x, 0)
+    x1, _ = reference._forward_step(stack, x, 0)
+    state = x1.clone()
+    anchors = torch.full((2,) + tuple(x.shape), float("nan"))
+    stages = torch.full((4,) + tuple(x.shape), float("nan"))
+    mlp_step.forward_layers(state, mlp_step.Params(W, V, b, c), 1, 4, anchors=anchors, anchor_every=2,
+                            stages=stages if method == "heun" else None, **_kernel_args(spec))  # fmt: skip
+    want, ys = x1, []
+    for n in range(1, 4):
+        if n == 2:
+            torch.testing.assert_close(anchors[1], want, rtol=1e-5, atol=1e-6)
+        want, y = reference._forward_step(stack, want, n)
+        ys.append(y)
     torch.testing.assert_close(state, want, rtol=1e-5, atol=1e-6)
-    assert torch.equal(saved_state, x) if save else saved_state.isnan().all()
-    if method == "heun" and save:
-        torch.testing.assert_close(saved_stage, y, rtol=1e-5, atol=1e-6)
+    assert anchors[0].isnan().all()  # slot 0 (layer 0) belongs to a launch that did not run
+    if method == "heun":
+        torch.testing.assert_close(stages[1:], torch.stack(ys), rtol=1e-5, atol=1e-6)
+        assert stages[0].isnan().all()
 
 
 @pytest.mark.parametrize("atomic", [False, True])
 @pytest.mark.parametrize("method", ["euler", "heun"])
-def test_reverse_step_kernel_one_layer(method, atomic):
-    """One reverse step: x̃_n, g_n and θ's gradient slots against the reference's step functions."""
-    x, W, V, b, c = make_stack(L=1, method=method, bias=True, dtype=torch.float32, **ODD)
+def test_reverse_layers_kernel_range(method, atomic):
+    """One backward launch over layers 1 … 2 of a 3-layer stack: x̃_1, g_1 and the weight
+    gradients (θ_1, θ_2 and, for Heun, θ_3) against the reference's step functions."""
+    x, W, V, b, c = make_stack(L=3, method=method, bias=True, dtype=torch.float32, **ODD)
     spec = _spec(x, W, method)
     B, q, m, P = ODD["B"], ODD["q"], ODD["m"], W.shape[0]
-    config = mlp_step.step_config(q, m, triton_backend.INTERPRETED)
-    layers = [mlp_step.Layer(W[n], V[n], b[n], c[n]) for n in range(P)]
-    x_next, g = torch.randn(B, q), torch.randn(B, q)
+    args = _kernel_args(spec)
+    x_top, g_top = torch.randn(B, q), torch.randn(B, q)
     layout = mlp_step.GradLayout(P, q, m)
     grads = torch.zeros(layout.numel)
-    programs = -(-B // config.block_b)
-    partials = torch.full((programs, layout.numel), float("nan"))  # every entry must be overwritten
-    state, grad = x_next.clone(), g.clone()
-    mlp_step.reverse_step(
-        state, grad, layers[0], layers[1] if method == "heun" else None, grads if atomic else partials,
-        layout.starts(0) if atomic else layout.partial_starts(P),
-        act=ACTIVATION_CODES["tanh"], step=spec.step, scale_in=spec.scale_in, scale_out=spec.scale_out,
-        precision="ieee", config=config, reconstruct=True, atomic=atomic,
+    slots = 2 + (method == "heun")
+    programs = -(-B // args["config"].block_b)
+    partials = torch.full((programs, slots * sum(layout.sizes)), float("nan"))  # what is read must be written
+    state, grad = x_top.clone(), g_top.clone()
+    mlp_step.reverse_layers(
+        state, grad, mlp_step.Params(W, V, b, c), 1, 3, grads if atomic else partials,
+        layout.starts(0) if atomic else layout.partial_starts(slots), 0 if atomic else 1, reconstruct=True,
+        atomic=atomic, **args,
     )  # fmt: skip
     if not atomic:
-        segments = mlp_step.partial_segments(layout, P, 1, True, True, "cpu")
-        mlp_step.sum_partials(partials, grads, segments[0], longest=P * m * q)
+        segments = mlp_step.partial_segments(layout, [(1, slots)], slots, True, True, "cpu")
+        mlp_step.sum_partials(partials, grads, segments[0], longest=slots * m * q)
 
     stack = reference._Stack(W, V, b, c, spec, torch.float32)
-    x_rec = reference.reverse_step(stack, x_next, 0)
     acc = reference._Accumulators(torch.zeros_like(W), torch.zeros_like(V), torch.zeros_like(b), torch.zeros_like(c))
-    g_want = reference._backward_step(stack, x_rec, None, g, 0, acc)
-    torch.testing.assert_close(state, x_rec, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(grad, g_want, rtol=1e-5, atol=1e-6)
+    want_x, want_g = x_top, g_top
+    for n in (2, 1):
+        want_x = reference.reverse_step(stack, want_x, n)
+        want_g = reference._backward_step(stack, want_x, None, want_g, n, acc)
+    torch.testing.assert_close(state, want_x, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, want_g, rtol=1e-5, atol=1e-6)
     for got, want in zip(layout.split(grads), acc):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+@pytest.mark.parametrize("layers", ["1", "2"])
+@pytest.mark.parametrize("method", ["euler", "heun"])
+def test_layers_per_launch(method, layers, deterministic, monkeypatch):
+    """Per-layer launches and ranges that do not divide the depth give the whole-depth results."""
+    tensors = make_stack(L=5, method=method, bias=True, dtype=torch.float32, **ODD)
+    grad_out = torch.randn(ODD["B"], ODD["q"])
+    kwargs = dict(method=method, anchor_every=3, activation="gelu_tanh", deterministic=deterministic)
+    whole = _run("triton", tensors, grad_out, **kwargs)
+    monkeypatch.setenv(triton_backend.LAYERS_PER_LAUNCH_ENV, layers)
+    _assert_match(_run("triton", tensors, grad_out, **kwargs), whole)
+
+
+def test_partial_buffer_cap_splits_the_backward(monkeypatch):
+    tensors = make_stack(L=4, method="heun", bias=True, dtype=torch.float32, **ODD)
+    grad_out = torch.randn(ODD["B"], ODD["q"])
+    whole = _run("triton", tensors, grad_out, method="heun")
+    monkeypatch.setattr(triton_backend, "PARTIAL_BUFFER_BYTES", 1)  # forces one layer per launch
+    _assert_match(_run("triton", tensors, grad_out, method="heun"), whole)
+
+
+def test_layers_per_launch_must_be_positive(monkeypatch):
+    monkeypatch.setenv(triton_backend.LAYERS_PER_LAUNCH_ENV, "0")
+    with pytest.raises(ValueError, match="ODENETS_FAST_TRITON_LAYERS_PER_LAUNCH must be a positive integer"):
+        triton_backend.layers_per_launch(4)
 
 
 def test_wide_state_is_a_clear_error():

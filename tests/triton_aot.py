@@ -36,7 +36,7 @@ def compile_kernel(kernel, weight_dtype: str, constexprs: dict, num_warps: int, 
     for name in kernel.arg_names:
         if name in constexprs:
             signature[name] = "constexpr"
-        elif name == "segments_ptr":
+        elif name == "segments_ptr":  # int64 table
             signature[name] = "*i64"
         elif name.endswith("_ptr"):
             signature[name] = f"*{weight_dtype}" if name in WEIGHT_PTRS else "*fp32"
@@ -56,14 +56,14 @@ def specialisations(everything: bool):
         tiles = dict(BLOCK_B=config.block_b, BLOCK_M=config.block_m, BLOCK_Q=config.block_q, PRECISION=precision)
         label = f"q={q} m={m} {dtype} {precision}"
         for heun in (False, True) if everything else (True,):
-            yield (f"forward heun={heun} {label}", mlp_step.forward_step_kernel, dtype,
-                   dict(HEUN=heun, ACT=3, HAS_B=True, HAS_C=True, SAVE_STATE=True, SAVE_STAGE=heun, **tiles),
+            yield (f"forward heun={heun} {label}", mlp_step.forward_layers_kernel, dtype,
+                   dict(HEUN=heun, ACT=3, HAS_B=True, HAS_C=True, SAVE_ANCHORS=True, SAVE_STAGES=heun, **tiles),
                    (config.num_warps, config.num_stages))  # fmt: skip
-            for reconstruct, stored, atomic in ((True, False, False), (False, True, True), (True, True, False)):
-                yield (f"reverse heun={heun} reconstruct={reconstruct} stored={stored} atomic={atomic} {label}",
-                       mlp_step.reverse_step_kernel, dtype,
-                       dict(HEUN=heun, ACT=4, HAS_B=True, HAS_C=True, RECONSTRUCT=reconstruct, USE_STORED=stored,
-                            USE_STAGE=heun and stored, ATOMIC=atomic, **tiles),
+            for adjoint, atomic in ((True, False), (True, True), (False, False)):
+                yield (f"reverse heun={heun} adjoint={adjoint} atomic={atomic} {label}",
+                       mlp_step.reverse_layers_kernel, dtype,
+                       dict(HEUN=heun, ACT=4, HAS_B=True, HAS_C=True, RECONSTRUCT=adjoint, USE_ANCHORS=True,
+                            USE_STAGES=heun and not adjoint, DRIFT=adjoint, ATOMIC=atomic, **tiles),
                        (config.num_warps, config.num_stages))  # fmt: skip
     yield "sum_partials", mlp_step.sum_partials_kernel, "fp32", dict(BLOCK=1024), (4, 3)
 

@@ -115,17 +115,29 @@ def _residual(
 
 
 @triton.jit
+def _deposit(ptr, value, mask, accumulate, ATOMIC: tl.constexpr):
+    """Gradient contribution → memory: atomic add, read-add-write, or plain store."""
+    if ATOMIC:
+        tl.atomic_add(ptr, value, mask=mask)
+    else:
+        if accumulate:
+            value += tl.load(ptr, mask=mask, other=0.0)
+        tl.store(ptr, value, mask=mask)
+
+
+@triton.jit
 def _residual_vjp(
     x,  # (BLOCK_B, BLOCK_Q) float32 states at which f is differentiated; padded entries 0
     u,  # (BLOCK_B, BLOCK_Q) float32 cotangent of f; rows past the batch are 0
     W_ptr, V_ptr, b_ptr,  # this layer's parameters
     dW_ptr, dV_ptr, db_ptr, dc_ptr,  # float32 gradient destinations of this layer (partial row or accumulator)
+    accumulate,  # partial rows: add to what is there (a second contribution) instead of overwriting
     q, m, scale_in, scale_out,
     offs_q, mask_q,
     HAS_B: tl.constexpr, HAS_C: tl.constexpr, ACT: tl.constexpr, ATOMIC: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """Write (or atomically add) this block's dθ into dW_ptr … dc_ptr; return dx.
+    """Write, add or atomically add this block's dθ into dW_ptr … dc_ptr; return dx.
 
         a = σ(z);  dV = a_out Σ u aᵀ;  dc = Σ u;  da = a_out Vᵀ u
         dz = σ'(z) ⊙ da;  db = Σ dz;  dW = a_in Σ dz xᵀ;  dx = a_in Wᵀ dz      (Σ over the rows)
@@ -145,39 +157,38 @@ def _residual_vjp(
         dW = tl.dot(tl.trans(dz.to(x_op.dtype)), x_op, input_precision=PRECISION) * scale_in
         dW_offs = offs_m[:, None] * q + offs_q[None, :]
         dV_offs = offs_q[None, :] * m + offs_m[:, None]
-        if ATOMIC:
-            tl.atomic_add(dW_ptr + dW_offs, dW, mask=tile_mask)
-            tl.atomic_add(dV_ptr + dV_offs, dV_t, mask=tile_mask)
-        else:
-            tl.store(dW_ptr + dW_offs, dW, mask=tile_mask)
-            tl.store(dV_ptr + dV_offs, dV_t, mask=tile_mask)
+        _deposit(dW_ptr + dW_offs, dW, tile_mask, accumulate, ATOMIC)
+        _deposit(dV_ptr + dV_offs, dV_t, tile_mask, accumulate, ATOMIC)
         if HAS_B:
-            if ATOMIC:
-                tl.atomic_add(db_ptr + offs_m, tl.sum(dz, axis=0), mask=mask_m)
-            else:
-                tl.store(db_ptr + offs_m, tl.sum(dz, axis=0), mask=mask_m)
+            _deposit(db_ptr + offs_m, tl.sum(dz, axis=0), mask_m, accumulate, ATOMIC)
     if HAS_C:
-        if ATOMIC:
-            tl.atomic_add(dc_ptr + offs_q, tl.sum(u, axis=0), mask=mask_q)
-        else:
-            tl.store(dc_ptr + offs_q, tl.sum(u, axis=0), mask=mask_q)
+        _deposit(dc_ptr + offs_q, tl.sum(u, axis=0), mask_q, accumulate, ATOMIC)
     return dx * scale_in
 
 
 @triton.jit
-def forward_step_kernel(
-    state_ptr,  # (B, q) float32: x_n on entry, x_{n+1} on exit (each program owns its rows)
-    saved_state_ptr,  # (B, q) float32: receives x_n when SAVE_STATE (a backprop/anchor slot)
-    saved_stage_ptr,  # (B, q) float32: receives Heun's y_n when SAVE_STAGE
-    W_ptr, V_ptr, b_ptr, c_ptr,  # θ_n, contiguous (b, c ignored without HAS_B / HAS_C)
-    W1_ptr, V1_ptr, b1_ptr, c1_ptr,  # θ_{n+1} (Heun only)
+def _layer_params(W_ptr, V_ptr, b_ptr, c_ptr, n, q, m):
+    """Pointers to θ_n inside the stacked (P, …) parameter tensors."""
+    return W_ptr + n * m * q, V_ptr + n * q * m, b_ptr + n * m, c_ptr + n * q
+
+
+@triton.jit
+def forward_layers_kernel(
+    state_ptr,  # (B, q) float32: x_start on entry, x_stop on exit (each program owns its rows)
+    anchors_ptr,  # (S, B, q) float32: x_n is stored in slot n // anchor_every when SAVE_ANCHORS
+    stages_ptr,  # (L, B, q) float32: Heun's y_n is stored in slot n when SAVE_STAGES
+    W_ptr, V_ptr, b_ptr, c_ptr,  # stacked θ: (P, m, q), (P, q, m), (P, m), (P, q), contiguous
+    layer_start, layer_stop,  # this launch runs layers layer_start … layer_stop − 1
+    anchor_every,  # distance between stored states (SAVE_ANCHORS)
     B, q, m,
     step, scale_in, scale_out,  # h = T/L, a_in, a_out
     HEUN: tl.constexpr, ACT: tl.constexpr, HAS_B: tl.constexpr, HAS_C: tl.constexpr,
-    SAVE_STATE: tl.constexpr, SAVE_STAGE: tl.constexpr,
+    SAVE_ANCHORS: tl.constexpr, SAVE_STAGES: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """Euler: x_{n+1} = x_n + h f(x_n; θ_n).
+    """x_{n+1} from x_n for a range of layers, the state staying on-chip between them.
+
+    Euler: x_{n+1} = x_n + h f(x_n; θ_n).
     Heun:  k1 = f(x_n; θ_n), y_n = x_n + h k1, k2 = f(y_n; θ_{n+1}), x_{n+1} = x_n + h/2 (k1 + k2).
     """
     offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -186,47 +197,76 @@ def forward_step_kernel(
     mask = (offs_b < B)[:, None] & mask_q[None, :]
     rows = offs_b[:, None] * q + offs_q[None, :]
     x = tl.load(state_ptr + rows, mask=mask, other=0.0)
-    if SAVE_STATE:
-        tl.store(saved_state_ptr + rows, x, mask=mask)
-    k1 = _residual(x, W_ptr, V_ptr, b_ptr, c_ptr, q, m, scale_in, scale_out, offs_q, mask_q,
-                   HAS_B, HAS_C, ACT, BLOCK_B, BLOCK_M, BLOCK_Q, PRECISION)  # fmt: skip
-    if HEUN:
-        y = tl.where(mask, x + step * k1, 0.0)
-        if SAVE_STAGE:
-            tl.store(saved_stage_ptr + rows, y, mask=mask)
-        k2 = _residual(y, W1_ptr, V1_ptr, b1_ptr, c1_ptr, q, m, scale_in, scale_out, offs_q, mask_q,
+    for n in range(layer_start, layer_stop):
+        if SAVE_ANCHORS:
+            if n % anchor_every == 0:
+                tl.store(anchors_ptr + (n // anchor_every) * B * q + rows, x, mask=mask)
+        Wn, Vn, bn, cn = _layer_params(W_ptr, V_ptr, b_ptr, c_ptr, n, q, m)
+        k1 = _residual(x, Wn, Vn, bn, cn, q, m, scale_in, scale_out, offs_q, mask_q,
                        HAS_B, HAS_C, ACT, BLOCK_B, BLOCK_M, BLOCK_Q, PRECISION)  # fmt: skip
-        x_next = x + (0.5 * step) * (k1 + k2)
-    else:
-        x_next = x + step * k1
-    tl.store(state_ptr + rows, x_next, mask=mask)
+        if HEUN:
+            y = tl.where(mask, x + step * k1, 0.0)
+            if SAVE_STAGES:
+                tl.store(stages_ptr + n * B * q + rows, y, mask=mask)
+            W1, V1, b1, c1 = _layer_params(W_ptr, V_ptr, b_ptr, c_ptr, n + 1, q, m)
+            k2 = _residual(y, W1, V1, b1, c1, q, m, scale_in, scale_out, offs_q, mask_q,
+                           HAS_B, HAS_C, ACT, BLOCK_B, BLOCK_M, BLOCK_Q, PRECISION)  # fmt: skip
+            x = x + (0.5 * step) * (k1 + k2)
+        else:
+            x = x + step * k1
+    tl.store(state_ptr + rows, x, mask=mask)
 
 
 @triton.jit
-def reverse_step_kernel(
-    state_ptr,  # (B, q) float32: x̃_{n+1} on entry; x̃_n on exit (the stored x_n without RECONSTRUCT)
-    grad_ptr,  # (B, q) float32: g_{n+1} on entry, g_n on exit
-    stored_state_ptr,  # (B, q) float32 stored x_n, used for the VJP when USE_STORED
-    stored_stage_ptr,  # (B, q) float32 stored Heun stage y_n, used when USE_STAGE
-    W_ptr, V_ptr, b_ptr, c_ptr,  # θ_n
-    W1_ptr, V1_ptr, b1_ptr, c1_ptr,  # θ_{n+1} (Heun only)
-    dtheta_ptr,  # float32 gradient buffer: the (programs, row) partials, or with ATOMIC the accumulator
+def _reconstruct(x_next, n, W_ptr, V_ptr, b_ptr, c_ptr, q, m, step, scale_in, scale_out, offs_q, mask_q, mask,
+                 HEUN: tl.constexpr, ACT: tl.constexpr, HAS_B: tl.constexpr, HAS_C: tl.constexpr,
+                 BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, PRECISION: tl.constexpr):
+    """x̃_n from x̃_{n+1} by the forward rule run backwards (DESIGN.md §4)."""  # fmt: skip
+    Wn, Vn, bn, cn = _layer_params(W_ptr, V_ptr, b_ptr, c_ptr, n, q, m)
+    if HEUN:
+        W1, V1, b1, c1 = _layer_params(W_ptr, V_ptr, b_ptr, c_ptr, n + 1, q, m)
+        k_next = _residual(x_next, W1, V1, b1, c1, q, m, scale_in, scale_out, offs_q, mask_q,
+                           HAS_B, HAS_C, ACT, BLOCK_B, BLOCK_M, BLOCK_Q, PRECISION)  # fmt: skip
+        y = tl.where(mask, x_next - step * k_next, 0.0)
+        k = _residual(y, Wn, Vn, bn, cn, q, m, scale_in, scale_out, offs_q, mask_q,
+                      HAS_B, HAS_C, ACT, BLOCK_B, BLOCK_M, BLOCK_Q, PRECISION)  # fmt: skip
+        x = x_next - (0.5 * step) * (k_next + k)
+    else:
+        x = x_next - step * _residual(x_next, Wn, Vn, bn, cn, q, m, scale_in, scale_out, offs_q, mask_q,
+                                      HAS_B, HAS_C, ACT, BLOCK_B, BLOCK_M, BLOCK_Q, PRECISION)  # fmt: skip
+    return tl.where(mask, x, 0.0)
+
+
+@triton.jit
+def reverse_layers_kernel(
+    state_ptr,  # (B, q) float32: x̃_stop on entry; on exit the x_start the VJP of layer_start used
+    grad_ptr,  # (B, q) float32: g_stop on entry, g_start on exit
+    anchors_ptr,  # (S, B, q) float32 stored states: x_n = slot n // anchor_every (USE_ANCHORS)
+    stages_ptr,  # (L, B, q) float32 stored Heun stages y_n (USE_STAGES)
+    drift_state_ptr,  # (B, q) float32: receives the reconstructed x̃_0 when layer 0 is in range (DRIFT)
+    W_ptr, V_ptr, b_ptr, c_ptr,  # stacked θ, contiguous
+    dtheta_ptr,  # float32 gradients: the (programs, row) partials, or with ATOMIC the accumulator
     program_stride,  # floats between programs' partial rows; 0 with ATOMIC (all add into one place)
-    dW_off, dV_off, db_off, dc_off,  # where θ_n's sections start in a row; θ_{n+1}'s follow each one
+    dW_off, dV_off, db_off, dc_off,  # where each gradient section of layer `slot_origin` starts in a row
+    slot_origin,  # the layer whose gradients sit in slot 0 of a section: layer_start (partials) or 0
+    layer_start, layer_stop, anchor_every,
     B, q, m,
     step, scale_in, scale_out,
     HEUN: tl.constexpr, ACT: tl.constexpr, HAS_B: tl.constexpr, HAS_C: tl.constexpr,
-    RECONSTRUCT: tl.constexpr, USE_STORED: tl.constexpr, USE_STAGE: tl.constexpr, ATOMIC: tl.constexpr,
+    RECONSTRUCT: tl.constexpr, USE_ANCHORS: tl.constexpr, USE_STAGES: tl.constexpr, DRIFT: tl.constexpr,
+    ATOMIC: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """One layer of the backward pass (DESIGN.md §4).
+    """Layers layer_stop − 1 … layer_start of the backward pass (DESIGN.md §4), x and g on-chip.
 
-    x_n is the stored state (USE_STORED) or the reconstruction (RECONSTRUCT; both flags together:
-    reconstruct to measure the drift, differentiate at the stored state). Then the exact VJP of
-    the forward step at x_n:
+    Per layer n: x_n is the stored anchor (USE_ANCHORS, n divisible by anchor_every) or the
+    reconstruction from x̃_{n+1} (RECONSTRUCT; the reconstruction of x̃_0 also gives the drift).
+    Then the exact VJP of the forward step at x_n:
         Euler:  dθ_n = h ∂θ f(x_n; θ_n)ᵀ g;  g_n = g + h ∂x f(x_n; θ_n)ᵀ g
         Heun:   u2 = (h/2) g;  gy, dθ_{n+1} = VJP f(y_n; θ_{n+1})[u2]
                 u1 = u2 + h gy;  gx, dθ_n = VJP f(x_n; θ_n)[u1];  g_n = g + gy + gx
+    Partial rows: layer n writes θ_n's slot first (store) and, for Heun, adds into θ_{n+1}'s slot,
+    which layer n + 1 wrote before — except at the top of the range, where it is the first write.
     """
     pid = tl.program_id(0)
     offs_b = pid * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -235,48 +275,52 @@ def reverse_step_kernel(
     mask = (offs_b < B)[:, None] & mask_q[None, :]
     rows = offs_b[:, None] * q + offs_q[None, :]
     row = dtheta_ptr + pid.to(tl.int64) * program_stride
-    dW_ptr, dV_ptr, db_ptr, dc_ptr = row + dW_off, row + dV_off, row + db_off, row + dc_off
     g = tl.load(grad_ptr + rows, mask=mask, other=0.0)
+    x_next = tl.load(state_ptr + rows, mask=mask, other=0.0)
+    for i in range(0, layer_stop - layer_start):
+        n = layer_stop - 1 - i
+        x = x_next
+        if RECONSTRUCT:
+            # also at anchored layers, where the result is only needed at layer 0 (the drift): a
+            # runtime branch around these products trips Triton's layout pass (3.9, float32 dots)
+            x = _reconstruct(x_next, n, W_ptr, V_ptr, b_ptr, c_ptr, q, m, step, scale_in, scale_out, offs_q,
+                             mask_q, mask, HEUN, ACT, HAS_B, HAS_C, BLOCK_B, BLOCK_M, BLOCK_Q, PRECISION)  # fmt: skip
+            if DRIFT:
+                if n == 0:
+                    tl.store(drift_state_ptr + rows, x, mask=mask)
+        if USE_ANCHORS:
+            if n % anchor_every == 0:
+                x = tl.load(anchors_ptr + (n // anchor_every) * B * q + rows, mask=mask, other=0.0)
 
-    if RECONSTRUCT:
-        x_next = tl.load(state_ptr + rows, mask=mask, other=0.0)
+        Wn, Vn, bn, cn = _layer_params(W_ptr, V_ptr, b_ptr, c_ptr, n, q, m)
+        slot = n - slot_origin
+        dWn = row + dW_off + slot * m * q
+        dVn = row + dV_off + slot * q * m
+        dbn = row + db_off + slot * m
+        dcn = row + dc_off + slot * q
         if HEUN:
-            k_next = _residual(x_next, W1_ptr, V1_ptr, b1_ptr, c1_ptr, q, m, scale_in, scale_out, offs_q, mask_q,
+            if USE_STAGES:
+                y = tl.load(stages_ptr + n * B * q + rows, mask=mask, other=0.0)
+            else:
+                k1 = _residual(x, Wn, Vn, bn, cn, q, m, scale_in, scale_out, offs_q, mask_q,
                                HAS_B, HAS_C, ACT, BLOCK_B, BLOCK_M, BLOCK_Q, PRECISION)  # fmt: skip
-            y_rev = tl.where(mask, x_next - step * k_next, 0.0)
-            k_rev = _residual(y_rev, W_ptr, V_ptr, b_ptr, c_ptr, q, m, scale_in, scale_out, offs_q, mask_q,
-                              HAS_B, HAS_C, ACT, BLOCK_B, BLOCK_M, BLOCK_Q, PRECISION)  # fmt: skip
-            x = x_next - (0.5 * step) * (k_next + k_rev)
+                y = tl.where(mask, x + step * k1, 0.0)
+            W1, V1, b1, c1 = _layer_params(W_ptr, V_ptr, b_ptr, c_ptr, n + 1, q, m)
+            u2 = (0.5 * step) * g
+            gy = _residual_vjp(y, u2, W1, V1, b1, dWn + m * q, dVn + q * m, dbn + m, dcn + q, i > 0,
+                               q, m, scale_in, scale_out, offs_q, mask_q,
+                               HAS_B, HAS_C, ACT, ATOMIC, BLOCK_B, BLOCK_M, BLOCK_Q, PRECISION)  # fmt: skip
+            gx = _residual_vjp(x, u2 + step * gy, Wn, Vn, bn, dWn, dVn, dbn, dcn, False,
+                               q, m, scale_in, scale_out, offs_q, mask_q,
+                               HAS_B, HAS_C, ACT, ATOMIC, BLOCK_B, BLOCK_M, BLOCK_Q, PRECISION)  # fmt: skip
+            g = g + gy + gx
         else:
-            x = x_next - step * _residual(x_next, W_ptr, V_ptr, b_ptr, c_ptr, q, m, scale_in, scale_out, offs_q,
-                                          mask_q, HAS_B, HAS_C, ACT, BLOCK_B, BLOCK_M, BLOCK_Q, PRECISION)  # fmt: skip
-        x = tl.where(mask, x, 0.0)
-        tl.store(state_ptr + rows, x, mask=mask)
-    if USE_STORED:
-        x = tl.load(stored_state_ptr + rows, mask=mask, other=0.0)
-        if not RECONSTRUCT:  # the next (lower) layer reconstructs from this anchor
-            tl.store(state_ptr + rows, x, mask=mask)
-
-    if HEUN:
-        if USE_STAGE:
-            y = tl.load(stored_stage_ptr + rows, mask=mask, other=0.0)
-        else:
-            k1 = _residual(x, W_ptr, V_ptr, b_ptr, c_ptr, q, m, scale_in, scale_out, offs_q, mask_q,
-                           HAS_B, HAS_C, ACT, BLOCK_B, BLOCK_M, BLOCK_Q, PRECISION)  # fmt: skip
-            y = tl.where(mask, x + step * k1, 0.0)
-        u2 = (0.5 * step) * g
-        gy = _residual_vjp(y, u2, W1_ptr, V1_ptr, b1_ptr, dW_ptr + m * q, dV_ptr + q * m, db_ptr + m, dc_ptr + q,
-                           q, m, scale_in, scale_out, offs_q, mask_q,
-                           HAS_B, HAS_C, ACT, ATOMIC, BLOCK_B, BLOCK_M, BLOCK_Q, PRECISION)  # fmt: skip
-        gx = _residual_vjp(x, u2 + step * gy, W_ptr, V_ptr, b_ptr, dW_ptr, dV_ptr, db_ptr, dc_ptr,
-                           q, m, scale_in, scale_out, offs_q, mask_q,
-                           HAS_B, HAS_C, ACT, ATOMIC, BLOCK_B, BLOCK_M, BLOCK_Q, PRECISION)  # fmt: skip
-        g_new = g + gy + gx
-    else:
-        g_new = g + _residual_vjp(x, step * g, W_ptr, V_ptr, b_ptr, dW_ptr, dV_ptr, db_ptr, dc_ptr,
+            g = g + _residual_vjp(x, step * g, Wn, Vn, bn, dWn, dVn, dbn, dcn, False,
                                   q, m, scale_in, scale_out, offs_q, mask_q,
                                   HAS_B, HAS_C, ACT, ATOMIC, BLOCK_B, BLOCK_M, BLOCK_Q, PRECISION)  # fmt: skip
-    tl.store(grad_ptr + rows, g_new, mask=mask)
+        x_next = x
+    tl.store(state_ptr + rows, x_next, mask=mask)
+    tl.store(grad_ptr + rows, g, mask=mask)
 
 
 @triton.jit
@@ -315,15 +359,6 @@ class StepConfig(NamedTuple):
     num_stages: int  # software-pipelining depth of the m loop: each stage buffers a W and a Vᵀ tile
 
 
-class Layer(NamedTuple):
-    """One layer's parameters θ_n as contiguous views; b, c are None without biases."""
-
-    W: Tensor
-    V: Tensor
-    b: Optional[Tensor]
-    c: Optional[Tensor]
-
-
 def step_config(q: int, m: int, interpreted: bool) -> StepConfig:
     """Tile sizes: fixed small tiles under the interpreter (fast to emulate); on the GPU, fewer rows
     per program as q grows so that the per-row float32 blocks still fit in registers, and two
@@ -338,74 +373,84 @@ def step_config(q: int, m: int, interpreted: bool) -> StepConfig:
                       num_warps=4 if block_q <= 64 else 8, num_stages=2 if block_q >= 256 else 3)  # fmt: skip
 
 
-def _pointers(layer: Layer, fallback: Tensor):
-    # Triton needs a tensor for every pointer argument; absent biases are never read (HAS_B/HAS_C).
-    return (layer.W, layer.V, fallback if layer.b is None else layer.b, fallback if layer.c is None else layer.c)
+class Params(NamedTuple):
+    """The stacked parameters, contiguous; b, c are None without biases."""
+
+    W: Tensor
+    V: Tensor
+    b: Optional[Tensor]
+    c: Optional[Tensor]
+
+    def pointers(self, fallback: Tensor) -> tuple:
+        # Triton needs a tensor for every pointer argument; absent biases are never read (HAS_B/HAS_C).
+        return (self.W, self.V, fallback if self.b is None else self.b, fallback if self.c is None else self.c)
 
 
-def forward_step(
-    state: Tensor, layer: Layer, next_layer: Optional[Layer], *, act: int, step: float, scale_in: float,
-    scale_out: float, precision: str, config: StepConfig, saved_state: Optional[Tensor] = None,
-    saved_stage: Optional[Tensor] = None,
-) -> None:  # fmt: skip
-    """state ← x_{n+1} in place (Heun when `next_layer` is given); x_n / y_n copied out if asked."""
-    B, q = state.shape
-    m = layer.W.shape[0]
-    heun = next_layer is not None
-    grid = (triton.cdiv(B, config.block_b),)
-    forward_step_kernel[grid](
-        state, state if saved_state is None else saved_state, state if saved_stage is None else saved_stage,
-        *_pointers(layer, state), *_pointers(next_layer or layer, state),
-        B, q, m, step, scale_in, scale_out,
-        HEUN=heun, ACT=act, HAS_B=layer.b is not None, HAS_C=layer.c is not None,
-        SAVE_STATE=saved_state is not None, SAVE_STAGE=saved_stage is not None,
+def _common(params: Params, heun: bool, act: int, precision: str, config: StepConfig) -> dict:
+    return dict(
+        HEUN=heun, ACT=act, HAS_B=params.b is not None, HAS_C=params.c is not None,
         BLOCK_B=config.block_b, BLOCK_M=config.block_m, BLOCK_Q=config.block_q, PRECISION=precision,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
 
 
-def reverse_step(
-    state: Tensor, grad: Tensor, layer: Layer, next_layer: Optional[Layer], dtheta: Tensor, offsets: tuple, *,
-    act: int, step: float, scale_in: float, scale_out: float, precision: str, config: StepConfig,
-    reconstruct: bool, stored_state: Optional[Tensor] = None, stored_stage: Optional[Tensor] = None,
-    atomic: bool = False,
+def forward_layers(
+    state: Tensor, params: Params, start: int, stop: int, *, heun: bool, act: int, step: float, scale_in: float,
+    scale_out: float, precision: str, config: StepConfig, anchors: Optional[Tensor] = None, anchor_every: int = 1,
+    stages: Optional[Tensor] = None,
 ) -> None:  # fmt: skip
-    """(state, grad) ← (x̃_n, g_n) in place; layer n's (and Heun's n + 1) weight gradients go to
-    `dtheta` at `offsets` (dW, dV, db, dc starts): a row of the (programs, row) partial buffer,
-    or with `atomic` the accumulator itself."""
-    if not (reconstruct or stored_state is not None):
-        raise ValueError("reverse_step needs x_n: reconstruct=True or a stored_state")
+    """state ← x_stop from x_start in place, in one launch; x_n (n divisible by `anchor_every`) go
+    to `anchors` and Heun's y_n to `stages` when given."""
     B, q = state.shape
-    m = layer.W.shape[0]
-    heun = next_layer is not None
     grid = (triton.cdiv(B, config.block_b),)
-    reverse_step_kernel[grid](
-        state, grad, state if stored_state is None else stored_state, state if stored_stage is None else stored_stage,
-        *_pointers(layer, state), *_pointers(next_layer or layer, state),
-        dtheta, 0 if atomic else dtheta[0].numel(), *offsets,
-        B, q, m, step, scale_in, scale_out,
-        HEUN=heun, ACT=act, HAS_B=layer.b is not None, HAS_C=layer.c is not None,
-        RECONSTRUCT=reconstruct, USE_STORED=stored_state is not None, USE_STAGE=stored_stage is not None,
-        ATOMIC=atomic, BLOCK_B=config.block_b, BLOCK_M=config.block_m, BLOCK_Q=config.block_q, PRECISION=precision,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+    forward_layers_kernel[grid](
+        state, state if anchors is None else anchors, state if stages is None else stages, *params.pointers(state),
+        start, stop, anchor_every, B, q, params.W.shape[1], step, scale_in, scale_out,
+        SAVE_ANCHORS=anchors is not None, SAVE_STAGES=stages is not None,
+        **_common(params, heun, act, precision, config),
     )  # fmt: skip
 
 
-def partial_segments(layout: GradLayout, slots: int, depth: int, has_b: bool, has_c: bool, device) -> Tensor:
-    """(depth, 4, 3) int64 table for `sum_partials`: per layer n and gradient section, its start in a
-    partial row, its start in the accumulator (layers n … n + slots − 1) and its length (0 for an
+def reverse_layers(
+    state: Tensor, grad: Tensor, params: Params, start: int, stop: int, dtheta: Tensor, offsets: tuple,
+    slot_origin: int, *, heun: bool, act: int, step: float, scale_in: float, scale_out: float, precision: str,
+    config: StepConfig, reconstruct: bool, anchors: Optional[Tensor] = None, anchor_every: int = 1,
+    stages: Optional[Tensor] = None, drift_state: Optional[Tensor] = None, atomic: bool = False,
+) -> None:  # fmt: skip
+    """(state, grad) ← (x_start, g_start) from (x̃_stop, g_stop) in place, in one launch. Weight
+    gradients go to `dtheta` at `offsets` (dW, dV, db, dc of layer `slot_origin`): the
+    (programs, row) partial buffer, or with `atomic` the accumulator itself. `drift_state`
+    receives the reconstructed x̃_0 when layer 0 is in range."""
+    if not (reconstruct or anchors is not None):
+        raise ValueError("reverse_layers needs the states: reconstruct=True or stored anchors")
+    B, q = state.shape
+    grid = (triton.cdiv(B, config.block_b),)
+    reverse_layers_kernel[grid](
+        state, grad, state if anchors is None else anchors, state if stages is None else stages,
+        state if drift_state is None else drift_state, *params.pointers(state),
+        dtheta, 0 if atomic else dtheta[0].numel(), *offsets, slot_origin,
+        start, stop, anchor_every, B, q, params.W.shape[1], step, scale_in, scale_out,
+        RECONSTRUCT=reconstruct, USE_ANCHORS=anchors is not None, USE_STAGES=stages is not None,
+        DRIFT=drift_state is not None, ATOMIC=atomic, **_common(params, heun, act, precision, config),
+    )  # fmt: skip
+
+
+def partial_segments(layout: GradLayout, chunks: list, slots: int, has_b: bool, has_c: bool, device) -> Tensor:
+    """(len(chunks), 4, 3) int64 table for `sum_partials`. `chunks` lists (lowest layer, layers
+    touched) of each launch; `slots` is a partial row's capacity in layers. Per chunk and gradient
+    section: its start in a partial row, its start in the accumulator and its length (0 for an
     absent bias, whose entries stay zero)."""
     present = (True, True, has_b, has_c)
     rows = [
-        [[src, dst, slots * size if keep else 0]
-         for src, dst, size, keep in zip(layout.partial_starts(slots), layout.starts(n), layout.sizes, present)]
-        for n in range(depth)
+        [[src, dst, touched * size if keep else 0]
+         for src, dst, size, keep in zip(layout.partial_starts(slots), layout.starts(start), layout.sizes, present)]
+        for start, touched in chunks
     ]  # fmt: skip
     return torch.tensor(rows, dtype=torch.int64, device=device)
 
 
 def sum_partials(partials: Tensor, out: Tensor, segments: Tensor, longest: int, block: int = 1024) -> None:
-    """out += partials.sum(0) section by section (`segments`: one layer's (4, 3) table, whose
+    """out += partials.sum(0) section by section (`segments`: one chunk's (4, 3) table, whose
     longest section has `longest` floats), in a fixed order."""
     sum_partials_kernel[(triton.cdiv(longest, block), 4)](partials, partials.shape[1], partials.shape[0], out,
                                                           segments, BLOCK=block)  # fmt: skip
