@@ -18,8 +18,8 @@ TORCH_ACTIVATIONS = {
 
 
 def residual(x, W, V, b, c, n, activation, scale_in=None, scale_out=None):
-    """f(x; θ_n) = a_out V_n σ(a_in W_n x + b_n) + c_n."""
-    q, m = W.shape[2], W.shape[1]
+    """f(x; θ_n) = a_out V_n σ(a_in W_n x + b_n) + c_n; W … c stacked tensors or per-layer sequences."""
+    m, q = W[n].shape
     a_in = 1.0 / math.sqrt(q) if scale_in is None else scale_in
     a_out = 1.0 / math.sqrt(m) if scale_out is None else scale_out
     z = a_in * x @ W[n].T + (0 if b is None else b[n])
@@ -36,11 +36,21 @@ def step(x, W, V, b, c, n, *, method, activation, h, **scales):
 
 
 def depth_of(W, method):
-    return W.shape[0] - (1 if method == "heun" else 0)
+    return len(W) - (1 if method == "heun" else 0)
+
+
+def _per_layer(t):
+    return None if t is None else (t.unbind(0) if isinstance(t, torch.Tensor) else tuple(t))
 
 
 def eager_forward(x, W, V, b=None, c=None, *, method="euler", activation="gelu", T=1.0, **scales):
-    """x_L by a plain loop; differentiating it is exact backprop through stored activations."""
+    """x_L by a plain loop; differentiating it is exact backprop through stored activations.
+
+    W … c are stacked (P, …) tensors or sequences of per-layer tensors. A stack is unbound once:
+    indexing W[n] inside the loop would make autograd's backward build a zero tensor of the whole
+    stack for every layer — O(L² m q) work a user holding one weight per layer does not pay.
+    """
+    W, V, b, c = (_per_layer(t) for t in (W, V, b, c))
     L = depth_of(W, method)
     for n in range(L):
         x = step(x, W, V, b, c, n, method=method, activation=activation, h=T / L, **scales)

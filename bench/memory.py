@@ -1,0 +1,233 @@
+"""Peak memory and time of one training step against depth: odenets_fast next to what users would
+otherwise run (the contenders of bench/contenders.py: eager backprop, √L checkpointing, torchdiffeq's
+odeint_adjoint, and ode_mlp in backprop, adjoint and anchored-adjoint modes), on the same seeded data and
+parameters (Euler, GELU, no biases). torchdiffeq is optional: pip install -r requirements-bench.txt.
+
+A training step is the loss (1/B) Σ_i ‖x_L,i − y_i‖² and its gradients w.r.t. W and V. Its peak memory,
+parameters and their gradients excluded, is measured by bench/peak_memory.py: on CUDA with
+torch.cuda.max_memory_allocated() in this process, on the CPU as the peak RSS of a fresh process per
+(contender, depth).
+Time: the median over steps after a warm-up step, the contenders side by side in this process (do_bench on
+CUDA; on the CPU the contenders take turns step by step, at least --reps rounds, more for short steps).
+Writes bench/results/memory-<device>-<yyyymmdd>.json and .png.
+
+    python -m bench.memory [--depths 16 64 256 1024] [--batch B --dim q --hidden m] [--contenders NAME ...]
+                           [--backend NAME] [--reps 3] [--out DIR]
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from bench.contenders import (
+    CONTENDERS,
+    TORCHDIFFEQ_MISSING,
+    Sizes,
+    make_step,
+    problem_tensors,
+    torchdiffeq_adjoint,
+    torchdiffeq_installed,
+)
+from bench.peak_memory import MMAP_THRESHOLD, step_peak_bytes
+from bench.plotting import save_loglog_panels
+from bench.report import ROOT, backend_label, environment, markdown_table, output_stem, write_json
+from bench.timing import median_ms
+from odenets_fast import ode_mlp
+
+DEFAULT_DEPTHS = (16, 64, 256, 1024)
+# CPU: eager backprop at L = 1024 keeps about 2.6 GiB of activations, and the whole run takes a few minutes on
+# 2 cores (memory that a VM touches for the first time is slow, so a larger B mostly buys waiting).
+# CUDA: the issue's GPU configuration.
+DEFAULT_SIZES = {"cpu": dict(batch=4096, dim=32, hidden=64), "cuda": dict(batch=4096, dim=256, hidden=512)}
+CPU_TIMING_BUDGET_S, CPU_MAX_ROUNDS = 2.0, 25
+
+
+def measure_peak_bytes(contender: str, sizes: Sizes, depth: int, device: torch.device, backend: Optional[str]) -> int:
+    """`step_peak_bytes` in this process on CUDA; on the CPU in a fresh bench.peak_memory process, so that no
+    earlier allocation is reused and the peak RSS is that of this configuration alone."""
+    if device.type == "cuda":
+        return step_peak_bytes(contender, sizes, depth, device, backend)
+    cmd = [sys.executable, "-m", "bench.peak_memory", contender, str(depth),
+           str(sizes.batch), str(sizes.dim), str(sizes.hidden)]  # fmt: skip
+    if backend is not None:
+        cmd.append(backend)
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD))
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory worker for {contender} at L={depth} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])["peak_bytes"]
+
+
+def _seconds(step: Callable[[], None]) -> float:
+    start = time.perf_counter()
+    step()
+    return time.perf_counter() - start
+
+
+def steps_ms(steps: dict, device: torch.device, min_rounds: int) -> dict:
+    """Median time (ms) of each step in `steps` (name → step), after one warm-up step each.
+
+    CUDA: bench.timing.median_ms (do_bench). CPU: the steps take turns, one step each per round, so that
+    bursts of load from other processes fall on all of them alike; short steps get more rounds (about
+    CPU_TIMING_BUDGET_S of the slowest step, at most CPU_MAX_ROUNDS, at least `min_rounds`).
+    """
+    if device.type == "cuda":
+        return {name: median_ms(step, device) for name, step in steps.items()}
+    slowest_s = max(_seconds(step) for step in steps.values())
+    rounds = max(min_rounds, min(CPU_MAX_ROUNDS, int(CPU_TIMING_BUDGET_S / slowest_s)))
+    seconds = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            seconds[name].append(_seconds(step))
+    return {name: 1e3 * statistics.median(s) for name, s in seconds.items()}
+
+
+def torchdiffeq_max_abs_diff(sizes: Sizes, depth: int, device: torch.device, backend: Optional[str], rows=256):
+    """max |torchdiffeq Euler − ode_mlp(method="euler")| on the first `rows` inputs of the seeded problem."""
+    x, _, W, V = problem_tensors(sizes, depth, device)
+    with torch.no_grad():
+        ours = ode_mlp(x[:rows], W, V, method="euler", activation="gelu", backend=backend)
+        theirs = torchdiffeq_adjoint(x[:rows], W, V, backend)
+    return float((ours - theirs).abs().max())
+
+
+def goal_ratios(measured: dict, depths: list) -> dict:
+    """The issue's goals and the time ratios, from measured[(contender, depth)] = {"peak_bytes", "median_ms"}."""
+
+    def ratio(a, b, key):
+        if a not in measured or b not in measured or measured[b][key] <= 0:
+            return None
+        return measured[a][key] / measured[b][key]
+
+    low, high = min(depths), max(depths)
+    adjoint = "odenets_adjoint"
+    ratios = {
+        f"adjoint_peak_L{high}_over_L{low}": ratio((adjoint, high), (adjoint, low), "peak_bytes"),
+        f"eager_backprop_over_adjoint_peak_L{high}": ratio(("eager_backprop", high), (adjoint, high), "peak_bytes"),
+        f"odenets_backprop_over_adjoint_peak_L{high}": ratio(("odenets_backprop", high), (adjoint, high), "peak_bytes"),
+    }
+    for other in ("eager_backprop", "checkpoint_sqrtL", "torchdiffeq_adjoint"):
+        ratios[f"adjoint_time_over_{other}"] = {
+            str(L): ratio((adjoint, L), (other, L), "median_ms") for L in depths if (other, L) in measured
+        }
+    return ratios
+
+
+def _tables(measured: dict, contenders: list, depths: list) -> str:
+    headers = ["contender"] + [f"L={L}" for L in depths]
+
+    def rows(key, scale, fmt):
+        return [[name] + [format(measured[(name, L)][key] / scale, fmt) for L in depths] for name in contenders]
+
+    return "\n\n".join([
+        "Peak memory of a training step (MiB, parameters and gradients excluded):",
+        markdown_table(headers, rows("peak_bytes", 2**20, ".1f")),
+        "Median time of a training step (ms):",
+        markdown_table(headers, rows("median_ms", 1, ".1f")),
+    ])  # fmt: skip
+
+
+def _plot(path: Path, measured: dict, contenders: list, depths: list, title: str) -> None:
+    def series(key, scale):
+        return {name: (depths, [measured[(name, L)][key] / scale for L in depths]) for name in contenders}
+
+    save_loglog_panels(path, [
+        dict(title="peak memory of a training step", xlabel="depth L", ylabel="MiB",
+             series=series("peak_bytes", 2**20)),
+        dict(title="time of a training step (median)", xlabel="depth L", ylabel="ms",
+             series=series("median_ms", 1)),
+    ], title)  # fmt: skip
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)  # fmt: skip
+    parser.add_argument("--depths", type=int, nargs="+", default=list(DEFAULT_DEPTHS))
+    parser.add_argument("--batch", type=int, help="B (default: 4096)")
+    parser.add_argument("--dim", type=int, help="state width q (default: 32 on the CPU, 256 on CUDA)")
+    parser.add_argument("--hidden", type=int, help="hidden width m (default: 64 on the CPU, 512 on CUDA)")
+    parser.add_argument("--contenders", nargs="+", choices=list(CONTENDERS), default=list(CONTENDERS))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--backend", default=None, help="odenets_fast backend: reference, triton or cpp "
+                        "(default: automatic)")  # fmt: skip
+    parser.add_argument("--reps", type=int, default=3, help="least number of timed rounds on the CPU (median)")
+    parser.add_argument("--out", default=None, help="output folder (default: bench/results)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = _parse(argv)
+    device = torch.device(args.device)
+    defaults = DEFAULT_SIZES[device.type]
+    sizes = Sizes(*(getattr(args, k) or defaults[k] for k in ("batch", "dim", "hidden")))
+    depths = sorted(args.depths)
+    contenders, skipped = list(args.contenders), {}
+    if "torchdiffeq_adjoint" in contenders and not torchdiffeq_installed():
+        print(TORCHDIFFEQ_MISSING)
+        contenders.remove("torchdiffeq_adjoint")
+        skipped["torchdiffeq_adjoint"] = TORCHDIFFEQ_MISSING
+    backend_name = backend_label(args.backend, device)
+    env = environment(device)
+    config = dict(sizes._asdict(), depths=depths, method="euler", activation="gelu", dtype="float32",
+                  backend=backend_name, cpu_min_rounds=args.reps, mmap_threshold_bytes=MMAP_THRESHOLD)  # fmt: skip
+    print(f"{env['device']} · torch {env['torch']} · odenets_fast backend {backend_name} · B={sizes.batch}, "
+          f"q={sizes.dim}, m={sizes.hidden}, depths {depths}", flush=True)  # fmt: skip
+
+    torchdiffeq_check = None
+    if "torchdiffeq_adjoint" in contenders:
+        diff = torchdiffeq_max_abs_diff(sizes, depths[-1], device, args.backend)
+        torchdiffeq_check = {"depth": depths[-1], "max_abs_diff_vs_ode_mlp": diff}
+        print(f"torchdiffeq Euler vs ode_mlp(method='euler') at L={depths[-1]}: max |difference| = {diff:.2e}")
+
+    measured = {}
+    for depth in depths:
+        peaks = {name: measure_peak_bytes(name, sizes, depth, device, args.backend) for name in contenders}
+        steps = {name: make_step(name, sizes, depth, device, args.backend)[0] for name in contenders}
+        times = steps_ms(steps, device, args.reps)
+        del steps
+        for name in contenders:
+            measured[(name, depth)] = {"peak_bytes": peaks[name], "median_ms": times[name]}
+            peak_mib, ms = peaks[name] / 2**20, times[name]
+            print(f"  L={depth:<5} {name:<25} peak {peak_mib:9.1f} MiB   step {ms:10.1f} ms", flush=True)
+
+    ratios = goal_ratios(measured, depths)
+    stem = output_stem("memory", device, args.out)
+    results = {
+        "config": config,
+        "environment": env,
+        "torchdiffeq": _torchdiffeq_version(),
+        "torchdiffeq_check": torchdiffeq_check,
+        "skipped": skipped,
+        "measurements": [dict(contender=n, depth=L, **v) for (n, L), v in measured.items()],
+        "ratios": ratios,
+    }
+    write_json(stem.with_suffix(".json"), results)
+    _plot(stem.with_suffix(".png"), measured, contenders, depths,
+          f"{env['device']}, torch {env['torch']}, odenets_fast backend {backend_name}, B={sizes.batch}, "
+          f"q={sizes.dim}, m={sizes.hidden}")  # fmt: skip
+    print()
+    print(_tables(measured, contenders, depths))
+    print()
+    print(json.dumps(ratios, indent=1))
+    print(f"wrote {stem}.json and .png")
+    return results
+
+
+def _torchdiffeq_version() -> Optional[str]:
+    if not torchdiffeq_installed():
+        return None
+    import torchdiffeq
+
+    return torchdiffeq.__version__
+
+
+if __name__ == "__main__":
+    main()

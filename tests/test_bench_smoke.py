@@ -1,0 +1,73 @@
+"""The benchmark scripts of bench/ end to end at tiny sizes: they run, print their tables and write sane JSON
+and PNG files. (The full-size runs are in the README's Benchmarks section.)"""
+
+import json
+import math
+
+import pytest
+import torch
+
+from bench import memory, repro_gradient_error, repro_smoothness
+from bench.contenders import TORCHDIFFEQ_MISSING, Sizes, make_step
+
+
+def _outputs(tmp_path, name):
+    (json_file,) = tmp_path.glob(f"{name}-cpu-*.json")
+    png = json_file.with_suffix(".png")
+    assert png.stat().st_size > 1000
+    return json.loads(json_file.read_text())
+
+
+@pytest.mark.parametrize("script", [memory, repro_gradient_error, repro_smoothness])
+def test_help(script, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(["--help"])
+    assert exit_info.value.code == 0
+    assert "usage" in capsys.readouterr().out
+
+
+def test_memory(tmp_path, capsys, monkeypatch):
+    # torchdiffeq is optional; its absence is what must be handled here (it is checked below when installed)
+    monkeypatch.setattr(memory, "torchdiffeq_installed", lambda: False)
+    contenders = ["eager_backprop", "odenets_adjoint", "torchdiffeq_adjoint"]
+    sizes = ["--batch", "4096", "--dim", "8", "--hidden", "32"]
+    memory.main(["--depths", "4", "16", *sizes, "--device", "cpu", "--reps", "1", "--backend", "reference",
+                 "--out", str(tmp_path), "--contenders", *contenders])  # fmt: skip
+    out = capsys.readouterr().out
+    results = _outputs(tmp_path, "memory")
+    assert "Peak memory of a training step" in out and "Median time of a training step" in out
+    measured = {(m["contender"], m["depth"]): m for m in results["measurements"]}
+    assert all(m["peak_bytes"] > 0 and m["median_ms"] > 0 for m in measured.values())
+    # at L = 16 eager keeps ~16 MiB of activations, adjoint a few (B, m) temporaries
+    assert measured[("odenets_adjoint", 16)]["peak_bytes"] < measured[("eager_backprop", 16)]["peak_bytes"]
+    assert results["ratios"]["eager_backprop_over_adjoint_peak_L16"] > 1
+    assert TORCHDIFFEQ_MISSING in out
+    assert results["skipped"] == {"torchdiffeq_adjoint": TORCHDIFFEQ_MISSING}
+
+
+def test_torchdiffeq_contender_is_the_resnet():
+    pytest.importorskip("torchdiffeq")
+    sizes, cpu = Sizes(64, 8, 16), torch.device("cpu")
+    assert memory.torchdiffeq_max_abs_diff(sizes, 16, cpu, None) < 1e-5
+    step, _ = make_step("torchdiffeq_adjoint", sizes, 4, cpu, None)
+    step()  # its adjoint backward runs
+
+
+def test_repro_gradient_error(tmp_path):
+    repro_gradient_error.main(["--min-depth", "4", "--max-depth", "32", "--out", str(tmp_path)])
+    results = _outputs(tmp_path, "gradient-error")
+    assert results["config"]["depths"] == [4, 8, 16, 32]
+    assert all(results["heun_below_euler_at_every_depth"].values())
+    slopes = results["loglog_slope"]
+    assert -1.3 < slopes["euler"]["W"] < -0.7
+    assert slopes["heun"]["W"] < -1.7
+
+
+def test_repro_smoothness(tmp_path):
+    repro_smoothness.main(["--min-depth", "2", "--max-depth", "4", "--steps", "3", "--out", str(tmp_path)])
+    results = _outputs(tmp_path, "smoothness")
+    runs = results["runs"]
+    assert set(runs) == {"gelu-tied", "relu-tied", "gelu-iid"}
+    assert all(math.isfinite(r["loss_end"]) for rs in runs.values() for r in rs)
+    # tied weights start equal and move little in 3 steps; i.i.d. ones differ by O(1) from the start
+    assert all(t["smoothness_W"] < 0.1 * i["smoothness_W"] for t, i in zip(runs["gelu-tied"], runs["gelu-iid"]))
