@@ -3,20 +3,18 @@
 1. the GPU tests (tests/gpu) — passed / failed counts;
 2. `compute-sanitizer --tool memcheck` on a small forward + backward (tests/gpu/sanitize_case.py);
 3. the kernel benchmarks (bench.triton_step);
-then `<device>-<yyyymmdd>.json` and a `.md` table with the device name, torch and triton versions,
+then a JSON and a `.md` table with the device name, torch and triton versions,
 git commit and date.
 
     python -m bench.gpu_suite [--out DIR] [--dry-run]
 
-The commit comes from `git rev-parse HEAD`, or from ODENETS_FAST_COMMIT where the tree travelled
-without its .git folder. --dry-run exercises the whole pipeline on the CPU (TRITON_INTERPRET=1,
+Files: `gpu-suite-<device>-<yyyymmdd>.json/.md` under --out. The commit comes from `git rev-parse
+HEAD`, or from ODENETS_FAST_COMMIT where the tree travelled without its .git folder. --dry-run exercises the whole pipeline on the CPU (TRITON_INTERPRET=1,
 tiny benchmark, no sanitizer) to check the plumbing; its files are marked dry_run.
 """
 
 import argparse
 import datetime
-import json
-import os
 import re
 import shutil
 import subprocess
@@ -27,6 +25,7 @@ import torch
 import triton
 
 from bench import triton_step
+from bench.report import git_commit, output_stem, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,16 +68,6 @@ def run_sanitizer() -> dict:
             "tail": output[-2000:]}  # fmt: skip
 
 
-def git_commit() -> str:
-    if os.environ.get("ODENETS_FAST_COMMIT"):
-        return os.environ["ODENETS_FAST_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT,
-                              check=True).stdout.strip()  # fmt: skip
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def markdown(report: dict) -> str:
     tests, san = report["tests"], report["sanitizer"]
     san_line = (f"{san['errors']} errors (exit code {san['exit_code']})" if san.get("ran")
@@ -117,13 +106,11 @@ def main(argv=None) -> dict:
         "sanitizer": {"ran": False, "reason": "dry run"} if args.dry_run else run_sanitizer(),
         "benchmarks": triton_step.run_all(dry_run=args.dry_run),
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"{re.sub(r'[^A-Za-z0-9]+', '-', device).strip('-').lower()}-{now:%Y%m%d}"
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
-    (out / f"{stem}.md").write_text(markdown(report))
+    stem = output_stem("gpu-suite", torch.device("cpu" if args.dry_run else "cuda"), args.out)
+    write_json(stem.with_suffix(".json"), report)
+    stem.with_suffix(".md").write_text(markdown(report))
     print(markdown(report))
-    print(f"wrote {out / stem}.json and .md")
+    print(f"wrote {stem}.json and .md")
     return report
 
 

@@ -50,15 +50,21 @@ def _read_peak(device: torch.device) -> int:
     return _proc_status_bytes("VmHWM")
 
 
+def peak_bytes(fn, device: torch.device) -> int:
+    """Peak memory while `fn()` runs, above the memory in use before it (CPU: run in a fresh process
+    started with MALLOC_MMAP_THRESHOLD_=MMAP_THRESHOLD)."""
+    baseline = _start_peak(device)
+    fn()
+    return _read_peak(device) - baseline
+
+
 def step_peak_bytes(contender: str, sizes: Sizes, depth: int, device: torch.device, backend: Optional[str]) -> int:
     """Peak memory of one training step above the memory in use before it, parameter gradients excluded."""
     # A depth-2 step first: the libraries' first-use allocations (thread pools, kernels, cuBLAS
     # workspaces) belong to no depth.
     make_step(contender, sizes, min(depth, 2), device, backend)[0]()
     step, gradient_bytes = make_step(contender, sizes, depth, device, backend)
-    baseline = _start_peak(device)
-    step()
-    return _read_peak(device) - baseline - gradient_bytes
+    return peak_bytes(step, device) - gradient_bytes
 
 
 if __name__ == "__main__":

@@ -71,3 +71,15 @@ def test_repro_smoothness(tmp_path):
     assert all(math.isfinite(r["loss_end"]) for rs in runs.values() for r in rs)
     # tied weights start equal and move little in 3 steps; i.i.d. ones differ by O(1) from the start
     assert all(t["smoothness_W"] < 0.1 * i["smoothness_W"] for t, i in zip(runs["gelu-tied"], runs["gelu-iid"]))
+
+
+def test_conv_example(tmp_path, capsys):
+    from bench import conv_example
+
+    results = conv_example.main(["--depths", "3", "--steps", "1", "--batch", "8", "--out", str(tmp_path)])
+    assert "adjoint grad. error" in capsys.readouterr().out
+    (json_file,) = tmp_path.glob("conv-example-cpu-*.json")
+    row = json.loads(json_file.read_text())["depths"]["3"]
+    assert row == json.loads(json.dumps(results["depths"]["3"]))
+    assert row["backprop"]["peak_bytes"] > 0 and row["adjoint"]["peak_bytes"] > 0
+    assert 0 < row["adjoint_gradient_error"] < 0.5  # an approximation, not a different gradient
