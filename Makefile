@@ -5,13 +5,23 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean gpu
+.PHONY: demo test bench install clean gpu
 
 demo: $(STAMP)
 	$(PY) -m odenets_fast.demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests --ignore=tests/gpu
+
+# CPU benchmarks and the papers' figures (several minutes); tables on stdout, files in bench/results/.
+bench: $(STAMP)
+	$(PY) -m pip install -q -r requirements-bench.txt
+	$(PY) -m bench.cpu_training_step
+	$(PY) -m bench.memory
+	$(PY) -m bench.conv_example
+	$(PY) -m bench.repro_gradient_error
+	$(PY) -m bench.repro_smoothness
+	$(PY) -m pytest -q bench/test_micro.py --benchmark-only -rs --benchmark-json=bench/results/micro-cpu-$$(date +%Y%m%d).json
 
 install: $(STAMP)
 

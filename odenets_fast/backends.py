@@ -83,15 +83,16 @@ def available_backends() -> dict[str, str]:
 _warned_fallbacks: set[str] = set()
 
 
-def _automatic(device: torch.device) -> ModuleType:
+def _automatic(device: torch.device) -> str:
     preferred = "triton" if device.type == "cuda" else "cpp"
     try:
-        return load_backend(preferred)
+        load_backend(preferred)
+        return preferred
     except BackendUnavailableError as err:
         if preferred not in _warned_fallbacks:  # once per process: the reason does not change
             _warned_fallbacks.add(preferred)
-            warnings.warn(f"{err}. Falling back to the slower 'reference' backend.", stacklevel=3)
-        return reference
+            warnings.warn(f"{err}. Falling back to the slower 'reference' backend.", stacklevel=4)
+        return "reference"
 
 
 def _check_device(name: str, device: torch.device) -> None:
@@ -99,16 +100,21 @@ def _check_device(name: str, device: torch.device) -> None:
         raise ValueError(f"backend 'cpp' runs on CPU tensors only; got tensors on {device}")
 
 
+def resolve_backend(backend: Optional[str], device: torch.device) -> str:
+    """The name of the backend for tensors on `device`: `backend=`, else ODENETS_FAST_BACKEND, else
+    automatic. Raises if the named backend cannot run here."""
+    if backend is None:
+        backend = os.environ.get(ENV_VAR, "") or None
+        if backend is not None and backend not in BACKEND_NAMES:
+            raise ValueError(f"environment variable {ENV_VAR} must be one of {list(BACKEND_NAMES)}; got {backend!r}")
+    if backend is None:
+        return _automatic(device)
+    check_choice("backend", backend, BACKEND_NAMES)
+    _check_device(backend, device)
+    load_backend(backend)
+    return backend
+
+
 def select_backend(backend: Optional[str], device: torch.device) -> ModuleType:
-    """The backend module for tensors on `device`, honouring `backend=` and ODENETS_FAST_BACKEND."""
-    if backend is not None:
-        check_choice("backend", backend, BACKEND_NAMES)
-        _check_device(backend, device)
-        return load_backend(backend)
-    env = os.environ.get(ENV_VAR, "")
-    if env:
-        if env not in BACKEND_NAMES:
-            raise ValueError(f"environment variable {ENV_VAR} must be one of {list(BACKEND_NAMES)}; got {env!r}")
-        _check_device(env, device)
-        return load_backend(env)
-    return _automatic(device)
+    """The backend module for tensors on `device` (see `resolve_backend`)."""
+    return load_backend(resolve_backend(backend, device))

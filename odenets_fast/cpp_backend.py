@@ -16,6 +16,29 @@ from .reference import Gradients, compute_dtype
 from .spec import StackSpec
 
 
+@torch.library.register_fake("odenets_fast::mlp_stack_forward")
+def _(x, W, V, b, c, method, activation, step, scale_in, scale_out, backward, anchor_every):
+    """Shapes of the forward op's outputs, for torch.compile and opcheck (see the schema in csrc/)."""
+    depth = W.shape[0] - (1 if method == "heun" else 0)
+    every = 1 if backward == "backprop" else (anchor_every or depth)
+    stored = len(range(0, depth, every))
+    stages = x.new_empty((depth,) + tuple(x.shape)) if method == "heun" and backward == "backprop" else None
+    return x.new_empty(x.shape), x.new_empty((stored,) + tuple(x.shape)), stages
+
+
+@torch.library.register_fake("odenets_fast::mlp_stack_backward")
+def _(grad_out, final, anchors, stages, W, V, b, c, method, activation, step, scale_in, scale_out, backward,
+      anchor_every):  # fmt: skip
+    return (
+        torch.empty_like(grad_out),
+        torch.empty_like(W),
+        torch.empty_like(V),
+        None if b is None else torch.empty_like(b),
+        None if c is None else torch.empty_like(c),
+        grad_out.new_empty(()) if backward == "adjoint" else None,
+    )
+
+
 def _spec_args(spec: StackSpec) -> tuple:
     return (spec.method, spec.activation, spec.step, spec.scale_in, spec.scale_out, spec.backward, spec.anchor_every)
 

@@ -101,7 +101,9 @@ class ODEMLP(nn.Module):
         self.V = nn.Parameter(torch.empty(P, dim, hidden, **factory))
         self.b = nn.Parameter(torch.empty(P, hidden, **factory)) if bias else None
         self.c = nn.Parameter(torch.empty(P, dim, **factory)) if bias else None
-        self._drift: Optional[Tensor] = None
+        # written by the adjoint backward (a tensor, not a Python attribute, so that it also works under
+        # torch.compile); NaN until the first one
+        self.register_buffer("drift", torch.full((), float("nan"), **factory), persistent=False)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -121,12 +123,10 @@ class ODEMLP(nn.Module):
             if bias is not None:
                 bias.zero_()
 
-    def _record_drift(self, drift: Tensor) -> None:
-        self._drift = drift.detach()
-
     @property
     def last_drift(self) -> Optional[float]:
-        return None if self._drift is None else float(self._drift)
+        value = float(self.drift)
+        return None if math.isnan(value) else value
 
     def forward(self, x: Tensor) -> Tensor:
         return ode_mlp(
@@ -134,7 +134,7 @@ class ODEMLP(nn.Module):
             method=self.method, activation=self.activation, T=self.T,
             backward=self.backward_mode, anchor_every=self.anchor_every,
             backend=self.backend, input_precision=self.input_precision, deterministic=self.deterministic,
-            on_drift=self._record_drift,
+            drift_out=self.drift,
         )  # fmt: skip
 
     def extra_repr(self) -> str:

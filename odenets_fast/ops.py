@@ -1,41 +1,71 @@
-"""The public op `ode_mlp` and its autograd Function; the backend is picked per call."""
+"""The public op `ode_mlp`: argument checks, backend choice, and the autograd formula of the
+library ops in `library.py` — recorded as those custom ops under torch.compile, run through a plain
+autograd.Function in eager mode (same formula, without the custom-op dispatch cost)."""
 
-from types import ModuleType
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
-from .backends import select_backend
-from .spec import StackSpec, check_stack
+from . import library, reference
+from .backends import resolve_backend
+from .spec import check_stack
 
 
-class _OdeMlpFunction(torch.autograd.Function):
-    """x_0 → x_L through the backend; backward is the backend's backprop or adjoint pass.
+def _setup_context(ctx, inputs, output):
+    x, W, V, b, c, method, activation, T, scale_in, scale_out, backward, anchor_every, precision, deterministic, \
+        backend, drift_out = inputs  # fmt: skip
+    out, final, anchors, stages = output
+    ctx.mark_non_differentiable(final, anchors, stages)
+    # x_L doubles as the reconstruction's start when it is already in the compute dtype
+    # x itself only for a double backward, which backprop mode supports by re-running the stack
+    ctx.save_for_backward(out if final.numel() == 0 else final, anchors, stages, x if backward == "backprop" else None,
+                          W, V, b, c)  # fmt: skip
+    ctx.drift_out = drift_out  # written, not read: an attribute, so that its version is not checked
+    ctx.scalars = (method, activation, T, scale_in, scale_out, backward, anchor_every, precision, deterministic, backend)
 
-    Only what `spec.backward` needs is saved: every state in backprop mode, x_0 and x_L (and the
-    anchors) in adjoint mode — this is where the memory saving happens.
+
+def _backward(ctx, grad_out, *_):
+    """Gradients of x, W, V, b, c through the backward op (hand-written VJPs, DESIGN.md §4).
+
+    With create_graph=True the backward pass must itself be differentiable: in backprop mode the
+    stack is re-run under autograd from the saved inputs and differentiated exactly; in adjoint
+    mode there is nothing exact to differentiate, so it is an error.
     """
+    final, anchors, stages, x, W, V, b, c = ctx.saved_tensors
+    method, activation, T, scale_in, scale_out, backward = ctx.scalars[:6]
+    if torch.is_grad_enabled():
+        if backward == "adjoint":
+            raise RuntimeError(
+                "double backward (create_graph=True) through ode_mlp in adjoint mode is not supported: its backward "
+                "reconstructs states instead of recording them. Use backward='backprop' for higher-order gradients."
+            )
+        spec = library._spec(W, *ctx.scalars[:9])
+        inputs = [t for t in (x, W, V, b, c) if t is not None]
+        out = reference.differentiable_forward(x, W, V, b, c, spec)
+        grads = iter(torch.autograd.grad(out, inputs, grad_out, create_graph=True))
+        return tuple(None if t is None else next(grads) for t in (x, W, V, b, c)) + (None,) * 11
+    backward_op = library.backward_impl if getattr(ctx, "eager", False) else library.ode_mlp_backward
+    gx, gW, gV, gb, gc, drift = backward_op(grad_out.contiguous(), final, anchors, stages, W, V, b, c, *ctx.scalars)
+    if backward == "adjoint":
+        ctx.drift_out.copy_(drift)
+    return (gx, gW, gV, None if b is None else gb, None if c is None else gc) + (None,) * 11
+
+
+library.ode_mlp_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerOdeMlp(torch.autograd.Function):
+    """The forward op's implementation and autograd formula without the custom-op dispatch."""
 
     @staticmethod
-    def forward(ctx, x, W, V, b, c, spec: StackSpec, backend: ModuleType, on_drift):
-        out, saved = backend.forward(x, W, V, b, c, spec)
-        ctx.num_saved = len(saved)
-        ctx.save_for_backward(*saved, W, V, b, c)
-        ctx.spec, ctx.backend, ctx.on_drift = spec, backend, on_drift
-        return out
+    def forward(ctx, *inputs):
+        outputs = library.forward_impl(*inputs)
+        _setup_context(ctx, inputs, outputs)
+        ctx.eager = True
+        return outputs
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        tensors = ctx.saved_tensors
-        saved, (W, V, b, c) = tensors[: ctx.num_saved], tensors[ctx.num_saved :]
-        grads = ctx.backend.backward(grad_out.contiguous(), saved, W, V, b, c, ctx.spec)
-        if ctx.on_drift is not None and grads.drift is not None:
-            ctx.on_drift(grads.drift)
-        needs = ctx.needs_input_grad
-        return tuple(g if need else None for g, need in zip(grads[:5], needs)) + (None, None, None)
+    backward = staticmethod(_backward)
 
 
 def ode_mlp(
@@ -55,7 +85,7 @@ def ode_mlp(
     backend: Optional[str] = None,
     input_precision: str = "ieee",
     deterministic: bool = True,
-    on_drift: Optional[Callable[[Tensor], None]] = None,
+    drift_out: Optional[Tensor] = None,
 ) -> Tensor:
     """A depth-L residual MLP stack, x_{n+1} = x_n + (T/L) f(x_n; θ_n), as one differentiable op.
 
@@ -76,20 +106,36 @@ def ode_mlp(
             the reference and C++ backends always use full float32/float64 products).
         deterministic: Triton backend — True (default) reduces weight gradients over the batch in
             a fixed order (bitwise reproducible); False uses atomics (faster, last bits vary).
-        on_drift: called after an adjoint backward with the 0-dim tensor ‖x̃_0 − x_0‖ / ‖x_0‖.
+        drift_out: a 0-dim floating tensor on x's device; an adjoint backward writes
+            ‖x̃_0 − x_0‖ / ‖x_0‖ into it (works under torch.compile; ODEMLP keeps one as a buffer).
+
+    Inside torch.autocast, x is cast to the parameters' dtype and the stack computes in it (the
+    states never drop to the autocast dtype); pass bfloat16/float16 parameters for a low-precision
+    stack.
 
     Returns:
-        x_L with the shape and dtype of x.
+        x_L with the shape of x, in the dtype of x (of the parameters under autocast).
     """
+    if (isinstance(x, Tensor) and isinstance(W, Tensor) and x.device.type in library.AUTOCAST_DEVICE_TYPES
+            and torch.is_autocast_enabled(x.device.type)):  # fmt: skip
+        # an autocast region hands the stack low-precision activations: like autocast's float32 ops,
+        # run it in the parameters' dtype, so that the state keeps that precision (DESIGN.md §6)
+        x = x.to(W.dtype)
     spec = check_stack(
         x, W, V, b, c,
         method=method, activation=activation, T=T, backward=backward,
         anchor_every=anchor_every, scale_in=scale_in, scale_out=scale_out,
         input_precision=input_precision, deterministic=deterministic,
     )  # fmt: skip
-    impl = select_backend(backend, x.device)
-    if on_drift is not None and not callable(on_drift):
-        raise TypeError(f"on_drift must be callable or None; got {type(on_drift).__name__}")
+    backend_name = resolve_backend(backend, x.device)
+    if drift_out is None:
+        drift_out = x.new_zeros((), dtype=torch.float32)
+    elif not isinstance(drift_out, Tensor) or drift_out.dim() != 0 or drift_out.device != x.device:
+        raise TypeError(f"drift_out must be a 0-dim tensor on {x.device} or None")
     rows = x.reshape(-1, x.shape[-1])
-    out = _OdeMlpFunction.apply(rows, W, V, b, c, spec, impl, on_drift)
+    op = library.ode_mlp_forward if torch.compiler.is_compiling() else _EagerOdeMlp.apply
+    out = op(
+        rows, W, V, b, c, spec.method, spec.activation, float(T), spec.scale_in, spec.scale_out,
+        spec.backward, spec.anchor_every or 0, spec.input_precision, spec.deterministic, backend_name, drift_out,
+    )[0]  # fmt: skip
     return out.reshape(x.shape)

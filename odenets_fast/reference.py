@@ -208,6 +208,16 @@ def backward(grad_out: Tensor, saved: tuple, W, V, b, c, spec: StackSpec) -> Gra
     return Gradients(g.to(grad_out.dtype), cast(grads.W, W), cast(grads.V, V), cast(grads.b, b), cast(grads.c, c), drift)
 
 
+def differentiable_forward(x: Tensor, W, V, b, c, spec: StackSpec) -> Tensor:
+    """x_L by the forward rule under autograd (every intermediate recorded): what backprop mode
+    differentiates, as a graph that can be differentiated again (double backward)."""
+    stack = _Stack(W, V, b, c, spec, compute_dtype(x.dtype))
+    state = x.to(stack.W.dtype)
+    for n in range(spec.depth):
+        state = _forward_step(stack, state, n)[0]
+    return state.to(x.dtype)
+
+
 def trajectory(x: Tensor, W, V, b, c, spec: StackSpec) -> Tensor:
     """All forward states x_0 … x_L stacked as (L + 1, B, q), in the compute dtype."""
     stack = _Stack(W, V, b, c, spec, compute_dtype(x.dtype))

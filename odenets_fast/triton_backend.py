@@ -11,8 +11,8 @@ buffer is capped at `PARTIAL_BUFFER_BYTES`, which bounds the layers per backward
 
 What is saved for backward follows the reference exactly (`reference._Saved`): x_L, the anchors
 and, for Heun in backprop mode, the stages y_n — so the activation memory of adjoint mode is
-O(B q) whatever the depth. Weight gradients accumulate in one flat float32 buffer whose sections
-are the (P, …) gradients (`mlp_step.GradLayout`), cast to the parameter dtype at the end.
+O(B q) whatever the depth. Weight gradients accumulate in float32 (P, …) tensors, cast to the
+parameter dtype at the end (no copy for float32 parameters).
 """
 
 import os
@@ -106,38 +106,41 @@ def backward(grad_out: Tensor, saved: tuple, W, V, b, c, spec: StackSpec) -> Gra
     B, q = final.shape
     P, m, _ = W.shape
     params, args = _setup(spec, W, V, b, c, q)
-    layout = mlp_step.GradLayout(P, q, m)
-    grads = torch.zeros(layout.numel, dtype=torch.float32, device=final.device)
+    sections = mlp_step.GradSections(q, m)
+    accumulators = [torch.zeros(shape, dtype=torch.float32, device=final.device)
+                     for shape in (W.shape, V.shape, (P, m), (P, q))]  # fmt: skip
+    present = (True, True, b is not None, c is not None)
     atomic = not spec.deterministic
     adjoint = spec.backward == "adjoint"
     extra = 1 if args["heun"] else 0  # Heun's layer n also writes θ_{n+1}'s gradients
     size = layers_per_launch(spec.depth)
     programs = triton.cdiv(B, args["config"].block_b)
     if not atomic:  # the partial buffer bounds the layers per launch
-        layer_floats = max(programs, 1) * sum(layout.sizes)
+        layer_floats = max(programs, 1) * sum(sections.sizes)
         size = max(1, min(size, PARTIAL_BUFFER_BYTES // (4 * layer_floats) - extra, _INT32_MAX // layer_floats - extra))
-    chunks = _chunks(spec.depth, size)
-    slots = size + extra
-    if not atomic:
-        # zeros, not empty: without biases the kernels never write the db/dc entries that the sum reads
-        partials = torch.zeros((programs, slots * sum(layout.sizes)), dtype=torch.float32, device=final.device)
-        segments = mlp_step.partial_segments(layout, [(start, stop - start + extra) for start, stop in chunks],
-                                             slots, b is not None, c is not None, final.device)  # fmt: skip
+        slots = size + extra
+        # zeros, not empty: without biases the kernels never write the db/dc entries
+        partials = torch.zeros((programs, sections.row(slots)), dtype=torch.float32, device=final.device)
+        partial_sections = [partials[:, start:] for start in sections.partial_starts(slots)]
     state = final.clone()
     g = grad_out.to(torch.float32, copy=True).contiguous()
     drift_state = torch.zeros_like(state) if adjoint else None
     use_anchors = spec.backward == "backprop" or spec.anchor_every is not None
-    for index, (start, stop) in enumerate(chunks if B else []):
+    for start, stop in _chunks(spec.depth, size) if B else []:
+        targets = accumulators if atomic else partial_sections
         mlp_step.reverse_layers(
-            state, g, params, start, stop, grads if atomic else partials,
-            layout.starts(0) if atomic else layout.partial_starts(slots), 0 if atomic else start,
+            state, g, params, start, stop, [t if keep else None for t, keep in zip(targets, present)],
+            0 if atomic else partials.stride(0), 0 if atomic else start,
             reconstruct=adjoint, anchors=anchors if use_anchors else None, anchor_every=anchor_interval(spec),
             stages=stages, drift_state=drift_state if start == 0 else None, atomic=atomic, **args,
         )  # fmt: skip
         if not atomic:
-            mlp_step.sum_partials(partials, grads, segments[index], longest=(stop - start + extra) * m * q)
+            touched = stop - start + extra
+            for acc, part, section_size, keep in zip(accumulators, partial_sections, sections.sizes, present):
+                if keep:
+                    mlp_step.sum_partials(part, acc.view(-1)[start * section_size :], touched * section_size)
     drift = relative_drift(drift_state, anchors[0]) if adjoint else None
-    grad_W, grad_V, grad_b, grad_c = layout.split(grads)
+    grad_W, grad_V, grad_b, grad_c = accumulators
     return Gradients(
         g.to(grad_out.dtype),
         grad_W.to(W.dtype),

@@ -83,3 +83,11 @@ def test_conv_example(tmp_path, capsys):
     assert row == json.loads(json.dumps(results["depths"]["3"]))
     assert row["backprop"]["peak_bytes"] > 0 and row["adjoint"]["peak_bytes"] > 0
     assert 0 < row["adjoint_gradient_error"] < 0.5  # an approximation, not a different gradient
+
+
+def test_dispatch_overhead(capsys):
+    from bench import dispatch_overhead
+
+    result = dispatch_overhead.main(["--calls", "50"])
+    assert "overhead" in capsys.readouterr().out
+    assert set(result["median_us"]) == {"library_op", "plain_function"} and all(v > 0 for v in result["median_us"].values())

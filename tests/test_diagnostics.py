@@ -72,4 +72,4 @@ def test_saved_tensor_bytes_adjoint_is_depth_independent():
 
     state_bytes = 32 * 8 * 4
     assert saved("adjoint", 8) == saved("adjoint", 64) == 2 * state_bytes  # x_0 and x_L
-    assert saved("backprop", 64) == 65 * state_bytes  # x_0 … x_63 and x_L
+    assert saved("backprop", 64) == 66 * state_bytes  # x_0 … x_63, x_L and x (for a double backward)

@@ -84,8 +84,8 @@ def test_drift_matches_reference(method):
     drifts = {}
     for backend in ("triton", "reference"):
         x, W, V = [t.clone().to(DEVICE).requires_grad_(True) for t in tensors[:3]]
-        out = ode_mlp(x, W, V, method=method, backend=backend, on_drift=lambda d, k=backend: drifts.__setitem__(k, d))
-        out.sum().backward()
+        drifts[backend] = torch.zeros((), device=DEVICE)
+        ode_mlp(x, W, V, method=method, backend=backend, drift_out=drifts[backend]).sum().backward()
     assert float(drifts["reference"]) > 1e-4
     assert float(drifts["triton"]) == pytest.approx(float(drifts["reference"]), rel=1e-4)
 
@@ -155,20 +155,20 @@ def test_reverse_layers_kernel_range(method, atomic):
     B, q, m, P = ODD["B"], ODD["q"], ODD["m"], W.shape[0]
     args = _kernel_args(spec)
     x_top, g_top = torch.randn(B, q), torch.randn(B, q)
-    layout = mlp_step.GradLayout(P, q, m)
-    grads = torch.zeros(layout.numel)
+    sections = mlp_step.GradSections(q, m)
+    accumulators = [torch.zeros_like(t) for t in (W, V, b, c)]
     slots = 2 + (method == "heun")
     programs = -(-B // args["config"].block_b)
-    partials = torch.full((programs, slots * sum(layout.sizes)), float("nan"))  # what is read must be written
+    partials = torch.full((programs, sections.row(slots)), float("nan"))  # what is read must be written
+    partial_sections = [partials[:, start:] for start in sections.partial_starts(slots)]
     state, grad = x_top.clone(), g_top.clone()
     mlp_step.reverse_layers(
-        state, grad, mlp_step.Params(W, V, b, c), 1, 3, grads if atomic else partials,
-        layout.starts(0) if atomic else layout.partial_starts(slots), 0 if atomic else 1, reconstruct=True,
-        atomic=atomic, **args,
+        state, grad, mlp_step.Params(W, V, b, c), 1, 3, accumulators if atomic else partial_sections,
+        0 if atomic else partials.stride(0), 0 if atomic else 1, reconstruct=True, atomic=atomic, **args,
     )  # fmt: skip
     if not atomic:
-        segments = mlp_step.partial_segments(layout, [(1, slots)], slots, True, True, "cpu")
-        mlp_step.sum_partials(partials, grads, segments[0], longest=slots * m * q)
+        for acc, part, size in zip(accumulators, partial_sections, sections.sizes):
+            mlp_step.sum_partials(part, acc.view(-1)[size:], slots * size)
 
     stack = reference._Stack(W, V, b, c, spec, torch.float32)
     acc = reference._Accumulators(torch.zeros_like(W), torch.zeros_like(V), torch.zeros_like(b), torch.zeros_like(c))
@@ -178,7 +178,7 @@ def test_reverse_layers_kernel_range(method, atomic):
         want_g = reference._backward_step(stack, want_x, None, want_g, n, acc)
     torch.testing.assert_close(state, want_x, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad, want_g, rtol=1e-5, atol=1e-6)
-    for got, want in zip(layout.split(grads), acc):
+    for got, want in zip(accumulators, acc):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 

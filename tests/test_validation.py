@@ -225,9 +225,10 @@ def test_deterministic_not_bool(stack):
         _call(*stack, deterministic=1)
 
 
-def test_on_drift_not_callable(stack):
-    with pytest.raises(TypeError, match="on_drift must be callable"):
-        _call(*stack, on_drift=3)
+@pytest.mark.parametrize("bad", [3.0, torch.zeros(1), torch.zeros((), device="meta")])
+def test_drift_out_not_a_scalar_tensor_on_the_device(stack, bad):
+    with pytest.raises(TypeError, match="drift_out must be a 0-dim tensor on cpu"):
+        _call(*stack, drift_out=bad)
 
 
 @pytest.mark.parametrize(

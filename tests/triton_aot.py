@@ -36,8 +36,6 @@ def compile_kernel(kernel, weight_dtype: str, constexprs: dict, num_warps: int, 
     for name in kernel.arg_names:
         if name in constexprs:
             signature[name] = "constexpr"
-        elif name == "segments_ptr":  # int64 table
-            signature[name] = "*i64"
         elif name.endswith("_ptr"):
             signature[name] = f"*{weight_dtype}" if name in WEIGHT_PTRS else "*fp32"
         else:

@@ -1,10 +1,11 @@
-"""Per-layer fused kernels of the ODE-MLP stack (DESIGN.md §3–4), Euler and Heun.
+"""Fused kernels of the ODE-MLP stack (DESIGN.md §3–4), Euler and Heun.
 
-    forward_step_kernel   x_{n+1} from x_n in one pass (both products, σ and the residual update;
-                          Heun's k1, y, k2 too), optionally saving x_n and y_n for backprop
-    reverse_step_kernel   (x̃_{n+1}, g_{n+1}) → (x̃_n, g_n) and layer n's weight gradients in one
-                          pass: reconstruction, local recompute and VJP
-    sum_partials_kernel   adds the per-program weight-gradient partials into the accumulator
+    forward_layers_kernel   x_n → x_{n+1} for a range of layers (one layer, or the whole depth) in
+                            one launch: both products, σ and the residual update (Heun's k1, y, k2
+                            too) per layer, optionally saving x_n and y_n for the backward
+    reverse_layers_kernel   (x̃_{n+1}, g_{n+1}) → (x̃_n, g_n) and the weight gradients for a range of
+                            layers in one launch: reconstruction, local recompute and VJP per layer
+    sum_partials_kernel     adds the per-program weight-gradient partials into an accumulator
 
 Each program owns BLOCK_B rows of the batch and keeps them on-chip in float32; the hidden width m
 is walked in BLOCK_M chunks, so z = a_in W x + b never exists in full — only a (BLOCK_B, BLOCK_M)
@@ -18,27 +19,23 @@ layer-norm tutorial's scheme, with one row per program instead of locks). With A
 kernel instead adds straight into the accumulator with atomics: no partial buffer and no extra
 launch, but the summation order, hence the last bits, vary from run to run.
 
-Gradient layout (`GradLayout`): the accumulator is one flat float32 buffer, section-major —
-[dW of all P layers | dV of all layers | db … | dc …] — so each section is the contiguous
-(P, …) gradient of one parameter and float32 gradients are returned without a copy. A partial
-row holds the same four sections for the one or two layers (θ_n, and θ_{n+1} for Heun) that a
-reverse step touches; `sum_partials_kernel` maps each section onto its place in the accumulator.
+Gradient layout: four float32 accumulators, the (P, …) gradients of W, V, b, c. A partial row
+holds, section by section ([dW | dV | db | dc], `GradSections`), the layers one launch touches;
+`sum_partials_kernel` adds one section of all rows into its place in an accumulator.
 """
 
 from typing import NamedTuple, Optional
 
 import triton
 import triton.language as tl
-import torch
 from torch import Tensor
 
 from .activations import activation, activation_grad
 
 
-class GradLayout(NamedTuple):
-    """Offsets (in floats) of the four gradient sections in the flat accumulator of P layers."""
+class GradSections(NamedTuple):
+    """The four gradient sections (dW, dV, db, dc) of a layer, and their place in a partial row."""
 
-    P: int
     q: int
     m: int
 
@@ -47,27 +44,13 @@ class GradLayout(NamedTuple):
         """Floats of one layer's dW, dV, db, dc."""
         return (self.m * self.q, self.q * self.m, self.m, self.q)
 
-    @property
-    def numel(self) -> int:
-        return self.P * sum(self.sizes)
-
-    def starts(self, layer: int) -> tuple:
-        """Where layer `layer`'s dW, dV, db, dc begin in the accumulator."""
-        starts, section = [], 0
-        for size in self.sizes:
-            starts.append(section + layer * size)
-            section += self.P * size
-        return tuple(starts)
+    def row(self, slots: int) -> int:
+        """Floats of a partial row holding `slots` consecutive layers."""
+        return slots * sum(self.sizes)
 
     def partial_starts(self, slots: int) -> tuple:
-        """Where the sections begin in a partial row covering `slots` consecutive layers."""
+        """Where the sections begin in a partial row: [dW of the slots | dV … | db … | dc …]."""
         return tuple(slots * sum(self.sizes[:i]) for i in range(4))
-
-    def split(self, flat: Tensor) -> tuple:
-        """The accumulator as contiguous (P, m, q), (P, q, m), (P, m), (P, q) views."""
-        P, q, m = self
-        dW, dV, db, dc = flat.split([P * s for s in self.sizes])
-        return dW.view(P, m, q), dV.view(P, q, m), db.view(P, m), dc.view(P, q)
 
 
 @triton.jit
@@ -245,9 +228,9 @@ def reverse_layers_kernel(
     stages_ptr,  # (L, B, q) float32 stored Heun stages y_n (USE_STAGES)
     drift_state_ptr,  # (B, q) float32: receives the reconstructed x̃_0 when layer 0 is in range (DRIFT)
     W_ptr, V_ptr, b_ptr, c_ptr,  # stacked θ, contiguous
-    dtheta_ptr,  # float32 gradients: the (programs, row) partials, or with ATOMIC the accumulator
+    dW_ptr, dV_ptr, db_ptr, dc_ptr,  # float32 gradient sections: where layer `slot_origin`'s dW, dV, db, dc
+    #                                  start in program 0's partial row, or with ATOMIC in the accumulators
     program_stride,  # floats between programs' partial rows; 0 with ATOMIC (all add into one place)
-    dW_off, dV_off, db_off, dc_off,  # where each gradient section of layer `slot_origin` starts in a row
     slot_origin,  # the layer whose gradients sit in slot 0 of a section: layer_start (partials) or 0
     layer_start, layer_stop, anchor_every,
     B, q, m,
@@ -274,7 +257,7 @@ def reverse_layers_kernel(
     mask_q = offs_q < q
     mask = (offs_b < B)[:, None] & mask_q[None, :]
     rows = offs_b[:, None] * q + offs_q[None, :]
-    row = dtheta_ptr + pid.to(tl.int64) * program_stride
+    row = pid.to(tl.int64) * program_stride
     g = tl.load(grad_ptr + rows, mask=mask, other=0.0)
     x_next = tl.load(state_ptr + rows, mask=mask, other=0.0)
     for i in range(0, layer_stop - layer_start):
@@ -294,10 +277,10 @@ def reverse_layers_kernel(
 
         Wn, Vn, bn, cn = _layer_params(W_ptr, V_ptr, b_ptr, c_ptr, n, q, m)
         slot = n - slot_origin
-        dWn = row + dW_off + slot * m * q
-        dVn = row + dV_off + slot * q * m
-        dbn = row + db_off + slot * m
-        dcn = row + dc_off + slot * q
+        dWn = dW_ptr + row + slot * m * q
+        dVn = dV_ptr + row + slot * q * m
+        dbn = db_ptr + row + slot * m
+        dcn = dc_ptr + row + slot * q
         if HEUN:
             if USE_STAGES:
                 y = tl.load(stages_ptr + n * B * q + rows, mask=mask, other=0.0)
@@ -325,23 +308,20 @@ def reverse_layers_kernel(
 
 @triton.jit
 def sum_partials_kernel(
-    partials_ptr,  # (num_partials, row) float32 per-program partial gradients
+    partials_ptr,  # float32 partial rows, at the start of one gradient section of program 0's row
     row,  # floats per partial row
     num_partials,
-    out_ptr,  # flat float32 accumulator; the sums are added to it
-    segments_ptr,  # (4, 3) int64: per gradient section (program_id 1) its start in a row, its start
-    #                in the accumulator and its length
+    out_ptr,  # float32 accumulator, at the place of that section; the sum is added to it
+    length,  # floats of the section
     BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """out[dst + i] += Σ_p partials[p, src + i], summed in the order p = 0, 1, … (reproducible)."""
-    segment = segments_ptr + tl.program_id(1) * 3
-    src, dst, length = tl.load(segment), tl.load(segment + 1), tl.load(segment + 2)
+    """out[i] += Σ_p partials[p, i] for i < length, summed in the order p = 0, 1, … (reproducible)."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < length
-    acc = tl.load(out_ptr + dst + offs, mask=mask, other=0.0)
+    acc = tl.load(out_ptr + offs, mask=mask, other=0.0)
     for p in range(0, num_partials):
-        acc += tl.load(partials_ptr + p * row + src + offs, mask=mask, other=0.0)
-    tl.store(out_ptr + dst + offs, acc, mask=mask)
+        acc += tl.load(partials_ptr + p * row + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + offs, acc, mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -412,15 +392,16 @@ def forward_layers(
 
 
 def reverse_layers(
-    state: Tensor, grad: Tensor, params: Params, start: int, stop: int, dtheta: Tensor, offsets: tuple,
+    state: Tensor, grad: Tensor, params: Params, start: int, stop: int, targets: tuple, program_stride: int,
     slot_origin: int, *, heun: bool, act: int, step: float, scale_in: float, scale_out: float, precision: str,
     config: StepConfig, reconstruct: bool, anchors: Optional[Tensor] = None, anchor_every: int = 1,
     stages: Optional[Tensor] = None, drift_state: Optional[Tensor] = None, atomic: bool = False,
 ) -> None:  # fmt: skip
     """(state, grad) ← (x_start, g_start) from (x̃_stop, g_stop) in place, in one launch. Weight
-    gradients go to `dtheta` at `offsets` (dW, dV, db, dc of layer `slot_origin`): the
-    (programs, row) partial buffer, or with `atomic` the accumulator itself. `drift_state`
-    receives the reconstructed x̃_0 when layer 0 is in range."""
+    gradients go to `targets` (dW, dV, db, dc of layer `slot_origin`, None for an absent bias):
+    views into program 0's row of the partial buffer (`program_stride` floats per program), or
+    with `atomic` the accumulators themselves. `drift_state` receives the reconstructed x̃_0 when
+    layer 0 is in range."""
     if not (reconstruct or anchors is not None):
         raise ValueError("reverse_layers needs the states: reconstruct=True or stored anchors")
     B, q = state.shape
@@ -428,29 +409,16 @@ def reverse_layers(
     reverse_layers_kernel[grid](
         state, grad, state if anchors is None else anchors, state if stages is None else stages,
         state if drift_state is None else drift_state, *params.pointers(state),
-        dtheta, 0 if atomic else dtheta[0].numel(), *offsets, slot_origin,
+        *(state if t is None else t for t in targets), program_stride, slot_origin,
         start, stop, anchor_every, B, q, params.W.shape[1], step, scale_in, scale_out,
         RECONSTRUCT=reconstruct, USE_ANCHORS=anchors is not None, USE_STAGES=stages is not None,
         DRIFT=drift_state is not None, ATOMIC=atomic, **_common(params, heun, act, precision, config),
     )  # fmt: skip
 
 
-def partial_segments(layout: GradLayout, chunks: list, slots: int, has_b: bool, has_c: bool, device) -> Tensor:
-    """(len(chunks), 4, 3) int64 table for `sum_partials`. `chunks` lists (lowest layer, layers
-    touched) of each launch; `slots` is a partial row's capacity in layers. Per chunk and gradient
-    section: its start in a partial row, its start in the accumulator and its length (0 for an
-    absent bias, whose entries stay zero)."""
-    present = (True, True, has_b, has_c)
-    rows = [
-        [[src, dst, touched * size if keep else 0]
-         for src, dst, size, keep in zip(layout.partial_starts(slots), layout.starts(start), layout.sizes, present)]
-        for start, touched in chunks
-    ]  # fmt: skip
-    return torch.tensor(rows, dtype=torch.int64, device=device)
-
-
-def sum_partials(partials: Tensor, out: Tensor, segments: Tensor, longest: int, block: int = 1024) -> None:
-    """out += partials.sum(0) section by section (`segments`: one chunk's (4, 3) table, whose
-    longest section has `longest` floats), in a fixed order."""
-    sum_partials_kernel[(triton.cdiv(longest, block), 4)](partials, partials.shape[1], partials.shape[0], out,
-                                                          segments, BLOCK=block)  # fmt: skip
+def sum_partials(partials: Tensor, out: Tensor, length: int, block: int = 1024) -> None:
+    """out[:length] += partials[:, :length].sum(0) in a fixed order; `partials` is a view starting at
+    a gradient section of the (programs, row) buffer, `out` a flat view into an accumulator."""
+    if length:
+        sum_partials_kernel[(triton.cdiv(length, block),)](partials, partials.stride(0), partials.shape[0], out,
+                                                           length, BLOCK=block)  # fmt: skip

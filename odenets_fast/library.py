@@ -1,0 +1,126 @@
+"""The ODE-MLP stack as torch.library ops, so that torch.compile (fullgraph) and opcheck see it.
+
+    odenets_fast::ode_mlp_forward    x_0 → (x_L, what the backward mode stores)
+    odenets_fast::ode_mlp_backward   (g_L, stored states) → (g_0, dW, dV, db, dc); writes the drift
+
+Both dispatch to the backend named by their `backend` argument (resolved before the call, so a
+compiled graph holds a fixed backend). The forward's autograd formula calls the backward op; fake
+(meta) implementations give torch.compile the shapes without running anything.
+
+Why custom ops: dynamo and AOTAutograd treat them as opaque nodes with known shapes, which works
+for every backend (C++, Triton, reference) alike. Their Python dispatch costs about 250 µs per
+forward + backward on this project's CPU machine (`python -m bench.dispatch_overhead`), so eager
+calls run `forward_impl` / `backward_impl` through a plain autograd.Function instead (ops.py);
+only a graph being compiled records the ops.
+
+Absent optional tensors travel as empty tensors (custom ops return tensors, never None): no
+stages outside Heun backprop mode, no separate x_L when it is the output itself (same dtype), no
+bias gradients without biases.
+
+The drift ‖x̃_0 − x_0‖ / ‖x_0‖ is an output of the backward op; the autograd formula copies it into
+`drift_out`, a 0-dim tensor that the caller passes to the forward (ODEMLP passes a buffer) — a side
+effect that torch.compile keeps. (Declaring the backward op as mutating `drift_out` instead would
+bump the version of a tensor autograd saved, breaking a second backward with retain_graph=True.)
+"""
+
+import contextlib
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .backends import load_backend
+from .reference import anchor_interval, compute_dtype
+from .spec import StackSpec
+
+
+AUTOCAST_DEVICE_TYPES = ("cpu", "cuda")  # torch.autocast raises for other device types (meta, …)
+
+
+def _spec(W: Tensor, method, activation, T, scale_in, scale_out, backward, anchor_every, precision, deterministic):
+    depth = W.shape[0] - (1 if method == "heun" else 0)
+    return StackSpec(method=method, activation=activation, depth=depth, step=T / depth, scale_in=scale_in,
+                     scale_out=scale_out, backward=backward, anchor_every=anchor_every or None,
+                     input_precision=precision, deterministic=deterministic)  # fmt: skip
+
+
+def _autocast_off(t: Tensor):
+    """The op computes in its inputs' dtype whether or not it runs inside torch.autocast: the forward
+    and the reconstruction in the backward (which runs outside the caller's autocast region) must
+    use the same arithmetic. Mixed precision is had by passing bfloat16/float16 parameters."""
+    if t.device.type not in AUTOCAST_DEVICE_TYPES:
+        return contextlib.nullcontext()
+    return torch.autocast(t.device.type, enabled=False)
+
+
+def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
+    return like.new_empty(0) if t is None else t
+
+
+def _or_none(t: Tensor) -> Optional[Tensor]:
+    return None if t.numel() == 0 and t.dim() == 1 else t
+
+
+def forward_impl(
+    x: Tensor, W: Tensor, V: Tensor, b: Optional[Tensor], c: Optional[Tensor],
+    method: str, activation: str, T: float, scale_in: float, scale_out: float,
+    backward: str, anchor_every: int, input_precision: str, deterministic: bool, backend: str,
+    drift_out: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """(x_L, x_L in the compute dtype or empty, anchors, Heun stages or empty); x is (B, q).
+    `drift_out` is not touched here: it is an input so that the autograd formula can reach it."""
+    spec = _spec(W, method, activation, T, scale_in, scale_out, backward, anchor_every, input_precision, deterministic)
+    with _autocast_off(x):
+        out, (final, anchors, stages) = load_backend(backend).forward(x, W, V, b, c, spec)
+    final = final.new_empty(0) if final.data_ptr() == out.data_ptr() and final.dtype == out.dtype else final
+    return out, final, anchors, _or_empty(stages, anchors)
+
+
+ode_mlp_forward = torch.library.custom_op("odenets_fast::ode_mlp_forward", forward_impl, mutates_args=())
+
+
+@ode_mlp_forward.register_fake
+def _(x, W, V, b, c, method, activation, T, scale_in, scale_out, backward, anchor_every, input_precision,
+      deterministic, backend, drift_out):  # fmt: skip
+    spec = _spec(W, method, activation, T, scale_in, scale_out, backward, anchor_every, input_precision, deterministic)
+    dtype = compute_dtype(x.dtype)
+    rows = tuple(x.shape)
+    stored = len(range(0, spec.depth, anchor_interval(spec)))
+    heun_stages = method == "heun" and backward == "backprop"
+    return (
+        x.new_empty(rows),
+        x.new_empty(rows if dtype != x.dtype else (0,), dtype=dtype),
+        x.new_empty((stored,) + rows, dtype=dtype),
+        x.new_empty((spec.depth,) + rows if heun_stages else (0,), dtype=dtype),
+    )
+
+
+def backward_impl(
+    grad_out: Tensor, final: Tensor, anchors: Tensor, stages: Tensor,
+    W: Tensor, V: Tensor, b: Optional[Tensor], c: Optional[Tensor],
+    method: str, activation: str, T: float, scale_in: float, scale_out: float,
+    backward: str, anchor_every: int, input_precision: str, deterministic: bool, backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """(g_0, dW, dV, db or empty, dc or empty, drift); `final` is x_L in the compute dtype, and so
+    is the 0-dim drift — 0 in backprop mode, where nothing is reconstructed (and not NaN, which
+    compares unequal to itself and would fail opcheck's eager-vs-traced comparison)."""
+    spec = _spec(W, method, activation, T, scale_in, scale_out, backward, anchor_every, input_precision, deterministic)
+    with _autocast_off(grad_out):
+        grads = load_backend(backend).backward(grad_out, (final, anchors, _or_none(stages)), W, V, b, c, spec)
+    drift = grad_out.new_zeros((), dtype=final.dtype) if grads.drift is None else grads.drift
+    return grads.x, grads.W, grads.V, _or_empty(grads.b, grads.W), _or_empty(grads.c, grads.W), drift
+
+
+ode_mlp_backward = torch.library.custom_op("odenets_fast::ode_mlp_backward", backward_impl, mutates_args=())
+
+
+@ode_mlp_backward.register_fake
+def _(grad_out, final, anchors, stages, W, V, b, c, *args):
+    return (
+        torch.empty_like(grad_out),
+        torch.empty_like(W),
+        torch.empty_like(V),
+        W.new_empty(0) if b is None else torch.empty_like(b),
+        W.new_empty(0) if c is None else torch.empty_like(c),
+        grad_out.new_empty((), dtype=final.dtype),
+    )

@@ -1,0 +1,154 @@
+"""PyTorch integration of ode_mlp / ODEMLP: torch.library opcheck, torch.compile(fullgraph=True),
+torch.autograd.grad on parts of the inputs, double backward, autocast, hooks and frozen parameters."""
+
+import pytest
+import torch
+from torch import nn
+
+from helpers import make_stack
+from odenets_fast import ODEMLP, available_backends, ode_mlp
+from odenets_fast.library import ode_mlp_backward, ode_mlp_forward
+
+CPU_BACKENDS = [name for name in ("reference", "cpp") if available_backends()[name] == "available"]
+
+
+def test_cpp_backend_is_built_here():
+    # the tests below are parametrized over the available CPU backends: make sure cpp is among them
+    assert "cpp" in CPU_BACKENDS, available_backends()["cpp"]
+
+
+def _forward_args(method, backward, anchor_every, backend, bias, dtype=torch.float64, requires_grad=True):
+    x, W, V, b, c = make_stack(B=5, q=3, m=4, L=3, method=method, bias=bias, dtype=dtype)
+    tensors = [None if t is None else t.requires_grad_(requires_grad) for t in (x, W, V, b, c)]
+    return (*tensors, method, "tanh", 1.0, 3**-0.5, 0.5, backward, anchor_every, "ieee", True, backend,
+            torch.zeros((), dtype=dtype))  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("method, backward, anchor_every, bias",
+                         [("euler", "adjoint", 0, False), ("heun", "backprop", 0, True), ("heun", "adjoint", 2, True)])
+def test_opcheck_forward_and_backward(backend, method, backward, anchor_every, bias):
+    args = _forward_args(method, backward, anchor_every, backend, bias)
+    torch.library.opcheck(ode_mlp_forward, args)
+    out, final, anchors, stages = ode_mlp_forward(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
+    _, W, V, b, c = args[:5]
+    backward_args = (torch.randn_like(out), out if final.numel() == 0 else final, anchors, stages,
+                     *[None if t is None else t.detach() for t in (W, V, b, c)], *args[5:15])  # fmt: skip
+    torch.library.opcheck(ode_mlp_backward, backward_args)
+
+
+def test_opcheck_cpp_kernels():
+    if "cpp" not in CPU_BACKENDS:
+        pytest.fail("the C++ extension is not built")
+    x, W, V, b, c = make_stack(B=5, q=3, m=4, L=3, method="heun", bias=True)
+    scalars = ("heun", "gelu", 1 / 3, 3**-0.5, 0.5)
+    for backward, anchor_every in (("backprop", None), ("adjoint", 2)):
+        forward = (x, W, V, b, c, *scalars, backward, anchor_every)
+        torch.library.opcheck(torch.ops.odenets_fast.mlp_stack_forward.default, forward)
+        final, anchors, stages = torch.ops.odenets_fast.mlp_stack_forward(*forward)
+        torch.library.opcheck(torch.ops.odenets_fast.mlp_stack_backward.default,
+                              (torch.randn_like(x), final, anchors, stages, W, V, b, c, *scalars, backward,
+                               anchor_every))  # fmt: skip
+
+
+def _train_step(model, x, y):
+    model.zero_grad(set_to_none=True)
+    loss = (model(x) - y).square().sum()
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("method", ["euler", "heun"])
+def test_torch_compile_fullgraph(backend, method):
+    torch.manual_seed(0)
+    model = ODEMLP(4, 8, 6, method=method, init="smooth", bias=True, backend=backend)
+    x, y = torch.randn(10, 4), torch.randn(10, 4)
+    want_loss, want_grads = _train_step(model, x, y)
+    want_drift = model.last_drift
+    model.drift.fill_(float("nan"))
+    compiled = torch.compile(model, fullgraph=True)
+    loss, grads = _train_step(compiled, x, y)
+    torch.testing.assert_close(loss, want_loss)
+    for g, w in zip(grads, want_grads):
+        torch.testing.assert_close(g, w)
+    assert model.last_drift == pytest.approx(want_drift, rel=1e-6)  # the backward's side effect survives
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_grad_of_input_only_and_params_only(backend):
+    torch.manual_seed(0)
+    model = ODEMLP(4, 8, 6, init="smooth", backend=backend, dtype=torch.float64)
+    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    out = model(x)
+    (gx,) = torch.autograd.grad(out.sum(), x, retain_graph=True)
+    gW, gV = torch.autograd.grad(out.sum(), [model.W, model.V])
+    both = torch.autograd.grad(model(x).sum(), [x, model.W, model.V])
+    for a, b in zip((gx, gW, gV), both):
+        torch.testing.assert_close(a, b)
+    assert model.W.grad is None and x.grad is None  # autograd.grad fills no .grad
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("method", ["euler", "heun"])
+def test_double_backward_in_backprop_mode_is_exact(backend, method):
+    x, W, V, b, c = [t.requires_grad_(True) for t in make_stack(B=3, q=3, m=4, L=3, method=method, bias=True)]
+
+    def fn(*tensors):
+        return ode_mlp(*tensors, method=method, backward="backprop", activation="tanh", backend=backend)
+
+    assert torch.autograd.gradgradcheck(fn, (x, W, V, b, c))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_double_backward_in_adjoint_mode_is_a_clear_error(backend):
+    x, W, V = [t.requires_grad_(True) for t in make_stack(B=3, q=3, m=4, L=3)[:3]]
+    out = ode_mlp(x, W, V, backend=backend)
+    with pytest.raises(RuntimeError, match="double backward .* adjoint mode is not supported.*backward='backprop'"):
+        torch.autograd.grad(out.sum(), x, create_graph=True)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_autocast_bfloat16_leaves_the_stack_in_float32(backend):
+    """Inside torch.autocast the stack computes in its parameters' dtype: the state stays float32,
+    and the forward and the backward's reconstruction use the same arithmetic."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), ODEMLP(4, 8, 6, init="smooth", backend=backend))
+    x = torch.randn(10, 4)
+    want, want_grads = _train_step(model, x, torch.zeros(10, 4))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden = model[0](x)
+        out = model[1](hidden)
+    assert hidden.dtype == torch.bfloat16 and out.dtype == torch.float32
+    model.zero_grad()
+    out.square().sum().backward()
+    stack = model[1]
+    reference = ODEMLP(4, 8, 6, backend=backend)
+    reference.load_state_dict(stack.state_dict())
+    x_in = hidden.detach().float().requires_grad_(True)
+    reference(x_in).square().sum().backward()
+    torch.testing.assert_close(stack.W.grad, reference.W.grad)  # same float32 stack, same gradients
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_frozen_parameters_and_hooks(backend):
+    torch.manual_seed(0)
+    model = ODEMLP(4, 8, 6, init="smooth", bias=True, backend=backend)
+    model.V.requires_grad_(False)
+    seen = []
+    model.W.register_hook(lambda grad: seen.append(grad.shape))
+    handle = model.register_forward_hook(lambda module, inputs, output: seen.append("forward"))
+    model(torch.randn(5, 4)).sum().backward()
+    assert model.V.grad is None and model.W.grad is not None and model.b.grad is not None
+    assert seen == ["forward", model.W.shape]
+    handle.remove()
+
+
+def test_opcheck_triton_backend():
+    """The Triton kernels under the same op (interpreted on CPU here; compiled on the GPU)."""
+    if available_backends()["triton"] != "available":
+        pytest.fail(available_backends()["triton"])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    args = [a.to(device) if isinstance(a, torch.Tensor) else a
+            for a in _forward_args("heun", "adjoint", 2, "triton", True, dtype=torch.float32)]  # fmt: skip
+    torch.library.opcheck(ode_mlp_forward, tuple(args))
