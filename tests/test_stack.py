@@ -173,3 +173,17 @@ def test_bad_arguments():
         AdjointResidualStack([nn.Identity()], method="heun")
     with pytest.raises(ValueError, match="anchor_every is only meaningful"):
         AdjointResidualStack([nn.Identity()], backward="backprop", anchor_every=2)
+
+
+def test_frozen_block_and_input_only_gradients():
+    x, W, V, stack = _mlp_stack("euler", anchor_every=1)
+    stack.blocks[1].W.requires_grad_(False)
+    xl = x.clone().requires_grad_(True)
+    out = stack(xl)
+    (gx,) = torch.autograd.grad(out.sum(), xl, retain_graph=True)  # input only
+    out.sum().backward()  # parameters
+    assert stack.blocks[1].W.grad is None and stack.blocks[1].V.grad is not None
+    plain = AdjointResidualStack(list(stack.blocks), backward="backprop")
+    xp = x.clone().requires_grad_(True)
+    plain_out = plain(xp)
+    torch.testing.assert_close(gx, torch.autograd.grad(plain_out.sum(), xp)[0])
