@@ -58,12 +58,14 @@ def _train_step(model, x, y):
     return loss.detach(), [p.grad.clone() for p in model.parameters()]
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS + ["triton"])
 @pytest.mark.parametrize("method", ["euler", "heun"])
 def test_torch_compile_fullgraph(backend, method):
+    """Every backend; triton runs interpreted on CPU tensors here and compiled on a GPU."""
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
-    model = ODEMLP(4, 8, 6, method=method, init="smooth", bias=True, backend=backend)
-    x, y = torch.randn(10, 4), torch.randn(10, 4)
+    model = ODEMLP(4, 8, 6, method=method, init="smooth", bias=True, backend=backend, device=device)
+    x, y = torch.randn(10, 4, device=device), torch.randn(10, 4, device=device)
     want_loss, want_grads = _train_step(model, x, y)
     want_drift = model.last_drift
     model.drift.fill_(float("nan"))

@@ -110,3 +110,24 @@ def test_adjoint_peak_memory_does_not_grow_with_depth(method):
     # and the comparison is meaningful: backprop's does grow by the stored states
     grows = _peak_step_bytes(64, method, "backprop") - _peak_step_bytes(8, method, "backprop")
     assert grows >= 56 * 4096 * 256 * 4
+
+
+@pytest.mark.parametrize("method", ["euler", "heun"])
+def test_torch_compile_fullgraph_triton(method):
+    from odenets_fast import ODEMLP
+
+    torch.manual_seed(0)
+    model = ODEMLP(64, 128, 8, method=method, init="smooth", bias=True, backend="triton", device=CUDA)
+    x, y = torch.randn(256, 64, device=CUDA), torch.randn(256, 64, device=CUDA)
+
+    def step(m):
+        model.zero_grad(set_to_none=True)
+        (m(x) - y).square().sum().backward()
+        return [p.grad.clone() for p in model.parameters()], model.last_drift
+
+    want, want_drift = step(model)
+    model.drift.fill_(float("nan"))
+    got, drift = step(torch.compile(model, fullgraph=True))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+    assert drift == pytest.approx(want_drift, rel=1e-5)
