@@ -87,8 +87,8 @@ struct ActivateWithSlope {
 template <typename T>
 struct ActivateAndBackprop {
   template <typename Act, bool with_bias>
-  static ODENETS_ALWAYS_INLINE void run(const T* bias, T* acc, T* grad, T scale_in, T grad_scale, T* bias_grad,
-                                        int64_t rows, int64_t cols) {
+  static ODENETS_ALWAYS_INLINE void run(const T* bias, T* acc, T* grad, T scale_in, T grad_scale, int64_t rows,
+                                        int64_t cols) {
     for (int64_t i = 0; i < rows; ++i) {
       T* row = acc + i * cols;
       T* grad_row = grad + i * cols;
@@ -97,24 +97,13 @@ struct ActivateAndBackprop {
         Act::both(preactivation<T, with_bias>(row[j], scale_in, bias, j), row[j], slope);
         grad_row[j] *= grad_scale * slope;
       }
-      if (bias_grad) {
-        for (int64_t j = 0; j < cols; ++j) bias_grad[j] += grad_row[j];
-      }
     }
   }
 };
 
 template <typename T>
-ODENETS_ALWAYS_INLINE void scale_by_slope_impl(T* grad, const T* slope, T grad_scale, T* bias_grad, int64_t rows,
-                                               int64_t cols) {
-  for (int64_t i = 0; i < rows; ++i) {
-    T* grad_row = grad + i * cols;
-    const T* slope_row = slope + i * cols;
-    for (int64_t j = 0; j < cols; ++j) grad_row[j] *= grad_scale * slope_row[j];
-    if (bias_grad) {
-      for (int64_t j = 0; j < cols; ++j) bias_grad[j] += grad_row[j];
-    }
-  }
+ODENETS_ALWAYS_INLINE void scale_by_slope_impl(T* grad, const T* slope, T grad_scale, int64_t rows, int64_t cols) {
+  for (int64_t i = 0; i < rows * cols; ++i) grad[i] *= grad_scale * slope[i];
 }
 
 template <typename T>
@@ -163,30 +152,20 @@ ODENETS_ALWAYS_INLINE void finish_stage_impl(T* k, T* y, const T* x, const T* bi
 }
 
 template <typename T>
-ODENETS_ALWAYS_INLINE void heun_cotangents_impl(T* u1, T* g, const T* gy_raw, T gy_scale, T half_h, T h,
-                                                T* bias_grad_y, T* bias_grad_x, int64_t rows, int64_t cols) {
-  for (int64_t i = 0; i < rows; ++i) {
-    T* u1_row = u1 + i * cols;
-    T* g_row = g + i * cols;
-    const T* gy_row = gy_raw + i * cols;
-    if (bias_grad_y) {
-      for (int64_t j = 0; j < cols; ++j) bias_grad_y[j] += half_h * g_row[j];
-    }
-    for (int64_t j = 0; j < cols; ++j) {
-      const T gy = gy_scale * gy_row[j];
-      u1_row[j] = half_h * g_row[j] + h * gy;
-      g_row[j] += gy;
-    }
-    if (bias_grad_x) {
-      for (int64_t j = 0; j < cols; ++j) bias_grad_x[j] += u1_row[j];
-    }
+ODENETS_ALWAYS_INLINE void heun_cotangents_impl(T* u1, const T* g, T* gy_raw, T gy_scale, T half_h, T h,
+                                                int64_t rows, int64_t cols) {
+  for (int64_t i = 0; i < rows * cols; ++i) {
+    const T gy = gy_scale * gy_raw[i];
+    u1[i] = half_h * g[i] + h * gy;
+    gy_raw[i] = g[i] + gy;
   }
 }
 
 template <typename T>
-ODENETS_ALWAYS_INLINE void accumulate_column_sums_impl(T* sums, const T* data, T scale, int64_t rows, int64_t cols) {
+ODENETS_ALWAYS_INLINE void accumulate_column_sums_impl(T* sums, const T* data, T scale, int64_t rows, int64_t cols,
+                                                       int64_t stride) {
   for (int64_t i = 0; i < rows; ++i) {
-    const T* row = data + i * cols;
+    const T* row = data + i * stride;
     for (int64_t j = 0; j < cols; ++j) sums[j] += scale * row[j];
   }
 }
@@ -217,13 +196,12 @@ ODENETS_ALWAYS_INLINE std::pair<double, double> squared_distance_and_norm_impl(c
   }                                                                                                                 \
   template <>                                                                                                       \
   ODENETS_SIMD_CLONES void activate_and_backprop<T>(T * acc, T * grad, const T* bias, T scale_in, T grad_scale,     \
-                                                    T * bias_grad, int64_t rows, int64_t cols, Activation act) {    \
-    with_activation<T, ActivateAndBackprop<T>>(act, bias, acc, grad, scale_in, grad_scale, bias_grad, rows, cols);  \
+                                                    int64_t rows, int64_t cols, Activation act) {                   \
+    with_activation<T, ActivateAndBackprop<T>>(act, bias, acc, grad, scale_in, grad_scale, rows, cols);             \
   }                                                                                                                 \
   template <>                                                                                                       \
-  ODENETS_SIMD_CLONES void scale_by_slope<T>(T * grad, const T* slope, T grad_scale, T* bias_grad, int64_t rows,    \
-                                             int64_t cols) {                                                        \
-    scale_by_slope_impl(grad, slope, grad_scale, bias_grad, rows, cols);                                            \
+  ODENETS_SIMD_CLONES void scale_by_slope<T>(T * grad, const T* slope, T grad_scale, int64_t rows, int64_t cols) {  \
+    scale_by_slope_impl(grad, slope, grad_scale, rows, cols);                                                       \
   }                                                                                                                 \
   template <>                                                                                                       \
   ODENETS_SIMD_CLONES void add_scaled_bias<T>(T * out, const T* in, const T* bias, T bias_scale, int64_t rows,      \
@@ -241,13 +219,14 @@ ODENETS_ALWAYS_INLINE std::pair<double, double> squared_distance_and_norm_impl(c
     finish_stage_impl(k, y, x, bias, k_scale, h, rows, cols);                                                       \
   }                                                                                                                 \
   template <>                                                                                                       \
-  ODENETS_SIMD_CLONES void heun_cotangents<T>(T * u1, T * g, const T* gy_raw, T gy_scale, T half_h, T h,            \
-                                              T * bias_grad_y, T * bias_grad_x, int64_t rows, int64_t cols) {       \
-    heun_cotangents_impl(u1, g, gy_raw, gy_scale, half_h, h, bias_grad_y, bias_grad_x, rows, cols);                 \
+  ODENETS_SIMD_CLONES void heun_cotangents<T>(T * u1, const T* g, T * gy_raw, T gy_scale, T half_h, T h,            \
+                                              int64_t rows, int64_t cols) {                                         \
+    heun_cotangents_impl(u1, g, gy_raw, gy_scale, half_h, h, rows, cols);                                           \
   }                                                                                                                 \
   template <>                                                                                                       \
-  ODENETS_SIMD_CLONES void accumulate_column_sums<T>(T * sums, const T* data, T scale, int64_t rows, int64_t cols) { \
-    accumulate_column_sums_impl(sums, data, scale, rows, cols);                                                     \
+  ODENETS_SIMD_CLONES void accumulate_column_sums<T>(T * sums, const T* data, T scale, int64_t rows, int64_t cols,  \
+                                                     int64_t stride) {                                              \
+    accumulate_column_sums_impl(sums, data, scale, rows, cols, stride);                                             \
   }                                                                                                                 \
   template <>                                                                                                       \
   std::pair<double, double> squared_distance_and_norm<T>(const T* a, const T* b, int64_t size) {                    \

@@ -83,7 +83,21 @@ RowChunks plan_row_chunks(const StackConfig& config) {
   return RowChunks{std::max<int64_t>(1, std::min({threads, by_rows, by_work})), config.batch};
 }
 
+// An alias of its own: select() rewrites the view, which must not move any other handle's.
+LayerView::LayerView(const at::Tensor& layer0, int64_t layer_numel)
+    : view_(layer0.alias()), offset0_(view_.storage_offset()), layer_numel_(layer_numel) {}
+
 LayerViews::LayerViews(const at::Tensor& W_, const at::Tensor& V_)
-    : W(W_.unbind(0)), W_t(W_.transpose(1, 2).unbind(0)), V(V_.unbind(0)), V_t(V_.transpose(1, 2).unbind(0)) {}
+    : W(W_[0], W_[0].numel()),
+      W_t(W_[0].t(), W_[0].numel()),
+      V(V_[0], V_[0].numel()),
+      V_t(V_[0].t(), V_[0].numel()) {}
+
+void LayerViews::select(int64_t n) {
+  W.select(n);
+  W_t.select(n);
+  V.select(n);
+  V_t.select(n);
+}
 
 }  // namespace odenets_fast

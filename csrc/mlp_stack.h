@@ -47,8 +47,9 @@ StackConfig check_stack_args(const char* op, const char* state_name, const at::T
 void check_tensor(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef expected,
                   const at::Tensor& like);
 
-// The batch is cut into contiguous row blocks, one per thread, each running the whole depth loop
-// on its own: rows never interact, so threads meet only at the end to add weight gradients.
+// The batch is cut into contiguous row blocks, one per thread. Rows never interact: the forward runs
+// each block through the whole depth on its own; the backward runs the blocks through one layer at a
+// time, because the weight gradients sum over all rows (mlp_stack_backward.cpp).
 struct RowChunks {
   int64_t count;
   int64_t batch;
@@ -57,10 +58,29 @@ struct RowChunks {
 };
 RowChunks plan_row_chunks(const StackConfig& config);
 
-// Per-layer views made once per call, so that the depth loop creates no tensors.
+// A view into layer 0 of a contiguous stacked (P, …) tensor — W_0, W_0ᵀ, rows of dW_0 … — that
+// select(n) moves to layer n in place, by rewriting its storage offset. Walking the depth this way
+// creates no tensors: keeping a view per layer would hold O(L) memory, which the adjoint backward
+// must not, and making one per layer would allocate inside the loop. A view must not be moved while
+// another thread uses it.
+class LayerView {
+ public:
+  LayerView(const at::Tensor& layer0, int64_t layer_numel);
+  void select(int64_t n) { view_.unsafeGetTensorImpl()->set_storage_offset(offset0_ + n * layer_numel_); }
+  const at::Tensor& operator*() const { return view_; }
+
+ private:
+  at::Tensor view_;
+  int64_t offset0_;
+  int64_t layer_numel_;
+};
+
+// The matrices of one layer that the products take, W_n, W_nᵀ, V_n and V_nᵀ, for W (P, m, q) and
+// V (P, q, m) contiguous.
 struct LayerViews {
-  std::vector<at::Tensor> W, W_t, V, V_t;  // W_n, W_nᵀ, V_n, V_nᵀ
+  LayerView W, W_t, V, V_t;
   LayerViews(const at::Tensor& W, const at::Tensor& V);
+  void select(int64_t n);
 };
 
 // Bias of layer n (a row of the stacked (P, width) tensor), or null without biases.

@@ -14,10 +14,10 @@ namespace {
 template <typename T>
 class ForwardChunk {
  public:
-  ForwardChunk(const StackConfig& config, const LayerViews& layers, const std::optional<at::Tensor>& b,
+  ForwardChunk(const StackConfig& config, const at::Tensor& W, const at::Tensor& V, const std::optional<at::Tensor>& b,
                const std::optional<at::Tensor>& c, int64_t rows, const at::TensorOptions& options)
       : config_(config),
-        layers_(layers),
+        layer_(W, V),
         b_(b),
         c_(c),
         rows_(rows),
@@ -47,9 +47,15 @@ class ForwardChunk {
   }
 
  private:
+  // The views of θ_n; this block's own, since the blocks walk the depth independently.
+  const LayerViews& layer(int64_t n) {
+    layer_.select(n);
+    return layer_;
+  }
+
   // hidden ← σ(a_in x W_nᵀ + b_n)
   void hidden_activations(const at::Tensor& x, int64_t n) {
-    at::mm_out(hidden_, x, layers_.W_t[n]);
+    at::mm_out(hidden_, x, *layer(n).W_t);
     activate<T>(hidden_.data_ptr<T>(), bias_row<T>(b_, n), T(config_.scale_in), rows_, config_.hidden,
                 config_.activation);
   }
@@ -59,24 +65,24 @@ class ForwardChunk {
     const double h = config_.step;
     hidden_activations(x, n);
     add_scaled_bias<T>(next.data_ptr<T>(), x.data_ptr<T>(), bias_row<T>(c_, n), T(h), rows_, config_.width);
-    next.addmm_(hidden_, layers_.V_t[n], 1, h * config_.scale_out);
+    next.addmm_(hidden_, *layer(n).V_t, 1, h * config_.scale_out);
   }
 
   // k1 = f(x; θ_n), y = x + h k1, next = x + (h/2)(k1 + f(y; θ_{n+1})), with y written into `stage`.
   void heun_step(const at::Tensor& x, const at::Tensor& next, const at::Tensor& stage, int64_t n) {
     const double h = config_.step, a_out = config_.scale_out;
     hidden_activations(x, n);
-    at::mm_out(residual_, hidden_, layers_.V_t[n]);
+    at::mm_out(residual_, hidden_, *layer(n).V_t);
     finish_stage<T>(residual_.data_ptr<T>(), stage.data_ptr<T>(), x.data_ptr<T>(), bias_row<T>(c_, n), T(a_out),
                     T(h), rows_, config_.width);
     hidden_activations(stage, n + 1);
     add_scaled<T>(next.data_ptr<T>(), x.data_ptr<T>(), T(0.5 * h), residual_.data_ptr<T>(), bias_row<T>(c_, n + 1),
                   rows_, config_.width);
-    next.addmm_(hidden_, layers_.V_t[n + 1], 1, 0.5 * h * a_out);
+    next.addmm_(hidden_, *layer(n + 1).V_t, 1, 0.5 * h * a_out);
   }
 
   const StackConfig& config_;
-  const LayerViews& layers_;
+  LayerViews layer_;
   const std::optional<at::Tensor>& b_;
   const std::optional<at::Tensor>& c_;
   const int64_t rows_;
@@ -108,7 +114,6 @@ std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> mlp_stack_forward_
   const at::Tensor anchors = at::empty({config.num_anchors(), B, q}, x.options());
   const std::optional<at::Tensor> stages =
       config.stores_stages() ? std::optional<at::Tensor>(at::empty({config.depth, B, q}, x.options())) : std::nullopt;
-  const LayerViews layers(W_c, V_c);
   const RowChunks chunks = plan_row_chunks(config);
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mlp_stack_forward", [&] {
@@ -117,7 +122,7 @@ std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> mlp_stack_forward_
       at::AutoDispatchBelowADInplaceOrView worker_below_autograd;
       for (int64_t chunk = first; chunk < last; ++chunk) {
         const int64_t row0 = chunks.begin(chunk), rows = chunks.rows(chunk);
-        ForwardChunk<scalar_t> forward(config, layers, b_c, c_c, rows, x.options());
+        ForwardChunk<scalar_t> forward(config, W_c, V_c, b_c, c_c, rows, x.options());
         forward.run(x_c.narrow(0, row0, rows), final_state.narrow(0, row0, rows),
                     anchors.narrow(1, row0, rows).unbind(0),
                     stages ? stages->narrow(1, row0, rows).unbind(0) : std::vector<at::Tensor>());

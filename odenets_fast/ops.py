@@ -32,6 +32,8 @@ def _backward(ctx, grad_out, *_):
     stack is re-run under autograd from the saved inputs and differentiated exactly; in adjoint
     mode there is nothing exact to differentiate, so it is an error.
     """
+    if grad_out is None:  # x_L did not reach the loss
+        return (None,) * 16
     final, anchors, stages, x, W, V, b, c = ctx.saved_tensors
     method, activation, T, scale_in, scale_out, backward = ctx.scalars[:6]
     if torch.is_grad_enabled():
@@ -60,6 +62,9 @@ class _EagerOdeMlp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *inputs):
+        # the stored states are outputs too: without this, autograd would allocate zero gradients
+        # for them (L × B × q in backprop mode) before calling backward
+        ctx.set_materialize_grads(False)
         outputs = library.forward_impl(*inputs)
         _setup_context(ctx, inputs, outputs)
         ctx.eager = True

@@ -2,6 +2,7 @@
 method × backward mode × activation × bias × anchor_every, odd and empty batches, bad input, the op
 schemas, and the fallback to the reference when the extension is not built."""
 
+import json
 import os
 import subprocess
 import sys
@@ -133,9 +134,12 @@ def test_empty_batch(method, backward):
 @pytest.mark.parametrize("backward, anchor_every", MODES)
 @pytest.mark.parametrize("method", ["euler", "heun"])
 def test_thread_count_does_not_change_results(method, backward, anchor_every):
-    # Two threads split a batch this large into row blocks whose weight gradients are added at the end.
-    tensors = make_stack(method=method, bias=True, B=64, q=16, m=32, L=16)
-    grad_out = torch.randn(64, 16, dtype=torch.float64)
+    # Two threads split a batch this large into two row blocks, but every gradient entry is still one
+    # sum over the whole batch in a fixed order: the results are bitwise those of one thread, as long
+    # as MKL gives a row of a product the same bits whatever the block's number of rows (it does at
+    # these sizes; at odd ones, such as 301 × 24 × 40 in float64, some rows differ in the last bit).
+    tensors = make_stack(method=method, bias=True, B=128, q=32, m=64, L=16)
+    grad_out = torch.randn(128, 32, dtype=torch.float64)
     kwargs = dict(method=method, backward=backward, anchor_every=anchor_every)
     threads = torch.get_num_threads()
     try:
@@ -145,9 +149,55 @@ def test_thread_count_does_not_change_results(method, backward, anchor_every):
         split, split_drift = _run("cpp", tensors, grad_out, **kwargs)
     finally:
         torch.set_num_threads(threads)
-    _assert_match(split, single, rtol=1e-12, atol=1e-14)
+    _assert_match(split, single, rtol=0.0, atol=0.0)
     if backward == "adjoint":
-        torch.testing.assert_close(split_drift, single_drift, rtol=1e-12, atol=0.0)
+        assert torch.equal(split_drift, single_drift)
+
+
+_BACKWARD_PEAK_RSS = """
+import json
+from pathlib import Path
+import torch
+from odenets_fast import ode_mlp
+
+def status_bytes(field):
+    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
+
+torch.set_num_threads(2)  # two row blocks, as on any multi-core machine
+B, q, m = 64, 64, 256     # the parameters dominate the workspaces from a few layers on
+extra = {}
+for depth in (2, 8, 256):  # depth 2 only for the first-use allocations (thread pool, MKL buffers)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(B, q, generator=gen)
+    W = (0.1 * torch.randn(depth, m, q, generator=gen)).requires_grad_(True)
+    V = (0.1 * torch.randn(depth, q, m, generator=gen)).requires_grad_(True)
+    out = ode_mlp(x, W, V, backend="cpp", backward="adjoint")
+    grad_out = torch.ones_like(out)
+    baseline = status_bytes("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # resets the peak (VmHWM) to the current RSS
+    grads = torch.autograd.grad(out, (W, V), grad_out)
+    extra[depth] = status_bytes("VmHWM") - baseline - sum(g.numel() * g.element_size() for g in grads)
+    del out, grads
+print(json.dumps({"extra_L8": extra[8], "extra_L256": extra[256], "gradients_L256": 2 * 256 * m * q * 4}))
+"""
+
+
+@requires_cpp
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="peak RSS is measured through Linux /proc")
+def test_adjoint_backward_memory_does_not_grow_with_depth():
+    # A fresh process whose glibc serves blocks of 64 KiB and more by mmap, so that freed memory leaves
+    # the RSS at once (as in bench/peak_memory.py). A backward that kept a copy of the weight gradients
+    # per extra thread would peak 32 MiB (the L = 256 gradients) higher at L = 256 than at L = 8.
+    env = {k: v for k, v in os.environ.items() if k != backends.ENV_VAR}
+    env.update(MALLOC_MMAP_THRESHOLD_=str(64 * 1024), OMP_NUM_THREADS="2")
+    run = subprocess.run(
+        [sys.executable, "-c", _BACKWARD_PEAK_RSS], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120
+    )
+    assert run.returncode == 0, run.stderr
+    peaks = json.loads(run.stdout.strip().splitlines()[-1])
+    growth = peaks["extra_L256"] - peaks["extra_L8"]
+    assert growth < peaks["gradients_L256"] / 16, peaks  # 2 MiB: workspaces, allocator noise
 
 
 @requires_cpp
