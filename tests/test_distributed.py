@@ -37,6 +37,7 @@ KINDS = ("odemlp", "stack")
 
 
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)  # two workers on a 2-core CI machine
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         for kind in KINDS:
@@ -45,14 +46,21 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             local = slice(rank * 5, (rank + 1) * 5)
             _loss(model, x[local], y[local]).backward()
             torch.save([p.grad for p in model.module.parameters()], os.path.join(out_dir, f"{kind}-rank{rank}.pt"))
+            # DDP's reducer holds the process group: drop it now, or the group outlives
+            # destroy_process_group and its gloo threads are torn down at interpreter exit (SIGABRT).
+            del model
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def ddp_grads():
-    # one spawn for both models: starting the processes is most of the cost
-    with tempfile.TemporaryDirectory() as tmp:
+    # One spawn for both models: starting the processes is most of the cost. Gloo binds to the
+    # interface of the machine's hostname by default; on CI machines whose hostname does not
+    # resolve it aborts the worker (SIGABRT), so pin it to loopback.
+    with pytest.MonkeyPatch.context() as env, tempfile.TemporaryDirectory() as tmp:
+        env.setenv("GLOO_SOCKET_IFNAME", "lo")
         mp.spawn(_worker, args=(os.path.join(tmp, "init"), tmp), nprocs=WORLD, join=True)
         return {kind: [torch.load(os.path.join(tmp, f"{kind}-rank{r}.pt")) for r in range(WORLD)] for kind in KINDS}
 
