@@ -1,9 +1,13 @@
 """What the torch.library op costs per call, against a plain autograd.Function over the same backend.
 
-`ode_mlp` goes through the custom ops of odenets_fast/library.py (what lets torch.compile and opcheck
-see the stack). A plain `torch.autograd.Function` calling the backend directly is the cheapest
-eager alternative. On a one-layer stack with a tiny batch the arithmetic is negligible, so the
-difference of the two medians is the dispatch overhead per forward + backward.
+Three paths to the same backend forward + backward:
+- `custom_op`: the torch.library ops of odenets_fast/library.py (what torch.compile and opcheck see;
+  `ode_mlp` takes this path while compiling);
+- `ode_mlp`: the public op in eager mode (argument checks, then an autograd.Function, no custom op);
+- `plain_function`: a bare autograd.Function calling the backend, the cheapest eager path.
+On a one-layer stack with a tiny batch the arithmetic is negligible, so the differences of the
+medians are per-call overheads of one forward + backward. Writes
+`bench/results/dispatch-overhead-<device>-<yyyymmdd>.json`.
 
     python -m bench.dispatch_overhead [--backend cpp] [--calls 2000]
 """
@@ -14,9 +18,9 @@ import time
 
 import torch
 
-from bench.report import environment, markdown_table
-from odenets_fast import ode_mlp
-from odenets_fast.backends import select_backend
+from bench.report import environment, markdown_table, output_stem, write_json
+from odenets_fast import library, ode_mlp
+from odenets_fast.backends import load_backend, resolve_backend
 from odenets_fast.spec import check_stack
 
 
@@ -55,31 +59,45 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backend", default=None, help="reference or cpp (default: automatic)")
     parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--out", default=None, help="results folder (default bench/results)")
     args = parser.parse_args(argv)
     x = torch.randn(8, 4, requires_grad=True)
     W, V = torch.randn(1, 8, 4, requires_grad=True), torch.randn(1, 4, 8, requires_grad=True)
-    backend = select_backend(args.backend, x.device)
+    backend_name = resolve_backend(args.backend, x.device)
+    backend = load_backend(backend_name)
     spec = check_stack(x, W, V, None, None, method="euler", activation="gelu", T=1.0, backward="adjoint",
                        anchor_every=None, scale_in=None, scale_out=None)  # fmt: skip
 
-    def library_op():
+    def custom_op():
+        drift = torch.zeros(())
+        out = library.ode_mlp_forward(
+            x, W, V, None, None, spec.method, spec.activation, 1.0, spec.scale_in, spec.scale_out,
+            spec.backward, 0, spec.input_precision, spec.deterministic, backend_name, drift,
+        )[0]  # fmt: skip
+        torch.autograd.grad(out, (x, W, V), x)
+
+    def public_op():
         torch.autograd.grad(ode_mlp(x, W, V, backend=args.backend), (x, W, V), x)
 
     def plain_function():
         torch.autograd.grad(PlainFunction.apply(x, W, V, spec, backend), (x, W, V), x)
 
+    paths = (("custom_op", custom_op), ("ode_mlp", public_op), ("plain_function", plain_function))
     timings = {}
-    for _ in range(2):  # interleaved: load bursts fall on both
-        for name, fn in (("library_op", library_op), ("plain_function", plain_function)):
+    for _ in range(2):  # interleaved: load bursts fall on all paths
+        for name, fn in paths:
             timings.setdefault(name, []).append(_per_call_us(fn, args.calls))
     medians = {name: statistics.median(values) for name, values in timings.items()}
-    overhead = medians["library_op"] - medians["plain_function"]
-    name = backend.__name__.rsplit(".", 1)[-1]
-    print(f"{environment(x.device)['device']}, torch {torch.__version__}, backend {name}, L = 1, B = 8\n")
+    overheads = {f"{name}_minus_plain_function": medians[name] - medians["plain_function"]
+                 for name in ("custom_op", "ode_mlp")}  # fmt: skip
+    env = environment(x.device)
+    print(f"{env['device']}, torch {torch.__version__}, backend {backend_name}, L = 1, B = 8\n")
     print(markdown_table(["path", "µs per forward + backward"],
-                         [[k, f"{v:.1f}"] for k, v in medians.items()] + [["overhead", f"{overhead:.1f}"]]))  # fmt: skip
-    return {"median_us": medians, "overhead_us": overhead}
-
+                         [[k, f"{v:.1f}"] for k, v in {**medians, **overheads}.items()]))  # fmt: skip
+    results = {"config": {"backend": backend_name, "calls": args.calls, "L": 1, "B": 8, "q": 4, "m": 8},
+               "environment": env, "median_us": medians, "overhead_us": overheads}  # fmt: skip
+    write_json(output_stem("dispatch-overhead", x.device, args.out).with_suffix(".json"), results)
+    return results
 
 if __name__ == "__main__":
     main()

@@ -78,6 +78,11 @@ def markdown_table(headers: list, rows: list) -> str:
     return "\n".join(lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows])
 
 
+def powers_of_two(low: int, high: int) -> list:
+    """The depths 2^k with low <= 2^k <= high."""
+    return [2**k for k in range(math.ceil(math.log2(low)), int(math.log2(high)) + 1)]
+
+
 def loglog_slope(xs, ys) -> float:
     """Least-squares slope of log y against log x: the exponent p of y ≈ C x^p."""
     points = [(math.log(x), math.log(y)) for x, y in zip(xs, ys) if x > 0 and y > 0]

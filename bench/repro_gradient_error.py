@@ -16,20 +16,15 @@ Writes bench/results/gradient-error-<device>-<yyyymmdd>.json and .png.
 """
 
 import argparse
-import math
 
 import torch
 
 from bench.plotting import save_loglog_panels
-from bench.report import backend_label, environment, loglog_slope, markdown_table, output_stem, write_json
+from bench.report import backend_label, environment, loglog_slope, markdown_table, output_stem, powers_of_two, write_json
 from odenets_fast import diagnostics
 
 METHODS = ("euler", "heun")
 GRADIENTS = ("W", "V", "x")
-
-
-def powers_of_two(low: int, high: int) -> list:
-    return [2**k for k in range(math.ceil(math.log2(low)), int(math.log2(high)) + 1)]
 
 
 def smooth_problem(depth: int, method: str, batch: int, dim: int, hidden: int, seed: int):

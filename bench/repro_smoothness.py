@@ -21,13 +21,12 @@ backend (no C++ extension built) L = 1024 alone costs ~100 s per variant, so use
 """
 
 import argparse
-import math
 import time
 
 import torch
 
 from bench.plotting import save_loglog_panels
-from bench.report import backend_label, environment, loglog_slope, markdown_table, output_stem, write_json
+from bench.report import backend_label, environment, loglog_slope, markdown_table, output_stem, powers_of_two, write_json
 from odenets_fast import ODEMLP, diagnostics
 
 VARIANTS = {"gelu-tied": ("gelu", "tied"), "relu-tied": ("relu", "tied"), "gelu-iid": ("gelu", "iid")}
@@ -77,7 +76,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
 
     device = torch.device("cpu")
-    depths = [2**k for k in range(math.ceil(math.log2(args.min_depth)), int(math.log2(args.max_depth)) + 1)]
+    depths = powers_of_two(args.min_depth, args.max_depth)
     gen = torch.Generator().manual_seed(args.seed)
     x, y = torch.randn(SAMPLES, DIM, generator=gen), torch.randn(SAMPLES, DIM, generator=gen)
     runs = {name: [] for name in args.variants}

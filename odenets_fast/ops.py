@@ -137,10 +137,12 @@ def ode_mlp(
         drift_out = x.new_zeros((), dtype=torch.float32)
     elif not isinstance(drift_out, Tensor) or drift_out.dim() != 0 or drift_out.device != x.device:
         raise TypeError(f"drift_out must be a 0-dim tensor on {x.device} or None")
-    rows = x.reshape(-1, x.shape[-1])
+    # Batch rows flattened to 2-D; a 2-D input goes through as it is, so that the result is not a view
+    # (FSDP2 and other output hooks warn about, and in-place ops on it would bypass, a view).
+    rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     op = library.ode_mlp_forward if torch.compiler.is_compiling() else _EagerOdeMlp.apply
     out = op(
         rows, W, V, b, c, spec.method, spec.activation, float(T), spec.scale_in, spec.scale_out,
         spec.backward, spec.anchor_every or 0, spec.input_precision, spec.deterministic, backend_name, drift_out,
     )[0]  # fmt: skip
-    return out.reshape(x.shape)
+    return out if x.dim() == 2 else out.reshape(x.shape)

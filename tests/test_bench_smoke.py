@@ -85,9 +85,12 @@ def test_conv_example(tmp_path, capsys):
     assert 0 < row["adjoint_gradient_error"] < 0.5  # an approximation, not a different gradient
 
 
-def test_dispatch_overhead(capsys):
+def test_dispatch_overhead(capsys, tmp_path):
     from bench import dispatch_overhead
 
-    result = dispatch_overhead.main(["--calls", "50"])
-    assert "overhead" in capsys.readouterr().out
-    assert set(result["median_us"]) == {"library_op", "plain_function"} and all(v > 0 for v in result["median_us"].values())
+    result = dispatch_overhead.main(["--calls", "50", "--out", str(tmp_path)])
+    assert "custom_op_minus_plain_function" in capsys.readouterr().out
+    assert set(result["median_us"]) == {"custom_op", "ode_mlp", "plain_function"}
+    assert all(v > 0 for v in result["median_us"].values())
+    (json_file,) = tmp_path.glob("dispatch-overhead-cpu-*.json")
+    assert json.loads(json_file.read_text())["overhead_us"] == result["overhead_us"]

@@ -1,5 +1,5 @@
-"""DistributedDataParallel (gloo, 2 CPU processes): adjoint-mode gradients equal single-process
-training on the concatenated batch."""
+"""DistributedDataParallel and FSDP2 (gloo, 2 CPU processes): adjoint-mode gradients equal
+single-process training on the concatenated batch."""
 
 import os
 import tempfile
@@ -9,6 +9,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
 
 from odenets_fast import AdjointResidualStack, ODEMLP
 
@@ -34,41 +36,61 @@ def _loss(model, x, y):
 
 
 KINDS = ("odemlp", "stack")
+WRAPPERS = ("ddp", "fsdp")
+
+
+def _wrap(model: nn.Module, wrapper: str, mesh) -> nn.Module:
+    if wrapper == "ddp":
+        return nn.parallel.DistributedDataParallel(model)
+    # FSDP2 shards every parameter along dim 0: for ODEMLP that is the depth of W, V, b, c
+    return fully_shard(model, mesh=mesh)
+
+
+def _full_grads(model: nn.Module, wrapper: str) -> list:
+    if wrapper == "ddp":
+        return [p.grad for p in model.module.parameters()]
+    return [p.grad.full_tensor() for p in model.parameters()]
 
 
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)  # two workers on a 2-core CI machine
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
+        mesh = init_device_mesh("cpu", (WORLD,))
         for kind in KINDS:
-            model = nn.parallel.DistributedDataParallel(_model(kind))
-            x, y = _data()
-            local = slice(rank * 5, (rank + 1) * 5)
-            _loss(model, x[local], y[local]).backward()
-            torch.save([p.grad for p in model.module.parameters()], os.path.join(out_dir, f"{kind}-rank{rank}.pt"))
-            # DDP's reducer holds the process group: drop it now, or the group outlives
-            # destroy_process_group and its gloo threads are torn down at interpreter exit (SIGABRT).
-            del model
+            for wrapper in WRAPPERS:
+                model = _wrap(_model(kind), wrapper, mesh)
+                x, y = _data()
+                local = slice(rank * 5, (rank + 1) * 5)
+                _loss(model, x[local], y[local]).backward()
+                torch.save(_full_grads(model, wrapper), os.path.join(out_dir, f"{kind}-{wrapper}-rank{rank}.pt"))
+                # DDP's reducer holds the process group: drop it now, or the group outlives
+                # destroy_process_group and its gloo threads are torn down at interpreter exit.
+                del model
         dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
-def ddp_grads():
-    # One spawn for both models: starting the processes is most of the cost. Gloo binds to the
-    # interface of the machine's hostname by default; on CI machines whose hostname does not
-    # resolve it aborts the worker (SIGABRT), so pin it to loopback.
+def parallel_grads():
+    # One spawn for every model and wrapper: starting the processes is most of the cost. Gloo picks
+    # its interface from the machine's hostname by default; pinning it to loopback keeps the test
+    # independent of the CI machine's network setup (a worker aborted there with SIGABRT).
     with pytest.MonkeyPatch.context() as env, tempfile.TemporaryDirectory() as tmp:
         env.setenv("GLOO_SOCKET_IFNAME", "lo")
         mp.spawn(_worker, args=(os.path.join(tmp, "init"), tmp), nprocs=WORLD, join=True)
-        return {kind: [torch.load(os.path.join(tmp, f"{kind}-rank{r}.pt")) for r in range(WORLD)] for kind in KINDS}
+        return {
+            (kind, wrapper): [torch.load(os.path.join(tmp, f"{kind}-{wrapper}-rank{r}.pt")) for r in range(WORLD)]
+            for kind in KINDS for wrapper in WRAPPERS
+        }  # fmt: skip
 
 
+@pytest.mark.parametrize("wrapper", WRAPPERS)
 @pytest.mark.parametrize("kind", KINDS)
-def test_ddp_gradients_equal_single_process(kind, ddp_grads):
+def test_data_parallel_gradients_equal_single_process(kind, wrapper, parallel_grads):
     model = _model(kind)
     _loss(model, *_data()).backward()
-    for p, *per_rank in zip(model.parameters(), *ddp_grads[kind]):
+    for p, *per_rank in zip(model.parameters(), *parallel_grads[kind, wrapper]):
         for g in per_rank:
             torch.testing.assert_close(g, p.grad, rtol=1e-10, atol=1e-12)
