@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from . import ODEMLP, diagnostics, ode_mlp
-from .backends import select_backend
+from .backends import resolve_backend
 
 
 def _loss(out, y):
@@ -55,7 +55,7 @@ def main(argv=None) -> dict:
     model = ODEMLP(q, m, L, activation="gelu", init="tied", backward="adjoint", backend=args.backend, device=device)
     x, y = torch.randn(n, q, device=device), torch.randn(n, q, device=device)
     opt = torch.optim.SGD(model.parameters(), lr=L * 1e-2)
-    backend = select_backend(args.backend, device).__name__.rsplit(".", 1)[-1]
+    backend = resolve_backend(args.backend, device)
 
     losses, step_times = [], []
     bar = tqdm(range(args.steps), desc=f"training ODEMLP (L={L}, adjoint, {backend})", unit="step", mininterval=0.5)
