@@ -1,20 +1,29 @@
-"""`make gpu`: the GPU evidence of the project in one run, written to bench/results/.
+"""`make gpu`: the GPU evidence of the project, written to bench/results/.
 
-1. the GPU tests (tests/gpu) — passed / failed counts;
-2. `compute-sanitizer --tool memcheck` on a small forward + backward (tests/gpu/sanitize_case.py);
-3. the kernel benchmarks (bench.triton_step);
-then a JSON and a `.md` table with the device name, torch and triton versions,
-git commit and date.
+Stages (all by default; `--stages` picks some, in this order):
+    tests      the GPU tests (tests/gpu) — passed / failed counts;
+    sanitizer  `compute-sanitizer --tool memcheck` on a small forward + backward (tests/gpu/sanitize_case.py);
+    bench      the kernel benchmarks and the issues' ratios (bench.triton_step);
+    crossover  whole-depth against per-layer launches over q and L (bench.triton_step --crossover);
+    memory     peak memory and time against depth against eager, checkpointing (and torchdiffeq when
+               installed) at B = 4096, q = 256, m = 512 (bench.memory, its own JSON and PNG).
+Writes `gpu-suite-<device>-<yyyymmdd>.json/.md` under --out with the device name, torch and triton
+versions, git commit and date — after every stage and every benchmark configuration, so that a run
+cut short by a time limit still leaves what it measured. A configuration that fails is recorded with
+its error and the others still run. `--merge FILE` starts from an earlier report of the same commit
+and device, keeping its stages that this run does not redo: the stages can be spread over several
+calls of a time-limited GPU machine and still end in one file.
 
-    python -m bench.gpu_suite [--out DIR] [--dry-run]
+    python -m bench.gpu_suite [--out DIR] [--stages tests,bench] [--merge FILE] [--dry-run]
 
-Files: `gpu-suite-<device>-<yyyymmdd>.json/.md` under --out. The commit comes from `git rev-parse
-HEAD`, or from ODENETS_FAST_COMMIT where the tree travelled without its .git folder. --dry-run exercises the whole pipeline on the CPU (TRITON_INTERPRET=1,
-tiny benchmark, no sanitizer) to check the plumbing; its files are marked dry_run.
+The commit comes from `git rev-parse HEAD`, or from ODENETS_FAST_COMMIT where the tree travelled
+without its .git folder. --dry-run exercises the pipeline on the CPU (TRITON_INTERPRET=1, tiny
+benchmarks; no tests, sanitizer or memory stage) to check the plumbing; its files are marked dry_run.
 """
 
 import argparse
 import datetime
+import json
 import re
 import shutil
 import subprocess
@@ -24,7 +33,7 @@ from pathlib import Path
 import torch
 import triton
 
-from bench import triton_step
+from bench import memory, triton_step
 from bench.report import git_commit, output_stem, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,47 +77,121 @@ def run_sanitizer() -> dict:
             "tail": output[-2000:]}  # fmt: skip
 
 
+STAGES = ("tests", "sanitizer", "bench", "crossover", "memory")
+NOT_RUN = {
+    "tests": {"passed": 0, "failed": 0, "skipped": 0, "failures": [], "not_run": True},
+    "sanitizer": {"ran": False, "reason": "stage not run"},
+    "benchmarks": [],
+    "crossover": [],
+    "memory": {"ran": False, "reason": "stage not run"},
+}
+DRY_RUN_SKIPS = ("tests", "sanitizer", "memory")  # need a GPU; bench and crossover run tiny on the interpreter
+
+
+def run_memory(out_dir: str) -> dict:
+    results = memory.main(["--device", "cuda", "--backend", "triton", "--out", out_dir])
+    return {"ran": True, "config": results["config"], "skipped": results["skipped"], "ratios": results["ratios"],
+            "file": f"{output_stem('memory', torch.device('cuda'), out_dir).name}.json"}  # fmt: skip
+
+
 def markdown(report: dict) -> str:
-    tests, san = report["tests"], report["sanitizer"]
+    tests, san, mem = report["tests"], report["sanitizer"], report["memory"]
+    tests_line = "not run" if tests.get("not_run") else (
+        f"{tests['passed']} passed, {tests['failed']} failed, {tests['skipped']} skipped")
     san_line = (f"{san['errors']} errors (exit code {san['exit_code']})" if san.get("ran")
                 else f"not run ({san.get('reason')})")  # fmt: skip
-    return "\n".join([
+    lines = [
         f"# GPU results: {report['device']}, {report['date']}",
         "",
         f"commit `{report['commit']}` · torch {report['torch']} · triton {report['triton']}"
         + (" · **dry run on CPU**" if report["dry_run"] else ""),
         "",
-        f"- GPU tests: {tests['passed']} passed, {tests['failed']} failed, {tests['skipped']} skipped",
+        f"- GPU tests: {tests_line}",
         f"- compute-sanitizer memcheck: {san_line}",
+        f"- memory against depth: " + (f"`{mem['file']}`, ratios {json.dumps(mem['ratios'])}" if mem.get("ran")
+                                       else f"not run ({mem.get('reason')})"),
         "",
         "Median times (ms) and ratios, side by side in one run (`python -m bench.gpu_suite`):",
         "",
         triton_step.markdown_table(report["benchmarks"]),
         "",
-    ])  # fmt: skip
+    ]  # fmt: skip
+    if report["crossover"]:
+        lines += ["Whole-depth against per-layer launches (float32):", "", triton_step.crossover_table(report["crossover"]), ""]
+    return "\n".join(lines)
 
 
-def main(argv=None) -> dict:
+def _parse(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, of {','.join(STAGES)}")
+    parser.add_argument("--merge", default=None, help="an earlier gpu-suite JSON of the same commit and device")
     parser.add_argument("--dry-run", action="store_true")
     args = parser.parse_args(argv)
-    now = datetime.datetime.now(datetime.timezone.utc)
+    args.stages = [stage for stage in args.stages.split(",") if stage]
+    unknown = sorted(set(args.stages) - set(STAGES))
+    if unknown:
+        parser.error(f"--stages: unknown {unknown}; expected some of {list(STAGES)}")
+    return args
+
+
+def _start_report(args) -> dict:
     device = "cpu-dry-run" if args.dry_run else torch.cuda.get_device_name()
     report = {
         "device": device,
         "commit": git_commit(),
         "torch": torch.__version__,
         "triton": triton.__version__,
-        "date": now.isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "dry_run": args.dry_run,
-        "tests": {"passed": 0, "failed": 0, "skipped": 0, "failures": []} if args.dry_run else run_tests(),
-        "sanitizer": {"ran": False, "reason": "dry run"} if args.dry_run else run_sanitizer(),
-        "benchmarks": triton_step.run_all(dry_run=args.dry_run),
+        "stages_run": [],
+        **json.loads(json.dumps(NOT_RUN)),
     }
+    if args.merge:
+        earlier = json.loads(Path(args.merge).read_text())
+        for key in ("commit", "device", "dry_run"):
+            if earlier.get(key) != report[key]:
+                raise SystemExit(f"--merge {args.merge}: its {key} is {earlier.get(key)!r}, this run's is {report[key]!r}")
+        for key in NOT_RUN:
+            report[key] = earlier.get(key, report[key])
+        report["stages_run"] = list(earlier.get("stages_run", []))
+        report["merged_from"] = {"file": Path(args.merge).name, "date": earlier.get("date")}
+    return report
+
+
+def main(argv=None) -> dict:
+    args = _parse(argv)
+    report = _start_report(args)
     stem = output_stem("gpu-suite", torch.device("cpu" if args.dry_run else "cuda"), args.out)
-    write_json(stem.with_suffix(".json"), report)
-    stem.with_suffix(".md").write_text(markdown(report))
+
+    def save():
+        write_json(stem.with_suffix(".json"), report)
+        stem.with_suffix(".md").write_text(markdown(report))
+
+    def save_results(key):
+        def on_result(results):
+            report[key] = list(results)
+            save()
+
+        return on_result
+
+    for stage in STAGES:
+        if stage not in args.stages or (args.dry_run and stage in DRY_RUN_SKIPS):
+            continue
+        print(f"== {stage}", flush=True)
+        if stage == "tests":
+            report["tests"] = run_tests()
+        elif stage == "sanitizer":
+            report["sanitizer"] = run_sanitizer()
+        elif stage == "bench":
+            triton_step.run_all(dry_run=args.dry_run, on_result=save_results("benchmarks"))
+        elif stage == "crossover":
+            triton_step.run_all(dry_run=args.dry_run, crossover=True, on_result=save_results("crossover"))
+        elif stage == "memory":
+            report["memory"] = run_memory(args.out)
+        report["stages_run"] = sorted(set(report["stages_run"]) | {stage}, key=STAGES.index)
+        save()
+    save()
     print(markdown(report))
     print(f"wrote {stem}.json and .md")
     return report

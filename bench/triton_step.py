@@ -15,7 +15,10 @@ Ratios: forward_vs_eager_forward = fused_forward / eager_forward and
 adjoint_step_vs_eager_backprop = fused_adjoint_step / eager_backprop_step (goals: ≤ 0.5 and ≤ 1.0
 on an H100 at B = 4096, q = 256, m = 512, L = 64, float32).
 
-    python -m bench.triton_step [--dry-run]   (--dry-run: tiny sizes on the CPU interpreter)
+The crossover sweep (CROSSOVER_CONFIGS: q ∈ {64, 128, 256}, m = 2q, L ∈ {4, 16, 64}) times only the
+whole-depth and per-layer contenders, for the backend's choice between them.
+
+    python -m bench.triton_step [--dry-run] [--crossover]   (--dry-run: tiny sizes on the CPU interpreter)
 """
 
 import argparse
@@ -38,9 +41,28 @@ CONFIGS = [
     dict(name="narrow-float32-L256", B=16384, q=64, m=128, L=256, dtype="float32"),  # the whole-depth goals
 ]
 DRY_RUN_CONFIGS = [dict(name="dry-run-float32", B=40, q=24, m=40, L=3, dtype="float32")]
+CROSSOVER_CONFIGS = [dict(name=f"crossover-q{q}-L{L}", B=4096, q=q, m=2 * q, L=L, dtype="float32")
+                     for q in (64, 128, 256) for L in (4, 16, 64)]  # fmt: skip
+DRY_RUN_CROSSOVER_CONFIGS = [dict(name="dry-run-crossover", B=40, q=24, m=40, L=2, dtype="float32")]
+CROSSOVER_CONTENDERS = ("fused_forward", "per_layer_forward", "fused_adjoint_step", "per_layer_adjoint_step")
+
+# ratio name: (numerator, denominator) median times; recorded when both were timed
+RATIOS = {
+    "forward_vs_eager_forward": ("fused_forward", "eager_forward"),
+    "adjoint_step_vs_eager_backprop": ("fused_adjoint_step", "eager_backprop_step"),
+    "backprop_step_vs_eager_backprop": ("fused_backprop_step", "eager_backprop_step"),
+    "whole_depth_forward_vs_eager_forward": ("fused_forward", "eager_forward"),
+    "whole_depth_adjoint_step_vs_eager_backprop": ("fused_adjoint_step", "eager_backprop_step"),
+    "per_layer_forward_vs_eager_forward": ("per_layer_forward", "eager_forward"),
+    "per_layer_adjoint_step_vs_eager_backprop": ("per_layer_adjoint_step", "eager_backprop_step"),
+    "adjoint_step_tf32_vs_eager_backprop": ("fused_adjoint_step_tf32", "eager_backprop_step"),
+    "whole_depth_forward_vs_per_layer": ("fused_forward", "per_layer_forward"),
+    "whole_depth_adjoint_step_vs_per_layer": ("fused_adjoint_step", "per_layer_adjoint_step"),
+}
 
 
-def run_config(config: dict, device: torch.device) -> dict:
+def run_config(config: dict, device: torch.device, only=None) -> dict:
+    """Median times of the contenders (`only`: a subset of their names) and the ratios among them."""
     B, q, m, L = config["B"], config["q"], config["m"], config["L"]
     dtype = getattr(torch, config["dtype"])
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -74,19 +96,11 @@ def run_config(config: dict, device: torch.device) -> dict:
     if dtype == torch.float32:
         contenders["fused_adjoint_step_tf32"] = step(fused("adjoint", "tf32"))
         contenders["fused_backprop_step_tf32"] = step(fused("backprop", "tf32"))
+    if only is not None:
+        contenders = {name: contenders[name] for name in only if name in contenders}
     times = {name: median_ms(fn, device) for name, fn in contenders.items()}
-    ratios = {
-        "forward_vs_eager_forward": times["fused_forward"] / times["eager_forward"],
-        "adjoint_step_vs_eager_backprop": times["fused_adjoint_step"] / times["eager_backprop_step"],
-        "backprop_step_vs_eager_backprop": times["fused_backprop_step"] / times["eager_backprop_step"],
-        "whole_depth_forward_vs_eager_forward": times["fused_forward"] / times["eager_forward"],
-        "whole_depth_adjoint_step_vs_eager_backprop": times["fused_adjoint_step"] / times["eager_backprop_step"],
-        "per_layer_forward_vs_eager_forward": times["per_layer_forward"] / times["eager_forward"],
-        "per_layer_adjoint_step_vs_eager_backprop": times["per_layer_adjoint_step"] / times["eager_backprop_step"],
-    }
-    if dtype == torch.float32:
-        ratios["adjoint_step_tf32_vs_eager_backprop"] = times["fused_adjoint_step_tf32"] / times["eager_backprop_step"]
-    if device.type == "cuda":
+    ratios = {name: times[num] / times[den] for name, (num, den) in RATIOS.items() if num in times and den in times}
+    if device.type == "cuda" and "fused_forward" in times:
         floor = forward_roofline_ms(config, device)
         ratios["forward_fraction_of_roofline"] = floor / times["fused_forward"]
         times["forward_roofline_floor"] = floor
@@ -137,38 +151,78 @@ def _no_grad(fn):
         return fn()
 
 
-def run_all(dry_run: bool = False) -> list:
+def run_all(dry_run: bool = False, crossover: bool = False, on_result=None) -> list:
+    """Every configuration in turn; one that fails is recorded with its error and the others still run
+    (a GPU session has little device time). `on_result(results_so_far)` after each configuration."""
     device = torch.device("cpu" if dry_run else "cuda")
-    return [run_config(config, device) for config in (DRY_RUN_CONFIGS if dry_run else CONFIGS)]
+    if crossover:
+        configs, only = (DRY_RUN_CROSSOVER_CONFIGS if dry_run else CROSSOVER_CONFIGS), CROSSOVER_CONTENDERS
+    else:
+        configs, only = (DRY_RUN_CONFIGS if dry_run else CONFIGS), None
+    results = []
+    for config in configs:
+        try:
+            results.append(run_config(config, device, only))
+        except Exception as err:  # noqa: BLE001 — recorded in the results file, not hidden
+            results.append({"name": config["name"], "config": config, "error": f"{type(err).__name__}: {err}"})
+        finally:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        if on_result is not None:
+            on_result(results)
+    return results
+
+
+def _describe(r: dict) -> str:
+    c = r["config"]
+    return f"{r['name']} (B={c['B']}, q={c['q']}, m={c['m']}, L={c['L']})"
 
 
 def markdown_table(results: list) -> str:
-    lines = [
-        "| config | eager fwd ms | fused fwd ms | fwd ratio | per-layer fwd ratio | fwd / roofline | "
-        "eager backprop step ms | fused adjoint step ms | adjoint/eager | per-layer adjoint/eager | "
-        "fused backprop step ms | adjoint TF32/eager |",
-        "|" + " --- |" * 12,
-    ]
+    columns = [
+        ("eager fwd ms", "eager_forward", None), ("fused fwd ms", "fused_forward", None),
+        ("fwd ratio", None, "forward_vs_eager_forward"),
+        ("per-layer fwd ratio", None, "per_layer_forward_vs_eager_forward"),
+        ("fwd / roofline", None, "forward_fraction_of_roofline"),
+        ("eager backprop step ms", "eager_backprop_step", None), ("fused adjoint step ms", "fused_adjoint_step", None),
+        ("adjoint/eager", None, "adjoint_step_vs_eager_backprop"),
+        ("per-layer adjoint/eager", None, "per_layer_adjoint_step_vs_eager_backprop"),
+        ("fused backprop step ms", "fused_backprop_step", None),
+        ("adjoint TF32/eager", None, "adjoint_step_tf32_vs_eager_backprop"),
+    ]  # fmt: skip
+    return _table(results, columns)
+
+
+def crossover_table(results: list) -> str:
+    columns = [
+        ("whole-depth fwd ms", "fused_forward", None), ("per-layer fwd ms", "per_layer_forward", None),
+        ("fwd whole/per-layer", None, "whole_depth_forward_vs_per_layer"),
+        ("whole-depth adjoint step ms", "fused_adjoint_step", None),
+        ("per-layer adjoint step ms", "per_layer_adjoint_step", None),
+        ("adjoint whole/per-layer", None, "whole_depth_adjoint_step_vs_per_layer"),
+    ]  # fmt: skip
+    return _table(results, columns)
+
+
+def _table(results: list, columns: list) -> str:
+    """One row per configuration; a column shows a median time (ms) or a ratio."""
+    lines = ["| config | " + " | ".join(title for title, _, _ in columns) + " |", "|" + " --- |" * (len(columns) + 1)]
     for r in results:
-        t, k, c = r["median_ms"], r["ratios"], r["config"]
-
-        def ratio(name):
-            return "-" if name not in k else f"{k[name]:.2f}"
-
-        lines.append(
-            f"| {r['name']} (B={c['B']}, q={c['q']}, m={c['m']}, L={c['L']}) | {t['eager_forward']:.3f} | "
-            f"{t['fused_forward']:.3f} | {ratio('forward_vs_eager_forward')} | "
-            f"{ratio('per_layer_forward_vs_eager_forward')} | {ratio('forward_fraction_of_roofline')} | "
-            f"{t['eager_backprop_step']:.3f} | {t['fused_adjoint_step']:.3f} | {ratio('adjoint_step_vs_eager_backprop')} | "
-            f"{ratio('per_layer_adjoint_step_vs_eager_backprop')} | {t['fused_backprop_step']:.3f} | "
-            f"{ratio('adjoint_step_tf32_vs_eager_backprop')} |"
-        )
+        if "error" in r:
+            cells = [f"error: {r['error'][:200]}"] + [""] * (len(columns) - 1)
+        else:
+            t, k = r["median_ms"], r["ratios"]
+            cells = [(f"{t[time]:.3f}" if time in t else "-") if time else (f"{k[ratio]:.2f}" if ratio in k else "-")
+                     for _, time, ratio in columns]  # fmt: skip
+        lines.append(f"| {_describe(r)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU (TRITON_INTERPRET=1)")
-    results = run_all(parser.parse_args().dry_run)
-    print(markdown_table(results))
+    parser.add_argument("--crossover", action="store_true", help="the whole-depth vs per-layer sweep")
+    args = parser.parse_args()
+    results = run_all(args.dry_run, args.crossover)
+    print(crossover_table(results) if args.crossover else markdown_table(results))
     print(json.dumps(results, indent=1))

@@ -94,3 +94,48 @@ def test_dispatch_overhead(capsys, tmp_path):
     assert all(v > 0 for v in result["median_us"].values())
     (json_file,) = tmp_path.glob("dispatch-overhead-cpu-*.json")
     assert json.loads(json_file.read_text())["overhead_us"] == result["overhead_us"]
+
+
+def test_gpu_suite_dry_run(tmp_path):
+    # The GPU run happens only where a session is lent a GPU, with little device time: check its
+    # plumbing here, on the interpreter at tiny sizes — the results file, the issues' ratio names,
+    # stages spread over two calls and merged into one report.
+    from bench import gpu_suite
+
+    gpu_suite.main(["--dry-run", "--stages", "bench", "--out", str(tmp_path / "first")])
+    (first,) = (tmp_path / "first").glob("gpu-suite-cpu-*.json")
+    gpu_suite.main(["--dry-run", "--stages", "crossover", "--merge", str(first), "--out", str(tmp_path)])
+    (json_file,) = tmp_path.glob("gpu-suite-cpu-*.json")
+    results = json.loads(json_file.read_text())
+    assert {"device", "commit", "torch", "triton", "date", "tests", "benchmarks"} <= set(results)
+    assert results["dry_run"] is True and {"passed", "failed"} <= set(results["tests"])
+    assert results["stages_run"] == ["bench", "crossover"]
+    (bench,) = results["benchmarks"]
+    assert {"adjoint_step_vs_eager_backprop", "forward_vs_eager_forward"} <= set(bench["ratios"])
+    assert all(t > 0 for t in bench["median_ms"].values())
+    (crossover,) = results["crossover"]
+    assert set(crossover["median_ms"]) == set(gpu_suite.triton_step.CROSSOVER_CONTENDERS)
+    assert {"whole_depth_forward_vs_per_layer", "whole_depth_adjoint_step_vs_per_layer"} <= set(crossover["ratios"])
+    assert "Whole-depth against per-layer" in json_file.with_suffix(".md").read_text()
+
+
+def test_gpu_suite_refuses_to_merge_another_commit(tmp_path):
+    from bench import gpu_suite
+
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"commit": "0" * 40, "device": "cpu-dry-run", "dry_run": True}))
+    with pytest.raises(SystemExit, match="its commit is"):
+        gpu_suite.main(["--dry-run", "--stages", "crossover", "--merge", str(other), "--out", str(tmp_path)])
+
+
+def test_benchmark_configuration_errors_are_recorded_not_raised(monkeypatch):
+    from bench import triton_step
+
+    def fail(config, device, only):
+        raise RuntimeError("out of resources")
+
+    monkeypatch.setattr(triton_step, "run_config", fail)
+    seen = []
+    results = triton_step.run_all(dry_run=True, on_result=lambda r: seen.append(len(r)))
+    assert results == [{**results[0], "error": "RuntimeError: out of resources"}] and seen == [1]
+    assert "error: RuntimeError: out of resources" in triton_step.markdown_table(results)
