@@ -4,7 +4,9 @@ Stages (all by default; `--stages` picks some, in this order):
     tests      the GPU tests (tests/gpu) — passed / failed counts;
     sanitizer  `compute-sanitizer --tool memcheck` on a small forward + backward (tests/gpu/sanitize_case.py);
     bench      the kernel benchmarks and the issues' ratios (bench.triton_step);
-    crossover  whole-depth against per-layer launches over q and L (bench.triton_step --crossover);
+    crossover  whole-depth against per-layer launches over q and L (bench.triton_step --mode crossover);
+    tune       tile candidates of each kernel at the benchmark shapes (bench.triton_step --mode tune),
+               for the tile table of triton_kernels/mlp_step.py;
     memory     peak memory and time against depth against eager, checkpointing (and torchdiffeq when
                installed) at B = 4096, q = 256, m = 512 (bench.memory, its own JSON and PNG).
 Writes `gpu-suite-<device>-<yyyymmdd>.json/.md` under --out with the device name, torch and triton
@@ -77,15 +79,16 @@ def run_sanitizer() -> dict:
             "tail": output[-2000:]}  # fmt: skip
 
 
-STAGES = ("tests", "sanitizer", "bench", "crossover", "memory")
+STAGES = ("tests", "sanitizer", "bench", "crossover", "tune", "memory")
 NOT_RUN = {
     "tests": {"passed": 0, "failed": 0, "skipped": 0, "failures": [], "not_run": True},
     "sanitizer": {"ran": False, "reason": "stage not run"},
     "benchmarks": [],
     "crossover": [],
+    "tune": [],
     "memory": {"ran": False, "reason": "stage not run"},
 }
-DRY_RUN_SKIPS = ("tests", "sanitizer", "memory")  # need a GPU; bench and crossover run tiny on the interpreter
+DRY_RUN_SKIPS = ("tests", "sanitizer", "memory")  # need a GPU; the triton_step stages run tiny on the interpreter
 
 
 def run_memory(out_dir: str) -> dict:
@@ -118,6 +121,9 @@ def markdown(report: dict) -> str:
     ]  # fmt: skip
     if report["crossover"]:
         lines += ["Whole-depth against per-layer launches (float32):", "", triton_step.crossover_table(report["crossover"]), ""]
+    if report["tune"]:
+        lines += ["Tile candidates (median ms; forward: whole-depth forward, reverse: adjoint training step):", "",
+                  triton_step.tune_table(report["tune"]), ""]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -183,10 +189,9 @@ def main(argv=None) -> dict:
             report["tests"] = run_tests()
         elif stage == "sanitizer":
             report["sanitizer"] = run_sanitizer()
-        elif stage == "bench":
-            triton_step.run_all(dry_run=args.dry_run, on_result=save_results("benchmarks"))
-        elif stage == "crossover":
-            triton_step.run_all(dry_run=args.dry_run, crossover=True, on_result=save_results("crossover"))
+        elif stage in ("bench", "crossover", "tune"):
+            key = "benchmarks" if stage == "bench" else stage
+            triton_step.run_all(dry_run=args.dry_run, mode=stage, on_result=save_results(key))
         elif stage == "memory":
             report["memory"] = run_memory(args.out)
         report["stages_run"] = sorted(set(report["stages_run"]) | {stage}, key=STAGES.index)

@@ -18,7 +18,10 @@ on an H100 at B = 4096, q = 256, m = 512, L = 64, float32).
 The crossover sweep (CROSSOVER_CONFIGS: q ∈ {64, 128, 256}, m = 2q, L ∈ {4, 16, 64}) times only the
 whole-depth and per-layer contenders, for the backend's choice between them.
 
-    python -m bench.triton_step [--dry-run] [--crossover]   (--dry-run: tiny sizes on the CPU interpreter)
+The tune mode times the tile candidates of TUNE_CANDIDATES for each kernel at the benchmark shapes,
+for the tile table of mlp_step.kernel_configs.
+
+    python -m bench.triton_step [--dry-run] [--mode bench|crossover|tune]   (--dry-run: tiny, on the interpreter)
 """
 
 import argparse
@@ -27,12 +30,12 @@ import json
 import os
 
 import torch
+import triton
 
 from bench.baselines import eager_forward
 from bench.timing import median_ms
 from odenets_fast import ode_mlp
-from odenets_fast.triton_backend import LAYERS_PER_LAUNCH_ENV
-from odenets_fast.triton_kernels.mlp_step import step_config
+from odenets_fast.triton_backend import LAYERS_PER_LAUNCH_ENV, TILES_ENV, kernel_configs
 
 CONFIGS = [
     dict(name="wide-float32", B=4096, q=256, m=512, L=64, dtype="float32"),
@@ -45,6 +48,22 @@ CROSSOVER_CONFIGS = [dict(name=f"crossover-q{q}-L{L}", B=4096, q=q, m=2 * q, L=L
                      for q in (64, 128, 256) for L in (4, 16, 64)]  # fmt: skip
 DRY_RUN_CROSSOVER_CONFIGS = [dict(name="dry-run-crossover", B=40, q=24, m=40, L=2, dtype="float32")]
 CROSSOVER_CONTENDERS = ("fused_forward", "per_layer_forward", "fused_adjoint_step", "per_layer_adjoint_step")
+
+# Tile candidates "BLOCK_B,BLOCK_M,num_warps" per (padded q, operand bytes) and kernel for the tune
+# stage: the table's choice first (mlp_step.kernel_configs), then the tiles used before the
+# register-spill analysis, then neighbours with small spills in ptxas's report. Each is timed through
+# ODENETS_FAST_TRITON_{FORWARD,REVERSE}_TILES, num_stages by the table's rule.
+TUNE_CANDIDATES = {
+    (64, 4): {"forward": [(64, 32, 8), (64, 64, 4), (32, 32, 8), (64, 16, 8), (128, 32, 8)],
+              "reverse": [(32, 16, 8), (64, 64, 4), (16, 16, 8), (64, 16, 8), (32, 32, 8)]},
+    (256, 4): {"forward": [(32, 16, 8), (32, 32, 8), (16, 16, 8), (16, 16, 16)],
+               "reverse": [(16, 16, 8), (32, 32, 8), (32, 16, 8), (16, 16, 16)]},
+    (256, 2): {"forward": [(32, 16, 8), (32, 32, 8), (16, 16, 8), (64, 16, 8)],
+               "reverse": [(16, 16, 8), (32, 32, 8), (32, 16, 8), (16, 32, 8)]},
+}  # fmt: skip
+TUNE_CONFIGS = CONFIGS[:3]  # the benchmark shapes (narrow L = 256 has the L = 64 tiles)
+DRY_RUN_TUNE_CONFIGS = [dict(name="dry-run-tune", B=40, q=24, m=40, L=2, dtype="float32")]
+DRY_RUN_TUNE_CANDIDATES = {"forward": [(16, 32, 1), (32, 16, 1)], "reverse": [(16, 32, 1), (16, 16, 1)]}
 
 # ratio name: (numerator, denominator) median times; recorded when both were timed
 RATIOS = {
@@ -61,8 +80,8 @@ RATIOS = {
 }
 
 
-def run_config(config: dict, device: torch.device, only=None) -> dict:
-    """Median times of the contenders (`only`: a subset of their names) and the ratios among them."""
+def _problem(config: dict, device: torch.device) -> tuple:
+    """Seeded x, W, V (requiring grad) and an output cotangent of the configuration."""
     B, q, m, L = config["B"], config["q"], config["m"], config["L"]
     dtype = getattr(torch, config["dtype"])
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -70,6 +89,13 @@ def run_config(config: dict, device: torch.device, only=None) -> dict:
     W = torch.randn(L, m, q, generator=gen).to(device, dtype).requires_grad_(True)
     V = (0.5 * torch.randn(L, q, m, generator=gen)).to(device, dtype).requires_grad_(True)
     grad_out = torch.randn(B, q, generator=gen).to(device, dtype)
+    return x, W, V, grad_out
+
+
+def run_config(config: dict, device: torch.device, only=None) -> dict:
+    """Median times of the contenders (`only`: a subset of their names) and the ratios among them."""
+    dtype = getattr(torch, config["dtype"])
+    x, W, V, grad_out = _problem(config, device)
 
     def step(forward):
         def run():
@@ -107,18 +133,62 @@ def run_config(config: dict, device: torch.device, only=None) -> dict:
     return {"name": config["name"], "config": config, "median_ms": times, "ratios": ratios}
 
 
+def tune_config(config: dict, device: torch.device, candidates: dict) -> dict:
+    """Median ms of the whole-depth forward for each forward tile candidate and of the adjoint
+    training step for each reverse candidate (the other kernel at the table's tiles)."""
+    x, W, V, grad_out = _problem(config, device)
+
+    def forward():
+        with torch.no_grad():
+            ode_mlp(x, W, V, backward="adjoint", backend="triton")
+
+    def adjoint_step():
+        torch.autograd.grad(ode_mlp(x, W, V, backward="adjoint", backend="triton"), (W, V), grad_out)
+
+    num_stages = 2 if config["q"] > 128 else 3
+    tiles_ms, best = {}, {}
+    for kind, fn in (("forward", forward), ("reverse", adjoint_step)):
+        tiles_ms[kind] = {}
+        for tiles in candidates[kind]:
+            value = ",".join(str(v) for v in (*tiles, num_stages if device.type == "cuda" else 1))
+            with _env(getattr(TILES_ENV, kind), value):
+                try:
+                    tiles_ms[kind][value] = median_ms(fn, device)
+                except Exception as err:  # noqa: BLE001 — e.g. out of shared memory: recorded, not fatal
+                    tiles_ms[kind][value] = f"{type(err).__name__}: {err}"[:300]
+        timed = {tiles: ms for tiles, ms in tiles_ms[kind].items() if isinstance(ms, float)}
+        best[kind] = min(timed, key=timed.get) if timed else None
+    itemsize = torch.empty(0, dtype=getattr(torch, config["dtype"])).element_size()
+    default = kernel_configs(config["q"], config["m"], itemsize)
+    return {"name": config["name"], "config": config, "tiles_ms": tiles_ms, "best": best,
+            "table": {kind: ",".join(str(v) for v in (c.block_b, c.block_m, c.num_warps, c.num_stages))
+                      for kind, c in zip(default._fields, default)}}  # fmt: skip
+
+
+def _tune_candidates(config: dict, dry_run: bool) -> dict:
+    if dry_run:
+        return DRY_RUN_TUNE_CANDIDATES
+    itemsize = torch.empty(0, dtype=getattr(torch, config["dtype"])).element_size()
+    return TUNE_CANDIDATES[max(64, triton.next_power_of_2(config["q"])), itemsize]
+
+
 @contextlib.contextmanager
-def _layers_per_launch(value):
-    """Run with ODENETS_FAST_TRITON_LAYERS_PER_LAUNCH set (None: the default whole-depth launches)."""
-    saved = os.environ.pop(LAYERS_PER_LAUNCH_ENV, None)
+def _env(name: str, value):
+    """Run with the environment variable `name` set to `value` (None: unset)."""
+    saved = os.environ.pop(name, None)
     if value is not None:
-        os.environ[LAYERS_PER_LAUNCH_ENV] = str(value)
+        os.environ[name] = str(value)
     try:
         yield
     finally:
-        os.environ.pop(LAYERS_PER_LAUNCH_ENV, None)
+        os.environ.pop(name, None)
         if saved is not None:
-            os.environ[LAYERS_PER_LAUNCH_ENV] = saved
+            os.environ[name] = saved
+
+
+def _layers_per_launch(value):
+    """Run with ODENETS_FAST_TRITON_LAYERS_PER_LAUNCH set (None: the default whole-depth launches)."""
+    return _env(LAYERS_PER_LAUNCH_ENV, value)
 
 
 def forward_roofline_ms(config: dict, device: torch.device) -> float:
@@ -137,10 +207,9 @@ def forward_roofline_ms(config: dict, device: torch.device) -> float:
         torch.backends.cuda.matmul.allow_tf32 = allow_tf32
     buffer = torch.empty(2**28, device=device)
     bytes_per_ms = 2 * buffer.numel() * 4 / median_ms(lambda: buffer.clone(), device)
-    config_step = step_config(q, m, interpreted=False)
-    programs = -(-B // config_step.block_b)
-    waves = -(-programs // torch.cuda.get_device_properties(device).multi_processor_count)
     itemsize = torch.empty(0, dtype=dtype).element_size()
+    programs = -(-B // kernel_configs(q, m, itemsize).forward.block_b)
+    waves = -(-programs // torch.cuda.get_device_properties(device).multi_processor_count)
     flops = L * 2 * (2 * B * q * m)
     moved = waves * L * 2 * m * q * itemsize + 2 * B * q * itemsize
     return max(flops / flops_per_ms, moved / bytes_per_ms)
@@ -151,18 +220,26 @@ def _no_grad(fn):
         return fn()
 
 
-def run_all(dry_run: bool = False, crossover: bool = False, on_result=None) -> list:
-    """Every configuration in turn; one that fails is recorded with its error and the others still run
-    (a GPU session has little device time). `on_result(results_so_far)` after each configuration."""
+MODES = ("bench", "crossover", "tune")
+
+
+def run_all(dry_run: bool = False, mode: str = "bench", on_result=None) -> list:
+    """Every configuration of `mode` in turn; one that fails is recorded with its error and the others
+    still run (a GPU session has little device time). `on_result(results_so_far)` after each one."""
     device = torch.device("cpu" if dry_run else "cuda")
-    if crossover:
-        configs, only = (DRY_RUN_CROSSOVER_CONFIGS if dry_run else CROSSOVER_CONFIGS), CROSSOVER_CONTENDERS
+    if mode == "tune":
+        configs = DRY_RUN_TUNE_CONFIGS if dry_run else TUNE_CONFIGS
+    elif mode == "crossover":
+        configs = DRY_RUN_CROSSOVER_CONFIGS if dry_run else CROSSOVER_CONFIGS
     else:
-        configs, only = (DRY_RUN_CONFIGS if dry_run else CONFIGS), None
+        configs = DRY_RUN_CONFIGS if dry_run else CONFIGS
     results = []
     for config in configs:
         try:
-            results.append(run_config(config, device, only))
+            if mode == "tune":
+                results.append(tune_config(config, device, _tune_candidates(config, dry_run)))
+            else:
+                results.append(run_config(config, device, CROSSOVER_CONTENDERS if mode == "crossover" else None))
         except Exception as err:  # noqa: BLE001 — recorded in the results file, not hidden
             results.append({"name": config["name"], "config": config, "error": f"{type(err).__name__}: {err}"})
         finally:
@@ -171,6 +248,19 @@ def run_all(dry_run: bool = False, crossover: bool = False, on_result=None) -> l
         if on_result is not None:
             on_result(results)
     return results
+
+
+def tune_table(results: list) -> str:
+    """One row per configuration and kernel: each candidate's median ms, the fastest, the table's."""
+    lines = ["| config | kernel | candidates (BLOCK_B,BLOCK_M,warps,stages: ms) | fastest | table |", "|" + " --- |" * 5]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {_describe(r)} | | error: {r['error'][:200]} | | |")
+            continue
+        for kind, times in r["tiles_ms"].items():
+            cells = ", ".join(f"{tiles}: {ms:.3f}" if isinstance(ms, float) else f"{tiles}: failed" for tiles, ms in times.items())
+            lines.append(f"| {_describe(r)} | {kind} | {cells} | {r['best'][kind]} | {r['table'][kind]} |")
+    return "\n".join(lines)
 
 
 def _describe(r: dict) -> str:
@@ -221,8 +311,9 @@ def _table(results: list, columns: list) -> str:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU (TRITON_INTERPRET=1)")
-    parser.add_argument("--crossover", action="store_true", help="the whole-depth vs per-layer sweep")
+    parser.add_argument("--mode", choices=MODES, default="bench",
+                        help="bench: the issues' ratios; crossover: whole-depth vs per-layer; tune: tile candidates")  # fmt: skip
     args = parser.parse_args()
-    results = run_all(args.dry_run, args.crossover)
-    print(crossover_table(results) if args.crossover else markdown_table(results))
+    results = run_all(args.dry_run, args.mode)
+    print({"bench": markdown_table, "crossover": crossover_table, "tune": tune_table}[args.mode](results))
     print(json.dumps(results, indent=1))

@@ -25,10 +25,11 @@ from .reference import Gradients, _Saved, anchor_interval, relative_drift
 from .spec import StackSpec
 from .triton_kernels import mlp_step
 from .triton_kernels.activations import ACTIVATION_CODES
-from .triton_kernels.mlp_step import MAX_STATE_WIDTH, Params
+from .triton_kernels.mlp_step import MAX_STATE_WIDTH, KernelConfigs, Params, StepConfig
 
 INTERPRETED = type(mlp_step.forward_layers_kernel).__name__ == "InterpretedFunction"
 LAYERS_PER_LAUNCH_ENV = "ODENETS_FAST_TRITON_LAYERS_PER_LAUNCH"
+TILES_ENV = KernelConfigs("ODENETS_FAST_TRITON_FORWARD_TILES", "ODENETS_FAST_TRITON_REVERSE_TILES")
 PARTIAL_BUFFER_BYTES = 256 * 2**20
 _INT32_MAX = 2**31 - 1
 
@@ -76,19 +77,42 @@ def _chunks(depth: int, size: int) -> list:
     return [(max(0, stop - size), stop) for stop in range(depth, 0, -size)]
 
 
+def kernel_configs(q: int, m: int, operand_bytes: int) -> KernelConfigs:
+    """The tiles of mlp_step's table, or those that ODENETS_FAST_TRITON_FORWARD_TILES /
+    ODENETS_FAST_TRITON_REVERSE_TILES give as "BLOCK_B,BLOCK_M,num_warps,num_stages" (for tuning
+    on a GPU: `bench.triton_step --tune` times alternatives through them)."""
+    configs = mlp_step.kernel_configs(q, m, operand_bytes, INTERPRETED)
+    return KernelConfigs(*(_tiles_from_env(env, config) for env, config in zip(TILES_ENV, configs)))
+
+
+def _tiles_from_env(env: str, config: StepConfig) -> StepConfig:
+    value = os.environ.get(env, "")
+    if not value:
+        return config
+    parts = [part.strip() for part in value.split(",")]
+    if len(parts) != 4 or not all(part.isdigit() for part in parts):
+        raise ValueError(f"{env} must be 'BLOCK_B,BLOCK_M,num_warps,num_stages' (four positive integers); got {value!r}")
+    block_b, block_m, num_warps, num_stages = map(int, parts)
+    if any(size < 16 or size & (size - 1) for size in (block_b, block_m)):
+        raise ValueError(f"{env}: BLOCK_B and BLOCK_M must be powers of two of at least 16 (tl.dot); got {value!r}")
+    if num_warps not in (1, 2, 4, 8, 16, 32) or num_stages < 1:
+        raise ValueError(f"{env}: num_warps must be a power of two up to 32 and num_stages positive; got {value!r}")
+    return config._replace(block_b=block_b, block_m=block_m, num_warps=num_warps, num_stages=num_stages)
+
+
 def _setup(spec: StackSpec, W, V, b, c, q: int) -> tuple:
     params = Params(W.contiguous(), V.contiguous(), None if b is None else b.contiguous(),
                     None if c is None else c.contiguous())  # fmt: skip
-    config = mlp_step.step_config(q, W.shape[1], INTERPRETED)
+    configs = kernel_configs(q, W.shape[1], W.element_size())
     args = dict(heun=spec.method == "heun", act=ACTIVATION_CODES[spec.activation], step=spec.step,
-                scale_in=spec.scale_in, scale_out=spec.scale_out, precision=spec.input_precision, config=config)  # fmt: skip
-    return params, args
+                scale_in=spec.scale_in, scale_out=spec.scale_out, precision=spec.input_precision)  # fmt: skip
+    return params, args, configs
 
 
 def forward(x: Tensor, W, V, b, c, spec: StackSpec) -> tuple[Tensor, tuple]:
     check_supported(x, W)
     B, q = x.shape
-    params, args = _setup(spec, W, V, b, c, q)
+    params, args, configs = _setup(spec, W, V, b, c, q)
     state = x.to(torch.float32, copy=True).contiguous()
     every = anchor_interval(spec)
     anchors = state.new_empty((len(range(0, spec.depth, every)), B, q))
@@ -96,7 +120,7 @@ def forward(x: Tensor, W, V, b, c, spec: StackSpec) -> tuple[Tensor, tuple]:
     if B:
         for start, stop in reversed(_chunks(spec.depth, layers_per_launch(spec.depth))):
             mlp_step.forward_layers(state, params, start, stop, anchors=anchors, anchor_every=every, stages=stages,
-                                    **args)  # fmt: skip
+                                    config=configs.forward, **args)  # fmt: skip
     return state.to(x.dtype), tuple(_Saved(state, anchors, stages))
 
 
@@ -105,7 +129,7 @@ def backward(grad_out: Tensor, saved: tuple, W, V, b, c, spec: StackSpec) -> Gra
     final, anchors, stages = _Saved(*saved)
     B, q = final.shape
     P, m, _ = W.shape
-    params, args = _setup(spec, W, V, b, c, q)
+    params, args, configs = _setup(spec, W, V, b, c, q)
     sections = mlp_step.GradSections(q, m)
     accumulators = [torch.zeros(shape, dtype=torch.float32, device=final.device)
                      for shape in (W.shape, V.shape, (P, m), (P, q))]  # fmt: skip
@@ -114,7 +138,7 @@ def backward(grad_out: Tensor, saved: tuple, W, V, b, c, spec: StackSpec) -> Gra
     adjoint = spec.backward == "adjoint"
     extra = 1 if args["heun"] else 0  # Heun's layer n also writes θ_{n+1}'s gradients
     size = layers_per_launch(spec.depth)
-    programs = triton.cdiv(B, args["config"].block_b)
+    programs = triton.cdiv(B, configs.reverse.block_b)
     if not atomic:  # the partial buffer bounds the layers per launch
         layer_floats = max(programs, 1) * sum(sections.sizes)
         size = max(1, min(size, PARTIAL_BUFFER_BYTES // (4 * layer_floats) - extra, _INT32_MAX // layer_floats - extra))
@@ -132,7 +156,8 @@ def backward(grad_out: Tensor, saved: tuple, W, V, b, c, spec: StackSpec) -> Gra
             state, g, params, start, stop, [t if keep else None for t, keep in zip(targets, present)],
             0 if atomic else partials.stride(0), 0 if atomic else start,
             reconstruct=adjoint, anchors=anchors if use_anchors else None, anchor_every=anchor_interval(spec),
-            stages=stages, drift_state=drift_state if start == 0 else None, atomic=atomic, **args,
+            stages=stages, drift_state=drift_state if start == 0 else None, atomic=atomic, config=configs.reverse,
+            **args,
         )  # fmt: skip
         if not atomic:
             touched = stop - start + extra

@@ -104,19 +104,24 @@ def test_gpu_suite_dry_run(tmp_path):
 
     gpu_suite.main(["--dry-run", "--stages", "bench", "--out", str(tmp_path / "first")])
     (first,) = (tmp_path / "first").glob("gpu-suite-cpu-*.json")
-    gpu_suite.main(["--dry-run", "--stages", "crossover", "--merge", str(first), "--out", str(tmp_path)])
+    gpu_suite.main(["--dry-run", "--stages", "crossover,tune", "--merge", str(first), "--out", str(tmp_path)])
     (json_file,) = tmp_path.glob("gpu-suite-cpu-*.json")
     results = json.loads(json_file.read_text())
     assert {"device", "commit", "torch", "triton", "date", "tests", "benchmarks"} <= set(results)
     assert results["dry_run"] is True and {"passed", "failed"} <= set(results["tests"])
-    assert results["stages_run"] == ["bench", "crossover"]
+    assert results["stages_run"] == ["bench", "crossover", "tune"]
     (bench,) = results["benchmarks"]
     assert {"adjoint_step_vs_eager_backprop", "forward_vs_eager_forward"} <= set(bench["ratios"])
     assert all(t > 0 for t in bench["median_ms"].values())
     (crossover,) = results["crossover"]
     assert set(crossover["median_ms"]) == set(gpu_suite.triton_step.CROSSOVER_CONTENDERS)
     assert {"whole_depth_forward_vs_per_layer", "whole_depth_adjoint_step_vs_per_layer"} <= set(crossover["ratios"])
-    assert "Whole-depth against per-layer" in json_file.with_suffix(".md").read_text()
+    (tune,) = results["tune"]
+    for kind in ("forward", "reverse"):
+        assert all(isinstance(ms, float) and ms > 0 for ms in tune["tiles_ms"][kind].values())
+        assert tune["best"][kind] in tune["tiles_ms"][kind]
+    report = json_file.with_suffix(".md").read_text()
+    assert "Whole-depth against per-layer" in report and "Tile candidates" in report
 
 
 def test_gpu_suite_refuses_to_merge_another_commit(tmp_path):

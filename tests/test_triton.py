@@ -116,7 +116,7 @@ def _spec(x, W, method, **kwargs):
 def _kernel_args(spec):
     return dict(heun=spec.method == "heun", act=ACTIVATION_CODES["tanh"], step=spec.step, scale_in=spec.scale_in,
                 scale_out=spec.scale_out, precision="ieee",
-                config=mlp_step.step_config(ODD["q"], ODD["m"], triton_backend.INTERPRETED))  # fmt: skip
+                config=triton_backend.kernel_configs(ODD["q"], ODD["m"], operand_bytes=4).forward)  # fmt: skip
 
 
 @pytest.mark.parametrize("method", ["euler", "heun"])
@@ -207,6 +207,44 @@ def test_layers_per_launch_must_be_positive(monkeypatch):
     monkeypatch.setenv(triton_backend.LAYERS_PER_LAUNCH_ENV, "0")
     with pytest.raises(ValueError, match="ODENETS_FAST_TRITON_LAYERS_PER_LAUNCH must be a positive integer"):
         triton_backend.layers_per_launch(4)
+
+
+@pytest.mark.parametrize("method", ["euler", "heun"])
+def test_tile_overrides_give_the_same_results(method, monkeypatch):
+    """Other tiles (more row blocks, more hidden chunks, forward and reverse apart) through the
+    tuning variables: the reference's results, to float32 rounding."""
+    tensors = make_stack(L=3, method=method, bias=True, dtype=torch.float32, **ODD)
+    grad_out = torch.randn(ODD["B"], ODD["q"])
+    want = _run("reference", tensors, grad_out, method=method, anchor_every=2)
+    monkeypatch.setenv(triton_backend.TILES_ENV.forward, "32,16,1,1")
+    monkeypatch.setenv(triton_backend.TILES_ENV.reverse, "16, 64, 2, 1")
+    assert triton_backend.kernel_configs(ODD["q"], ODD["m"], 4) == mlp_step.KernelConfigs(
+        mlp_step.StepConfig(32, 16, 32, 1, 1), mlp_step.StepConfig(16, 64, 32, 2, 1))
+    _assert_match(_run("triton", tensors, grad_out, method=method, anchor_every=2), want)
+
+
+@pytest.mark.parametrize("value, message", [("32,16,1", "four positive integers"), ("32,x,1,1", "four positive"),
+                                            ("24,16,1,1", "powers of two of at least 16"),
+                                            ("32,8,1,1", "powers of two of at least 16"),
+                                            ("32,16,3,1", "num_warps must be a power of two"),
+                                            ("32,16,4,0", "num_stages positive")])  # fmt: skip
+def test_tile_override_must_be_valid(value, message, monkeypatch):
+    monkeypatch.setenv(triton_backend.TILES_ENV.reverse, value)
+    with pytest.raises(ValueError, match=f"ODENETS_FAST_TRITON_REVERSE_TILES.*{message}"):
+        triton_backend.kernel_configs(ODD["q"], ODD["m"], 4)
+
+
+@pytest.mark.parametrize("operand_bytes", [2, 4])
+@pytest.mark.parametrize("q, m", [(1, 1), (24, 40), (64, 128), (100, 300), (256, 512), (256, 2000)])
+def test_gpu_tile_table_covers_every_width(q, m, operand_bytes):
+    """The GPU tiles (what tests/triton_aot.py compiles at the benchmark shapes) for any state width:
+    powers of two for tl.dot, q whole in one tile, no hidden chunk wider than m needs."""
+    for config in mlp_step.kernel_configs(q, m, operand_bytes, interpreted=False):
+        assert config.block_q >= q and config.block_q == max(16, 2 ** (q - 1).bit_length())
+        for size in (config.block_b, config.block_m):
+            assert size >= 16 and size & (size - 1) == 0
+        assert config.block_m <= max(16, 2 ** (m - 1).bit_length())
+        assert config.num_stages == (2 if config.block_q >= 256 else 3)
 
 
 def test_wide_state_is_a_clear_error():

@@ -1,11 +1,16 @@
 """Compile the Triton kernels for an H100 (sm_90) ahead of time, without a GPU.
 
 The interpreter runs kernels as numpy code and misses what only the real compiler checks (globals
-that are not constexpr, type errors in branches, shared-memory overflow). Triton ships ptxas, so
-compiling to a cubin needs no device. Run as a script (TRITON_INTERPRET must be unset):
+that are not constexpr, type errors in branches, shared-memory overflow, register spills). Triton
+ships ptxas and cuobjdump, so compiling to a cubin and reading its resource usage need no device.
+Run as a script (TRITON_INTERPRET must be unset):
 
     python tests/triton_aot.py [--all]   → one line per specialisation, exit code 1 on any failure
 
+Each line gives the shared memory, registers and stack (register spill) per thread of the
+specialisation; a failure is a compile error, shared memory beyond the H100's 227 KiB, or a stack
+beyond MAX_STACK_BYTES (the tile table of mlp_step.kernel_configs keeps spills small; a larger
+stack means a kernel change made it spill, which costs far more than the interpreter shows).
 Without --all, a representative subset (every kernel and branch at the widest benchmark shape, in
 float32 and bfloat16) that compiles in a minute or two on 2 cores; --all covers every benchmark
 shape and precision (about 30 specialisations).
@@ -13,7 +18,10 @@ shape and precision (about 30 specialisations).
 
 import itertools
 import os
+import re
+import subprocess
 import sys
+import tempfile
 
 if os.environ.get("TRITON_INTERPRET") == "1":  # noqa: E402 — checked before triton is imported
     sys.exit("tests/triton_aot.py compiles real kernels: run it without TRITON_INTERPRET=1")
@@ -26,6 +34,8 @@ from odenets_fast.triton_kernels import mlp_step  # noqa: E402
 
 H100 = GPUTarget("cuda", 90, 32)
 H100_SHARED_MEMORY = 232448  # bytes per block (227 KiB)
+MAX_STACK_BYTES = 4096  # per thread; the table's tiles stay below 2.5 KiB, the old 32 × 32 tiles reached 11 KiB
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 FLOAT_ARGS = {"step", "scale_in", "scale_out"}
 WEIGHT_PTRS = {"W_ptr", "V_ptr", "b_ptr", "c_ptr", "W1_ptr", "V1_ptr", "b1_ptr", "c1_ptr"}
 
@@ -45,37 +55,56 @@ def compile_kernel(kernel, weight_dtype: str, constexprs: dict, num_warps: int, 
     return triton.compile(source, target=H100, options={"num_warps": num_warps, "num_stages": num_stages})
 
 
+def resource_usage(compiled) -> tuple:
+    """(registers, stack bytes) per thread of a compiled kernel, from cuobjdump's report on its cubin."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        report = subprocess.run([CUOBJDUMP, "-res-usage", cubin.name], capture_output=True, text=True, check=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+)", report)
+    if found is None:
+        raise RuntimeError(f"no resource usage in cuobjdump's report: {report[-300:]}")
+    return int(found.group(1)), int(found.group(2))
+
+
 def specialisations(everything: bool):
     """(label, kernel, weight dtype, constexprs, launch options) for the shapes of the GPU benchmarks."""
     shapes = [(256, 512), (64, 128)] if everything else [(256, 512)]
     precisions = [("fp32", "ieee"), ("bf16", "ieee")] + ([("fp32", "tf32")] if everything else [])
     for (q, m), (dtype, precision) in itertools.product(shapes, precisions):
-        config = mlp_step.step_config(q, m, interpreted=False)
-        tiles = dict(BLOCK_B=config.block_b, BLOCK_M=config.block_m, BLOCK_Q=config.block_q, PRECISION=precision)
+        configs = mlp_step.kernel_configs(q, m, 4 if dtype == "fp32" else 2, interpreted=False)
         label = f"q={q} m={m} {dtype} {precision}"
         for heun in (False, True) if everything else (True,):
             yield (f"forward heun={heun} {label}", mlp_step.forward_layers_kernel, dtype,
-                   dict(HEUN=heun, ACT=3, HAS_B=True, HAS_C=True, SAVE_ANCHORS=True, SAVE_STAGES=heun, **tiles),
-                   (config.num_warps, config.num_stages))  # fmt: skip
+                   dict(HEUN=heun, ACT=3, HAS_B=True, HAS_C=True, SAVE_ANCHORS=True, SAVE_STAGES=heun,
+                        **_tiles(configs.forward, precision)),
+                   (configs.forward.num_warps, configs.forward.num_stages))  # fmt: skip
             for adjoint, atomic in ((True, False), (True, True), (False, False)):
                 yield (f"reverse heun={heun} adjoint={adjoint} atomic={atomic} {label}",
                        mlp_step.reverse_layers_kernel, dtype,
                        dict(HEUN=heun, ACT=4, HAS_B=True, HAS_C=True, RECONSTRUCT=adjoint, USE_ANCHORS=True,
-                            USE_STAGES=heun and not adjoint, DRIFT=adjoint, ATOMIC=atomic, **tiles),
-                       (config.num_warps, config.num_stages))  # fmt: skip
+                            USE_STAGES=heun and not adjoint, DRIFT=adjoint, ATOMIC=atomic,
+                            **_tiles(configs.reverse, precision)),
+                       (configs.reverse.num_warps, configs.reverse.num_stages))  # fmt: skip
     yield "sum_partials", mlp_step.sum_partials_kernel, "fp32", dict(BLOCK=1024), (4, 3)
+
+
+def _tiles(config, precision: str) -> dict:
+    return dict(BLOCK_B=config.block_b, BLOCK_M=config.block_m, BLOCK_Q=config.block_q, PRECISION=precision)
 
 
 def main(argv: list) -> int:
     failures = 0
     for label, kernel, dtype, constexprs, (num_warps, num_stages) in specialisations("--all" in argv):
         try:
-            shared = compile_kernel(kernel, dtype, constexprs, num_warps, num_stages).metadata.shared
-            ok = shared <= H100_SHARED_MEMORY
-            print(f"{'ok ' if ok else 'BIG'} {label}: {shared} bytes of shared memory")
+            compiled = compile_kernel(kernel, dtype, constexprs, num_warps, num_stages)
+            shared, (registers, stack) = compiled.metadata.shared, resource_usage(compiled)
+            ok = shared <= H100_SHARED_MEMORY and stack <= MAX_STACK_BYTES
+            print(f"{'ok ' if ok else 'BIG'} {label}: {shared} bytes of shared memory, {registers} registers, "
+                  f"{stack} bytes of stack per thread", flush=True)  # fmt: skip
         except Exception as err:  # report every failing specialisation, not just the first
             ok = False
-            print(f"ERR {label}: {type(err).__name__}: {str(err).splitlines()[-1] if str(err) else ''}")
+            print(f"ERR {label}: {type(err).__name__}: {str(err).splitlines()[-1] if str(err) else ''}", flush=True)
         failures += not ok
     return 1 if failures else 0
 

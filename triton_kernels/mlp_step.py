@@ -339,18 +339,49 @@ class StepConfig(NamedTuple):
     num_stages: int  # software-pipelining depth of the m loop: each stage buffers a W and a Vᵀ tile
 
 
-def step_config(q: int, m: int, interpreted: bool) -> StepConfig:
-    """Tile sizes: fixed small tiles under the interpreter (fast to emulate); on the GPU, fewer rows
-    per program as q grows so that the per-row float32 blocks still fit in registers, and two
-    pipeline stages at q = 256, where three float32 stages of the Heun reverse step would need
-    more than the H100's 227 KiB of shared memory (checked by tests/triton_aot.py)."""
+class KernelConfigs(NamedTuple):
+    """Tiles of the two fused kernels, chosen apart: the reverse step holds about twice as many
+    live tiles as the forward (x, g, u, dx and the dW, dVᵀ chunks), so it takes smaller ones."""
+
+    forward: StepConfig
+    reverse: StepConfig
+
+
+# (BLOCK_B, BLOCK_M, num_warps) of the forward and the reverse kernel, by padded state width and
+# the bytes of a matrix-product operand (4: float32, IEEE or TF32; 2: float16/bfloat16). Read off
+# ptxas's resource report for sm_90 (`python tests/triton_aot.py --resources`): the largest tiles
+# whose register spill per thread stays small. float32 IEEE products run on the CUDA cores, and
+# Triton's FMA dot holds each thread's operand rows for the whole reduction in registers, so at
+# q = 256 no tile is spill-free in the reverse kernel (1.7 KiB at the choice below; the earlier
+# 32 × 32 tiles spilled 11 KiB and ptxas fell back to 32 registers). Provisional until timed on a
+# GPU: `make gpu STAGES=tune` times alternatives, and ODENETS_FAST_TRITON_{FORWARD,REVERSE}_TILES
+# override the table (odenets_fast.triton_backend).
+_TILES = {
+    (64, 4): ((64, 32, 8), (32, 16, 8)),
+    (64, 2): ((64, 64, 8), (32, 32, 8)),
+    (128, 4): ((32, 16, 8), (16, 16, 8)),
+    (128, 2): ((32, 32, 8), (32, 16, 8)),
+    (256, 4): ((32, 16, 8), (16, 16, 8)),
+    (256, 2): ((32, 16, 8), (16, 16, 8)),
+}
+
+
+def kernel_configs(q: int, m: int, operand_bytes: int, interpreted: bool) -> KernelConfigs:
+    """Tile sizes of the forward and reverse kernels: fixed small tiles under the interpreter (fast to
+    emulate); on the GPU the table above, and two pipeline stages at q = 256, where three float32
+    stages of the Heun reverse step would need more than the H100's 227 KiB of shared memory
+    (checked by tests/triton_aot.py)."""
     block_q = max(16, triton.next_power_of_2(q))
     if interpreted:
-        return StepConfig(block_b=16, block_m=32, block_q=block_q, num_warps=1, num_stages=1)
-    block_b = 64 if block_q <= 64 else 32
-    block_m = 64 if block_q <= 128 else 32
-    return StepConfig(block_b=block_b, block_m=min(block_m, max(16, triton.next_power_of_2(m))), block_q=block_q,
-                      num_warps=4 if block_q <= 64 else 8, num_stages=2 if block_q >= 256 else 3)  # fmt: skip
+        config = StepConfig(block_b=16, block_m=32, block_q=block_q, num_warps=1, num_stages=1)
+        return KernelConfigs(config, config)
+    block_m_limit = max(16, triton.next_power_of_2(m))
+    num_stages = 2 if block_q >= 256 else 3
+    forward, reverse = (
+        StepConfig(block_b, min(block_m, block_m_limit), block_q, num_warps, num_stages)
+        for block_b, block_m, num_warps in _TILES[max(64, block_q), 4 if operand_bytes >= 4 else 2]
+    )
+    return KernelConfigs(forward, reverse)
 
 
 class Params(NamedTuple):
