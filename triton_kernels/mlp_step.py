@@ -352,7 +352,7 @@ class KernelConfigs(NamedTuple):
 # ptxas's resource report for sm_90 (`python tests/triton_aot.py --resources`): the largest tiles
 # whose register spill per thread stays small. float32 IEEE products run on the CUDA cores, and
 # Triton's FMA dot holds each thread's operand rows for the whole reduction in registers, so at
-# q = 256 no tile is spill-free in the reverse kernel (1.7 KiB at the choice below; the earlier
+# q = 256 no tile is spill-free in the reverse kernel (2–3 KiB at the choice below; the earlier
 # 32 × 32 tiles spilled 11 KiB and ptxas fell back to 32 registers). Provisional until timed on a
 # GPU: `make gpu STAGES=tune` times alternatives, and ODENETS_FAST_TRITON_{FORWARD,REVERSE}_TILES
 # override the table (odenets_fast.triton_backend).
