@@ -7,7 +7,7 @@ For each configuration, on the same data in one process:
     fused_adjoint_step     ode_mlp forward + adjoint backward
     fused_backprop_step    ode_mlp forward + backprop-mode backward
     per_layer_*            the forward and adjoint step again with one launch per layer
-    (float32 only) the two fused steps again with TF32 products
+    (float32 only) the two fused steps again with TF32 products, the adjoint step with TF32x3
 The fused contenders use the default whole-depth launches (ratios also recorded as whole_depth_*);
 per_layer_* give the crossover. On CUDA, forward_fraction_of_roofline = roofline floor / fused
 forward time (see forward_roofline_ms).
@@ -75,6 +75,7 @@ RATIOS = {
     "per_layer_forward_vs_eager_forward": ("per_layer_forward", "eager_forward"),
     "per_layer_adjoint_step_vs_eager_backprop": ("per_layer_adjoint_step", "eager_backprop_step"),
     "adjoint_step_tf32_vs_eager_backprop": ("fused_adjoint_step_tf32", "eager_backprop_step"),
+    "adjoint_step_tf32x3_vs_eager_backprop": ("fused_adjoint_step_tf32x3", "eager_backprop_step"),
     "whole_depth_forward_vs_per_layer": ("fused_forward", "per_layer_forward"),
     "whole_depth_adjoint_step_vs_per_layer": ("fused_adjoint_step", "per_layer_adjoint_step"),
 }
@@ -122,6 +123,7 @@ def run_config(config: dict, device: torch.device, only=None) -> dict:
     if dtype == torch.float32:
         contenders["fused_adjoint_step_tf32"] = step(fused("adjoint", "tf32"))
         contenders["fused_backprop_step_tf32"] = step(fused("backprop", "tf32"))
+        contenders["fused_adjoint_step_tf32x3"] = step(fused("adjoint", "tf32x3"))
     if only is not None:
         contenders = {name: contenders[name] for name in only if name in contenders}
     times = {name: median_ms(fn, device) for name, fn in contenders.items()}
@@ -279,6 +281,7 @@ def markdown_table(results: list) -> str:
         ("per-layer adjoint/eager", None, "per_layer_adjoint_step_vs_eager_backprop"),
         ("fused backprop step ms", "fused_backprop_step", None),
         ("adjoint TF32/eager", None, "adjoint_step_tf32_vs_eager_backprop"),
+        ("adjoint TF32x3/eager", None, "adjoint_step_tf32x3_vs_eager_backprop"),
     ]  # fmt: skip
     return _table(results, columns)
 

@@ -107,8 +107,10 @@ def ode_mlp(
             from the stored state there (k = 1 gives exact gradients).
         scale_in, scale_out: a_in and a_out; default 1/sqrt(q) and 1/sqrt(m).
         backend: "reference", "triton" or "cpp"; None picks by device (or ODENETS_FAST_BACKEND).
-        input_precision: "ieee" (default) or "tf32" for float32 matrix products (Triton backend;
-            the reference and C++ backends always use full float32/float64 products).
+        input_precision: float32 matrix products of the Triton backend: "ieee" (default, CUDA
+            cores), "tf32" (tensor cores, 10-bit mantissa) or "tf32x3" (tensor cores, three TF32
+            products per product: close to float32 accuracy). The reference and C++ backends always
+            use full float32/float64 products.
         deterministic: Triton backend — True (default) reduces weight gradients over the batch in
             a fixed order (bitwise reproducible); False uses atomics (faster, last bits vary).
         drift_out: a 0-dim floating tensor on x's device; an adjoint backward writes

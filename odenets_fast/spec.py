@@ -17,7 +17,7 @@ from .activations import ACTIVATIONS
 
 METHODS = ("euler", "heun")
 BACKWARD_MODES = ("adjoint", "backprop")
-INPUT_PRECISIONS = ("ieee", "tf32")
+INPUT_PRECISIONS = ("ieee", "tf32", "tf32x3")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 

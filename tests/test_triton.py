@@ -209,6 +209,16 @@ def test_layers_per_launch_must_be_positive(monkeypatch):
         triton_backend.layers_per_launch(4)
 
 
+@pytest.mark.parametrize("precision", ["tf32", "tf32x3"])
+def test_tensor_core_precisions_reach_the_kernels(precision):
+    """The interpreter multiplies in float32 whatever the precision, so this checks the plumbing
+    (the accuracy of TF32 and TF32x3 is checked on a GPU, tests/gpu)."""
+    tensors = make_stack(L=2, method="heun", bias=True, dtype=torch.float32, **ODD)
+    grad_out = torch.randn(ODD["B"], ODD["q"])
+    _assert_match(_run("triton", tensors, grad_out, method="heun", input_precision=precision),
+                  _run("reference", tensors, grad_out, method="heun"))  # fmt: skip
+
+
 @pytest.mark.parametrize("method", ["euler", "heun"])
 def test_tile_overrides_give_the_same_results(method, monkeypatch):
     """Other tiles (more row blocks, more hidden chunks, forward and reverse apart) through the

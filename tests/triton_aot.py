@@ -70,7 +70,7 @@ def resource_usage(compiled) -> tuple:
 def specialisations(everything: bool):
     """(label, kernel, weight dtype, constexprs, launch options) for the shapes of the GPU benchmarks."""
     shapes = [(256, 512), (64, 128)] if everything else [(256, 512)]
-    precisions = [("fp32", "ieee"), ("bf16", "ieee")] + ([("fp32", "tf32")] if everything else [])
+    precisions = [("fp32", "ieee"), ("bf16", "ieee")] + ([("fp32", "tf32"), ("fp32", "tf32x3")] if everything else [])
     for (q, m), (dtype, precision) in itertools.product(shapes, precisions):
         configs = mlp_step.kernel_configs(q, m, 4 if dtype == "fp32" else 2, interpreted=False)
         label = f"q={q} m={m} {dtype} {precision}"

@@ -40,12 +40,14 @@ def test_float32_ieee_matches_float64_reference(method, backward, activation):
         assert _rel(g, w) < 1e-5
 
 
-@pytest.mark.parametrize("precision, dtype", [("tf32", torch.float32), ("ieee", torch.bfloat16), ("ieee", torch.float16)])
+@pytest.mark.parametrize("precision, dtype", [("tf32", torch.float32), ("tf32x3", torch.float32), ("ieee", torch.bfloat16),
+                                              ("ieee", torch.float16)])  # fmt: skip
 @pytest.mark.parametrize("backward", ["backprop", "adjoint"])
 @pytest.mark.parametrize("method", ["euler", "heun"])
 def test_reduced_precision_no_worse_than_eager_same_dtype(method, backward, precision, dtype):
     """Oracle: the float64 reference in the same backward mode. Yardstick: the eager loop run in
-    `dtype` (with TF32 matmuls for "tf32") against the float64 eager loop — its rounding error."""
+    `dtype` (with TF32 matmuls for "tf32"; in float32 for "tf32x3", which must come close to it)
+    against the float64 eager loop — its rounding error."""
     tensors64 = _stack(method, torch.float64)
     grad_out = torch.randn(1000, 100, device=CUDA, dtype=torch.float64)
     oracle = _grads(lambda *t: ode_mlp(*t, method=method, backward=backward, backend="reference"), tensors64, grad_out)
