@@ -25,6 +25,7 @@ benchmarks; no tests, sanitizer or memory stage) to check the plumbing; its file
 
 import argparse
 import datetime
+import importlib.util
 import json
 import re
 import shutil
@@ -39,6 +40,7 @@ from bench import memory, triton_step
 from bench.report import git_commit, output_stem, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
+TEST_TIMEOUT_S = 300  # per GPU test, with pytest-timeout: a hang must not use up a session's device time
 
 
 class _Outcomes:
@@ -61,7 +63,10 @@ def run_tests() -> dict:
     import pytest
 
     outcomes = _Outcomes()
-    exit_code = pytest.main(["-q", str(ROOT / "tests" / "gpu")], plugins=[outcomes])
+    args = ["-q", str(ROOT / "tests" / "gpu")]
+    if importlib.util.find_spec("pytest_timeout") is not None:  # on the GPU image: a hung kernel fails one test
+        args.append(f"--timeout={TEST_TIMEOUT_S}")
+    exit_code = pytest.main(args, plugins=[outcomes])
     return {"passed": outcomes.passed, "failed": outcomes.failed, "skipped": outcomes.skipped,
             "failures": outcomes.failures, "pytest_exit_code": int(exit_code)}  # fmt: skip
 
