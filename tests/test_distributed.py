@@ -1,6 +1,7 @@
 """DistributedDataParallel and FSDP2 (gloo, 2 CPU processes): adjoint-mode gradients equal
 single-process training on the concatenated batch."""
 
+import gc
 import os
 import tempfile
 
@@ -70,6 +71,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+        gc.collect()  # free cyclic garbage holding gloo work objects before the interpreter exits
 
 
 @pytest.fixture(scope="module")
