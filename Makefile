@@ -37,9 +37,9 @@ clean:
 	rm -rf $(VENV) build *.egg-info
 
 # On a GPU machine (no venv, no internet: the machine's own torch and triton): install the package
-# in place, run the GPU tests, compute-sanitizer, the kernel benchmarks and the memory comparison,
-# write bench/results/. STAGES=tests,sanitizer picks stages; MERGE=<earlier gpu-suite JSON> adds
-# them to an earlier report of the same commit (see bench/gpu_suite.py).
+# in place, run the GPU tests, compute-sanitizer, the kernel benchmarks, the memory comparison and
+# the micro-benchmarks, write bench/results/. STAGES=tests,sanitizer picks stages; MERGE=<earlier
+# gpu-suite JSON> adds them to an earlier report of the same commit (see bench/gpu_suite.py).
 GPU_PYTHON ?= python3
 RESULTS ?= bench/results
 

@@ -8,7 +8,9 @@ Stages (all by default; `--stages` picks some, in this order):
     tune       tile candidates of each kernel at the benchmark shapes (bench.triton_step --mode tune),
                for the tile table of triton_kernels/mlp_step.py;
     memory     peak memory and time against depth against eager, checkpointing (and torchdiffeq when
-               installed) at B = 4096, q = 256, m = 512 (bench.memory, its own JSON and PNG).
+               installed) at B = 4096, q = 256, m = 512 (bench.memory, its own JSON and PNG);
+    micro      the micro-benchmarks of bench/test_micro.py for the eager loop and the Triton backend
+               (pytest-benchmark's JSON, micro-<device>-<yyyymmdd>.json).
 Writes `gpu-suite-<device>-<yyyymmdd>.json/.md` under --out with the device name, torch and triton
 versions, git commit and date — after every stage and every benchmark configuration, so that a run
 cut short by a time limit still leaves what it measured. A configuration that fails is recorded with
@@ -71,6 +73,16 @@ def run_tests() -> dict:
             "failures": outcomes.failures, "pytest_exit_code": int(exit_code)}  # fmt: skip
 
 
+def run_micro(out_dir: str) -> dict:
+    """bench/test_micro.py on the GPU for the eager loop and the Triton backend (pytest-benchmark's
+    JSON beside the report; each benchmark also carries do_bench's median in extra_info)."""
+    path = output_stem("micro", torch.device("cuda"), out_dir).with_suffix(".json")
+    cmd = [sys.executable, "-m", "pytest", "-q", str(ROOT / "bench" / "test_micro.py"), "--benchmark-only",
+           "-k", "eager or triton", f"--benchmark-json={path}"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    return {"ran": True, "exit_code": proc.returncode, "file": path.name, "tail": (proc.stdout + proc.stderr)[-1500:]}
+
+
 def run_sanitizer() -> dict:
     tool = shutil.which("compute-sanitizer")
     if tool is None:
@@ -84,7 +96,7 @@ def run_sanitizer() -> dict:
             "tail": output[-2000:]}  # fmt: skip
 
 
-STAGES = ("tests", "sanitizer", "bench", "crossover", "tune", "memory")
+STAGES = ("tests", "sanitizer", "bench", "crossover", "tune", "memory", "micro")
 NOT_RUN = {
     "tests": {"passed": 0, "failed": 0, "skipped": 0, "failures": [], "not_run": True},
     "sanitizer": {"ran": False, "reason": "stage not run"},
@@ -92,8 +104,9 @@ NOT_RUN = {
     "crossover": [],
     "tune": [],
     "memory": {"ran": False, "reason": "stage not run"},
+    "micro": {"ran": False, "reason": "stage not run"},
 }
-DRY_RUN_SKIPS = ("tests", "sanitizer", "memory")  # need a GPU; the triton_step stages run tiny on the interpreter
+DRY_RUN_SKIPS = ("tests", "sanitizer", "memory", "micro")  # need a GPU; the triton_step stages run tiny on the interpreter
 
 
 def run_memory(out_dir: str) -> dict:
@@ -103,7 +116,7 @@ def run_memory(out_dir: str) -> dict:
 
 
 def markdown(report: dict) -> str:
-    tests, san, mem = report["tests"], report["sanitizer"], report["memory"]
+    tests, san, mem, micro = report["tests"], report["sanitizer"], report["memory"], report["micro"]
     tests_line = "not run" if tests.get("not_run") else (
         f"{tests['passed']} passed, {tests['failed']} failed, {tests['skipped']} skipped")
     san_line = (f"{san['errors']} errors (exit code {san['exit_code']})" if san.get("ran")
@@ -118,6 +131,8 @@ def markdown(report: dict) -> str:
         f"- compute-sanitizer memcheck: {san_line}",
         f"- memory against depth: " + (f"`{mem['file']}`, ratios {json.dumps(mem['ratios'])}" if mem.get("ran")
                                        else f"not run ({mem.get('reason')})"),
+        f"- micro-benchmarks: " + (f"`{micro['file']}` (pytest exit code {micro['exit_code']})" if micro.get("ran")
+                                   else f"not run ({micro.get('reason')})"),
         "",
         "Median times (ms) and ratios, side by side in one run (`python -m bench.gpu_suite`):",
         "",
@@ -199,6 +214,8 @@ def main(argv=None) -> dict:
             triton_step.run_all(dry_run=args.dry_run, mode=stage, on_result=save_results(key))
         elif stage == "memory":
             report["memory"] = run_memory(args.out)
+        elif stage == "micro":
+            report["micro"] = run_micro(args.out)
         report["stages_run"] = sorted(set(report["stages_run"]) | {stage}, key=STAGES.index)
         save()
     save()
