@@ -55,7 +55,7 @@ CROSSOVER_CONTENDERS = ("fused_forward", "per_layer_forward", "fused_adjoint_ste
 # ODENETS_FAST_TRITON_{FORWARD,REVERSE}_TILES, num_stages by the table's rule.
 TUNE_CANDIDATES = {
     (64, 4): {"forward": [(64, 32, 8), (64, 64, 4), (32, 32, 8), (64, 16, 8), (128, 32, 8)],
-              "reverse": [(32, 16, 8), (64, 64, 4), (16, 16, 8), (64, 16, 8), (32, 32, 8)]},
+              "reverse": [(64, 16, 8), (64, 64, 4), (32, 16, 8), (16, 16, 8), (64, 32, 8)]},
     (256, 4): {"forward": [(32, 16, 8), (32, 32, 8), (16, 16, 8), (16, 16, 16)],
                "reverse": [(16, 16, 8), (32, 32, 8), (32, 16, 8), (16, 16, 16)]},
     (256, 2): {"forward": [(32, 16, 8), (32, 32, 8), (16, 16, 8), (64, 16, 8)],

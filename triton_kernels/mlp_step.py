@@ -348,17 +348,20 @@ class KernelConfigs(NamedTuple):
 
 
 # (BLOCK_B, BLOCK_M, num_warps) of the forward and the reverse kernel, by padded state width and
-# the bytes of a matrix-product operand (4: float32, IEEE or TF32; 2: float16/bfloat16). Read off
-# ptxas's resource report for sm_90 (`python tests/triton_aot.py --resources`): the largest tiles
-# whose register spill per thread stays small. float32 IEEE products run on the CUDA cores, and
-# Triton's FMA dot holds each thread's operand rows for the whole reduction in registers, so at
-# q = 256 no tile is spill-free in the reverse kernel (2–3 KiB at the choice below; the earlier
-# 32 × 32 tiles spilled 11 KiB and ptxas fell back to 32 registers). Provisional until timed on a
+# the bytes of a matrix-product operand (4: float32, IEEE or TF32; 2: float16/bfloat16), read off
+# ptxas's resource report for sm_90 (`python tests/triton_aot.py --all` prints it): the largest
+# tiles whose register spill per thread stays small, preferring more rows per program where spills
+# are close — in deterministic mode every program writes a partial row of each layer's weight
+# gradients, so halving BLOCK_B doubles that traffic (34 MB per layer at q = 64, m = 128,
+# B = 16384 with 32 rows). float32 IEEE products run on the CUDA cores, and Triton's FMA dot holds
+# each thread's operand rows for the whole reduction in registers, so at q = 256 no reverse tile is
+# spill-free (2–3 KiB at the choice below; the earlier 32 × 32 tiles spilled 11 KiB, and the 64 × 64
+# tiles at q = 64 14 KiB, with ptxas falling back to 32 registers). Provisional until timed on a
 # GPU: `make gpu STAGES=tune` times alternatives, and ODENETS_FAST_TRITON_{FORWARD,REVERSE}_TILES
 # override the table (odenets_fast.triton_backend).
 _TILES = {
-    (64, 4): ((64, 32, 8), (32, 16, 8)),
-    (64, 2): ((64, 64, 8), (32, 32, 8)),
+    (64, 4): ((64, 32, 8), (64, 16, 8)),
+    (64, 2): ((64, 64, 8), (64, 16, 8)),
     (128, 4): ((32, 16, 8), (16, 16, 8)),
     (128, 2): ((32, 32, 8), (32, 16, 8)),
     (256, 4): ((32, 16, 8), (16, 16, 8)),
