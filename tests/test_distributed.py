@@ -4,6 +4,7 @@ single-process training on the concatenated batch."""
 import gc
 import os
 import tempfile
+import warnings
 
 import pytest
 import torch
@@ -81,7 +82,13 @@ def parallel_grads():
     # independent of the CI machine's network setup (a worker aborted there with SIGABRT).
     with pytest.MonkeyPatch.context() as env, tempfile.TemporaryDirectory() as tmp:
         env.setenv("GLOO_SOCKET_IFNAME", "lo")
-        mp.spawn(_worker, args=(os.path.join(tmp, "init"), tmp), nprocs=WORLD, join=True)
+        try:
+            mp.spawn(_worker, args=(os.path.join(tmp, "init"), tmp), nprocs=WORLD, join=True)
+        except mp.ProcessExitedException as err:
+            # A worker killed by a signal (not a Python error: those propagate) once aborted in gloo
+            # on CI and never here; one more attempt, reported, and a second failure fails the test.
+            warnings.warn(f"retrying the 2-process run once after: {err}")
+            mp.spawn(_worker, args=(os.path.join(tmp, "init2"), tmp), nprocs=WORLD, join=True)
         return {
             (kind, wrapper): [torch.load(os.path.join(tmp, f"{kind}-{wrapper}-rank{r}.pt")) for r in range(WORLD)]
             for kind in KINDS for wrapper in WRAPPERS
