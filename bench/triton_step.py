@@ -52,7 +52,7 @@ CROSSOVER_CONTENDERS = ("fused_forward", "per_layer_forward", "fused_adjoint_ste
 # Tile candidates "BLOCK_B,BLOCK_M,num_warps" per (padded q, operand bytes) and kernel for the tune
 # stage: the table's choice first (mlp_step.kernel_configs), then the tiles used before the
 # register-spill analysis, then neighbours with small spills in ptxas's report. Each is timed through
-# ODENETS_FAST_TRITON_{FORWARD,REVERSE}_TILES, num_stages by the table's rule.
+# ODENETS_FAST_TRITON_{FORWARD,REVERSE}_TILES, with the table's num_stages.
 TUNE_CANDIDATES = {
     (64, 4): {"forward": [(64, 32, 8), (64, 64, 4), (32, 32, 8), (64, 16, 8), (128, 32, 8)],
               "reverse": [(64, 16, 8), (64, 64, 4), (32, 16, 8), (16, 16, 8), (64, 32, 8)]},
@@ -147,12 +147,13 @@ def tune_config(config: dict, device: torch.device, candidates: dict) -> dict:
     def adjoint_step():
         torch.autograd.grad(ode_mlp(x, W, V, backward="adjoint", backend="triton"), (W, V), grad_out)
 
-    num_stages = 2 if config["q"] > 128 else 3
+    itemsize = torch.empty(0, dtype=getattr(torch, config["dtype"])).element_size()
+    default = kernel_configs(config["q"], config["m"], itemsize)
     tiles_ms, best = {}, {}
     for kind, fn in (("forward", forward), ("reverse", adjoint_step)):
         tiles_ms[kind] = {}
         for tiles in candidates[kind]:
-            value = ",".join(str(v) for v in (*tiles, num_stages if device.type == "cuda" else 1))
+            value = ",".join(str(v) for v in (*tiles, getattr(default, kind).num_stages))
             with _env(getattr(TILES_ENV, kind), value):
                 try:
                     tiles_ms[kind][value] = median_ms(fn, device)
@@ -160,8 +161,6 @@ def tune_config(config: dict, device: torch.device, candidates: dict) -> dict:
                     tiles_ms[kind][value] = f"{type(err).__name__}: {err}"[:300]
         timed = {tiles: ms for tiles, ms in tiles_ms[kind].items() if isinstance(ms, float)}
         best[kind] = min(timed, key=timed.get) if timed else None
-    itemsize = torch.empty(0, dtype=getattr(torch, config["dtype"])).element_size()
-    default = kernel_configs(config["q"], config["m"], itemsize)
     return {"name": config["name"], "config": config, "tiles_ms": tiles_ms, "best": best,
             "table": {kind: ",".join(str(v) for v in (c.block_b, c.block_m, c.num_warps, c.num_stages))
                       for kind, c in zip(default._fields, default)}}  # fmt: skip

@@ -5,8 +5,8 @@ Each launch walks a range of layers with every program's rows of x (and g) on-ch
 the whole depth in one launch by default ("whole-depth"), or `ODENETS_FAST_TRITON_LAYERS_PER_LAUNCH`
 layers per launch (1 = the per-layer path: a launch and a round trip of the state through memory
 per layer). In deterministic mode a backward launch writes its weight gradients into per-program
-float32 partial rows for the layers it covers, summed afterwards in a fixed order; the partial
-buffer is capped at `PARTIAL_BUFFER_BYTES`, which bounds the layers per backward launch. With
+float32 partial rows for the layers it covers, summed afterwards in a fixed order; a launch covers
+as many layers as fit in `PARTIAL_BUFFER_BYTES`, at least one (whose rows alone may be larger). With
 `deterministic=False` the kernels add into the accumulator with atomics: no partial buffer, no sum.
 
 What is saved for backward follows the reference exactly (`reference._Saved`): x_L, the anchors
@@ -80,7 +80,7 @@ def _chunks(depth: int, size: int) -> list:
 def kernel_configs(q: int, m: int, operand_bytes: int) -> KernelConfigs:
     """The tiles of mlp_step's table, or those that ODENETS_FAST_TRITON_FORWARD_TILES /
     ODENETS_FAST_TRITON_REVERSE_TILES give as "BLOCK_B,BLOCK_M,num_warps,num_stages" (for tuning
-    on a GPU: `bench.triton_step --tune` times alternatives through them)."""
+    on a GPU: `bench.triton_step --mode tune` times alternatives through them)."""
     configs = mlp_step.kernel_configs(q, m, operand_bytes, INTERPRETED)
     return KernelConfigs(*(_tiles_from_env(env, config) for env, config in zip(TILES_ENV, configs)))
 
