@@ -7,6 +7,9 @@ For each configuration, on the same data in one process:
     fused_adjoint_step     ode_mlp forward + adjoint backward
     fused_backprop_step    ode_mlp forward + backprop-mode backward
     per_layer_*            the forward and adjoint step again with one launch per layer
+    fused_adjoint_step_{partials,workspace,atomic}
+                           the adjoint step with each weight-gradient reduction (the backend picks
+                           between the first two by bytes moved: triton_backend.weight_grad_reduction)
     (float32 only) the two fused steps again with TF32 products, the adjoint step with TF32x3
 The fused contenders use the default whole-depth launches (ratios also recorded as whole_depth_*);
 per_layer_* give the crossover. On CUDA, forward_fraction_of_roofline = roofline floor / fused
@@ -35,7 +38,7 @@ import triton
 from bench.baselines import eager_forward
 from bench.timing import median_ms
 from odenets_fast import ode_mlp
-from odenets_fast.triton_backend import LAYERS_PER_LAUNCH_ENV, TILES_ENV, kernel_configs
+from odenets_fast.triton_backend import LAYERS_PER_LAUNCH_ENV, TILES_ENV, WEIGHT_GRADS_ENV, kernel_configs
 
 CONFIGS = [
     dict(name="wide-float32", B=4096, q=256, m=512, L=64, dtype="float32"),
@@ -76,6 +79,8 @@ RATIOS = {
     "per_layer_adjoint_step_vs_eager_backprop": ("per_layer_adjoint_step", "eager_backprop_step"),
     "adjoint_step_tf32_vs_eager_backprop": ("fused_adjoint_step_tf32", "eager_backprop_step"),
     "adjoint_step_tf32x3_vs_eager_backprop": ("fused_adjoint_step_tf32x3", "eager_backprop_step"),
+    "weight_grads_workspace_vs_partials": ("fused_adjoint_step_workspace", "fused_adjoint_step_partials"),
+    "weight_grads_atomic_vs_partials": ("fused_adjoint_step_atomic", "fused_adjoint_step_partials"),
     "whole_depth_forward_vs_per_layer": ("fused_forward", "per_layer_forward"),
     "whole_depth_adjoint_step_vs_per_layer": ("fused_adjoint_step", "per_layer_adjoint_step"),
 }
@@ -98,27 +103,38 @@ def run_config(config: dict, device: torch.device, only=None) -> dict:
     dtype = getattr(torch, config["dtype"])
     x, W, V, grad_out = _problem(config, device)
 
-    def step(forward):
+    def step(forward, **env):
+        """forward + backward, with the backend's environment knobs `env` set for both."""
+
         def run():
-            torch.autograd.grad(forward(), (W, V), grad_out)
+            with _environment(env):
+                torch.autograd.grad(forward(), (W, V), grad_out)
 
         return run
 
-    def fused(backward, precision="ieee", layers_per_launch=None):
+    def forward_only(forward, **env):
         def run():
-            with _layers_per_launch(layers_per_launch):
-                return ode_mlp(x, W, V, backward=backward, backend="triton", input_precision=precision)
+            with _environment(env), torch.no_grad():
+                forward()
 
         return run
 
+    def fused(backward, precision="ieee", deterministic=True):
+        return lambda: ode_mlp(x, W, V, backward=backward, backend="triton", input_precision=precision,
+                               deterministic=deterministic)  # fmt: skip
+
+    per_layer = {LAYERS_PER_LAUNCH_ENV: 1}
     contenders = {
-        "eager_forward": lambda: _no_grad(lambda: eager_forward(x, W, V)),
+        "eager_forward": forward_only(lambda: eager_forward(x, W, V)),
         "eager_backprop_step": step(lambda: eager_forward(x, W, V)),
-        "fused_forward": lambda: _no_grad(fused("adjoint")),
+        "fused_forward": forward_only(fused("adjoint")),
         "fused_adjoint_step": step(fused("adjoint")),
         "fused_backprop_step": step(fused("backprop")),
-        "per_layer_forward": lambda: _no_grad(fused("adjoint", layers_per_launch=1)),
-        "per_layer_adjoint_step": step(fused("adjoint", layers_per_launch=1)),
+        "per_layer_forward": forward_only(fused("adjoint"), **per_layer),
+        "per_layer_adjoint_step": step(fused("adjoint"), **per_layer),
+        "fused_adjoint_step_partials": step(fused("adjoint"), **{WEIGHT_GRADS_ENV: "partials"}),
+        "fused_adjoint_step_workspace": step(fused("adjoint"), **{WEIGHT_GRADS_ENV: "workspace"}),
+        "fused_adjoint_step_atomic": step(fused("adjoint", deterministic=False)),
     }
     if dtype == torch.float32:
         contenders["fused_adjoint_step_tf32"] = step(fused("adjoint", "tf32"))
@@ -187,9 +203,13 @@ def _env(name: str, value):
             os.environ[name] = saved
 
 
-def _layers_per_launch(value):
-    """Run with ODENETS_FAST_TRITON_LAYERS_PER_LAUNCH set (None: the default whole-depth launches)."""
-    return _env(LAYERS_PER_LAUNCH_ENV, value)
+def _environment(settings: dict):
+    """Run with each environment variable of `settings` set (ODENETS_FAST_TRITON_* knobs are read
+    when the kernels launch, so a training step keeps them through its backward)."""
+    stack = contextlib.ExitStack()
+    for name, value in settings.items():
+        stack.enter_context(_env(name, value))
+    return stack
 
 
 def forward_roofline_ms(config: dict, device: torch.device) -> float:
@@ -214,11 +234,6 @@ def forward_roofline_ms(config: dict, device: torch.device) -> float:
     flops = L * 2 * (2 * B * q * m)
     moved = waves * L * 2 * m * q * itemsize + 2 * B * q * itemsize
     return max(flops / flops_per_ms, moved / bytes_per_ms)
-
-
-def _no_grad(fn):
-    with torch.no_grad():
-        return fn()
 
 
 MODES = ("bench", "crossover", "tune")
@@ -281,6 +296,8 @@ def markdown_table(results: list) -> str:
         ("fused backprop step ms", "fused_backprop_step", None),
         ("adjoint TF32/eager", None, "adjoint_step_tf32_vs_eager_backprop"),
         ("adjoint TF32x3/eager", None, "adjoint_step_tf32x3_vs_eager_backprop"),
+        ("dW workspace/partials", None, "weight_grads_workspace_vs_partials"),
+        ("dW atomic/partials", None, "weight_grads_atomic_vs_partials"),
     ]  # fmt: skip
     return _table(results, columns)
 

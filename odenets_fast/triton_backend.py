@@ -4,10 +4,11 @@
 Each launch walks a range of layers with every program's rows of x (and g) on-chip in float32:
 the whole depth in one launch by default ("whole-depth"), or `ODENETS_FAST_TRITON_LAYERS_PER_LAUNCH`
 layers per launch (1 = the per-layer path: a launch and a round trip of the state through memory
-per layer). In deterministic mode a backward launch writes its weight gradients into per-program
-float32 partial rows for the layers it covers, summed afterwards in a fixed order; a launch covers
-as many layers as fit in `PARTIAL_BUFFER_BYTES`, at least one (whose rows alone may be larger). With
-`deterministic=False` the kernels add into the accumulator with atomics: no partial buffer, no sum.
+per layer). In deterministic mode a backward launch reduces its weight gradients over the batch in
+a fixed order, through per-program float32 partial rows or through a workspace of the gradients'
+factors and batch-wide products (`weight_grad_reduction` picks the one that moves fewer bytes); a
+launch covers as many layers as fit in `GRAD_BUFFER_BYTES`, at least one (whose buffer alone may be
+larger). With `deterministic=False` the kernels add into the accumulator with atomics: no buffer.
 
 What is saved for backward follows the reference exactly (`reference._Saved`): x_L, the anchors
 and, for Heun in backprop mode, the stages y_n — so the activation memory of adjoint mode is
@@ -30,7 +31,8 @@ from .triton_kernels.mlp_step import MAX_STATE_WIDTH, KernelConfigs, Params, Ste
 INTERPRETED = type(mlp_step.forward_layers_kernel).__name__ == "InterpretedFunction"
 LAYERS_PER_LAUNCH_ENV = "ODENETS_FAST_TRITON_LAYERS_PER_LAUNCH"
 TILES_ENV = KernelConfigs("ODENETS_FAST_TRITON_FORWARD_TILES", "ODENETS_FAST_TRITON_REVERSE_TILES")
-PARTIAL_BUFFER_BYTES = 256 * 2**20
+GRAD_BUFFER_BYTES = 256 * 2**20  # partial rows or workspace of one backward launch
+WEIGHT_GRADS_ENV = "ODENETS_FAST_TRITON_WEIGHT_GRADS"
 _INT32_MAX = 2**31 - 1
 
 
@@ -124,6 +126,24 @@ def forward(x: Tensor, W, V, b, c, spec: StackSpec) -> tuple[Tensor, tuple]:
     return state.to(x.dtype), tuple(_Saved(state, anchors, stages))
 
 
+def weight_grad_reduction(deterministic: bool, B: int, q: int, m: int, block_b: int) -> str:
+    """How the reverse kernel reduces weight gradients over the batch (mlp_step's docstring):
+    "atomic" when not `deterministic`; otherwise whichever of "partials" and "workspace" moves fewer
+    bytes per layer — partial rows: programs × (2qm + m + q) floats, workspace: B × (2m + 2q) floats,
+    so the workspace wins when qm / BLOCK_B > m + q (at B = 4096, q = 256, m = 512 with 16-row blocks
+    it is 11× less; at q = 64, m = 128 with 64-row blocks the partial rows are 1.5× less).
+    ODENETS_FAST_TRITON_WEIGHT_GRADS=partials|workspace overrides the deterministic choice."""
+    if not deterministic:
+        return "atomic"
+    value = os.environ.get(WEIGHT_GRADS_ENV, "")
+    if value:
+        if value not in ("partials", "workspace"):
+            raise ValueError(f"{WEIGHT_GRADS_ENV} must be 'partials' or 'workspace'; got {value!r}")
+        return value
+    partial_floats = triton.cdiv(B, block_b) * (2 * q * m + m + q)
+    return "workspace" if B * (2 * m + 2 * q) < partial_floats else "partials"
+
+
 def backward(grad_out: Tensor, saved: tuple, W, V, b, c, spec: StackSpec) -> Gradients:
     """Layers L−1 … 0 with the same anchor and drift rules as `reference.backward`."""
     final, anchors, stages = _Saved(*saved)
@@ -134,36 +154,50 @@ def backward(grad_out: Tensor, saved: tuple, W, V, b, c, spec: StackSpec) -> Gra
     accumulators = [torch.zeros(shape, dtype=torch.float32, device=final.device)
                      for shape in (W.shape, V.shape, (P, m), (P, q))]  # fmt: skip
     present = (True, True, b is not None, c is not None)
-    atomic = not spec.deterministic
+    grads = weight_grad_reduction(spec.deterministic, B, q, m, configs.reverse.block_b)
     adjoint = spec.backward == "adjoint"
-    extra = 1 if args["heun"] else 0  # Heun's layer n also writes θ_{n+1}'s gradients
+    sets = 2 if args["heun"] else 1  # Heun's layer n also has gradients of θ_{n+1}
+    programs = max(1, triton.cdiv(B, configs.reverse.block_b))
+    ws_row = 2 * m + 2 * q  # a workspace row: [dz | σ(z) | x | u]
+    # partial rows: a launch over n layers also writes Heun's θ_stop, one slot more
+    extra = sets - 1 if grads == "partials" else 0
     size = layers_per_launch(spec.depth)
-    programs = triton.cdiv(B, configs.reverse.block_b)
-    if not atomic:  # the partial buffer bounds the layers per launch
-        layer_floats = max(programs, 1) * sum(sections.sizes)
-        size = max(1, min(size, PARTIAL_BUFFER_BYTES // (4 * layer_floats) - extra, _INT32_MAX // layer_floats - extra))
-        slots = size + extra
+    if grads != "atomic":  # the gradient buffer bounds the layers per launch (at least one)
+        layer_floats = programs * sum(sections.sizes) if grads == "partials" else sets * max(B, 1) * ws_row
+        size = max(1, min(size, GRAD_BUFFER_BYTES // (4 * layer_floats) - extra, _INT32_MAX // layer_floats - extra))
+    if grads == "partials":
         # zeros, not empty: without biases the kernels never write the db/dc entries
-        partials = torch.zeros((programs, sections.row(slots)), dtype=torch.float32, device=final.device)
-        partial_sections = [partials[:, start:] for start in sections.partial_starts(slots)]
+        partials = torch.zeros((programs, sections.row(size + extra)), dtype=torch.float32, device=final.device)
+        targets = [partials[:, start:] for start in sections.partial_starts(size + extra)]
+    else:
+        targets = accumulators
+    if grads == "workspace":
+        workspace = torch.empty(sets * size * B * ws_row, dtype=torch.float32, device=final.device)
     state = final.clone()
     g = grad_out.to(torch.float32, copy=True).contiguous()
     drift_state = torch.zeros_like(state) if adjoint else None
     use_anchors = spec.backward == "backprop" or spec.anchor_every is not None
     for start, stop in _chunks(spec.depth, size) if B else []:
-        targets = accumulators if atomic else partial_sections
+        chunk = workspace[: sets * (stop - start) * B * ws_row].view(sets, stop - start, B, ws_row) \
+            if grads == "workspace" else None  # fmt: skip
         mlp_step.reverse_layers(
             state, g, params, start, stop, [t if keep else None for t, keep in zip(targets, present)],
-            0 if atomic else partials.stride(0), 0 if atomic else start,
+            partials.stride(0) if grads == "partials" else 0, 0 if grads == "atomic" else start,
             reconstruct=adjoint, anchors=anchors if use_anchors else None, anchor_every=anchor_interval(spec),
-            stages=stages, drift_state=drift_state if start == 0 else None, atomic=atomic, config=configs.reverse,
-            **args,
+            stages=stages, drift_state=drift_state if start == 0 else None, grads=grads, workspace=chunk,
+            config=configs.reverse, **args,
         )  # fmt: skip
-        if not atomic:
+        if grads == "partials":
             touched = stop - start + extra
-            for acc, part, section_size, keep in zip(accumulators, partial_sections, sections.sizes, present):
+            for acc, part, section_size, keep in zip(accumulators, targets, sections.sizes, present):
                 if keep:
                     mlp_step.sum_partials(part, acc.view(-1)[start * section_size :], touched * section_size)
+        elif grads == "workspace":
+            mlp_step.workspace_grads(
+                chunk, [acc if keep else None for acc, keep in zip(accumulators, present)], start, params.W,
+                scale_in=spec.scale_in, scale_out=spec.scale_out, precision=spec.input_precision,
+                config=mlp_step.product_config(W.element_size(), INTERPRETED),
+            )  # fmt: skip
     drift = relative_drift(drift_state, anchors[0]) if adjoint else None
     grad_W, grad_V, grad_b, grad_c = accumulators
     return Gradients(

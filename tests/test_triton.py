@@ -46,22 +46,32 @@ def test_stack_matches_reference_float32(method, backward, activation, bias):
     _assert_match(_run("triton", tensors, grad_out, **kwargs), _run("reference", tensors, grad_out, **kwargs))
 
 
-@pytest.mark.parametrize("deterministic", [True, False])
+def _use_reduction(grads: str, monkeypatch) -> dict:
+    """ode_mlp keyword arguments (and environment) that make the backward use `grads`."""
+    if grads == "atomic":
+        return dict(deterministic=False)
+    monkeypatch.setenv(triton_backend.WEIGHT_GRADS_ENV, grads)
+    return {}
+
+
+@pytest.mark.parametrize("grads", mlp_step.GRAD_REDUCTIONS)
 @pytest.mark.parametrize("anchor_every", [1, 2])
 @pytest.mark.parametrize("method", ["euler", "heun"])
-def test_anchors_and_atomic_reduction(method, anchor_every, deterministic):
+def test_anchors_and_weight_gradient_reductions(method, anchor_every, grads, monkeypatch):
     tensors = make_stack(L=5, method=method, bias=True, dtype=torch.float32, **ODD)
     grad_out = torch.randn(ODD["B"], ODD["q"])
     kwargs = dict(method=method, anchor_every=anchor_every, activation="silu")
-    got = _run("triton", tensors, grad_out, deterministic=deterministic, **kwargs)
-    _assert_match(got, _run("reference", tensors, grad_out, **kwargs))
+    want = _run("reference", tensors, grad_out, **kwargs)
+    _assert_match(_run("triton", tensors, grad_out, **_use_reduction(grads, monkeypatch), **kwargs), want)
 
 
+@pytest.mark.parametrize("grads", ["partials", "workspace"])
 @pytest.mark.parametrize("backward", ["backprop", "adjoint"])
 @pytest.mark.parametrize("method", ["euler", "heun"])
-def test_float16_error_no_worse_than_plain_float16_torch(method, backward):
+def test_float16_error_no_worse_than_plain_float16_torch(method, backward, grads, monkeypatch):
     """The kernels' float16 error against float64 is judged by that of the same stack run naively
-    in float16 PyTorch (the flash-attention test pattern)."""
+    in float16 PyTorch (the flash-attention test pattern), with both deterministic reductions."""
+    monkeypatch.setenv(triton_backend.WEIGHT_GRADS_ENV, grads)
     tensors64 = make_stack(L=8, method=method, bias=True, v_scale=0.5, **ODD)
     grad_out = torch.randn(ODD["B"], ODD["q"], dtype=torch.float64)
     exact = _run("reference", tensors64, grad_out, method=method, backward=backward)
@@ -145,11 +155,12 @@ def test_forward_layers_kernel_range(method):
         assert stages[0].isnan().all()
 
 
-@pytest.mark.parametrize("atomic", [False, True])
+@pytest.mark.parametrize("grads", mlp_step.GRAD_REDUCTIONS)
 @pytest.mark.parametrize("method", ["euler", "heun"])
-def test_reverse_layers_kernel_range(method, atomic):
+def test_reverse_layers_kernel_range(method, grads):
     """One backward launch over layers 1 … 2 of a 3-layer stack: x̃_1, g_1 and the weight
-    gradients (θ_1, θ_2 and, for Heun, θ_3) against the reference's step functions."""
+    gradients (θ_1, θ_2 and, for Heun, θ_3) against the reference's step functions, with each
+    weight-gradient reduction."""
     x, W, V, b, c = make_stack(L=3, method=method, bias=True, dtype=torch.float32, **ODD)
     spec = _spec(x, W, method)
     B, q, m, P = ODD["B"], ODD["q"], ODD["m"], W.shape[0]
@@ -161,14 +172,21 @@ def test_reverse_layers_kernel_range(method, atomic):
     programs = -(-B // args["config"].block_b)
     partials = torch.full((programs, sections.row(slots)), float("nan"))  # what is read must be written
     partial_sections = [partials[:, start:] for start in sections.partial_starts(slots)]
+    sets = 2 if method == "heun" else 1
+    workspace = torch.full((sets, 2, B, 2 * m + 2 * q), float("nan")) if grads == "workspace" else None
     state, grad = x_top.clone(), g_top.clone()
     mlp_step.reverse_layers(
-        state, grad, mlp_step.Params(W, V, b, c), 1, 3, accumulators if atomic else partial_sections,
-        0 if atomic else partials.stride(0), 0 if atomic else 1, reconstruct=True, atomic=atomic, **args,
+        state, grad, mlp_step.Params(W, V, b, c), 1, 3, partial_sections if grads == "partials" else accumulators,
+        partials.stride(0) if grads == "partials" else 0, 0 if grads == "atomic" else 1, reconstruct=True,
+        grads=grads, workspace=workspace, **args,
     )  # fmt: skip
-    if not atomic:
+    if grads == "partials":
         for acc, part, size in zip(accumulators, partial_sections, sections.sizes):
             mlp_step.sum_partials(part, acc.view(-1)[size:], slots * size)
+    if grads == "workspace":
+        assert not workspace.isnan().any()  # every row of every VJP written
+        mlp_step.workspace_grads(workspace, accumulators, 1, W, scale_in=spec.scale_in, scale_out=spec.scale_out,
+                                 precision="ieee", config=mlp_step.product_config(4, interpreted=True))  # fmt: skip
 
     stack = reference._Stack(W, V, b, c, spec, torch.float32)
     acc = reference._Accumulators(torch.zeros_like(W), torch.zeros_like(V), torch.zeros_like(b), torch.zeros_like(c))
@@ -182,25 +200,46 @@ def test_reverse_layers_kernel_range(method, atomic):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("deterministic", [True, False])
+@pytest.mark.parametrize("grads", mlp_step.GRAD_REDUCTIONS)
 @pytest.mark.parametrize("layers", ["1", "2"])
 @pytest.mark.parametrize("method", ["euler", "heun"])
-def test_layers_per_launch(method, layers, deterministic, monkeypatch):
+def test_layers_per_launch(method, layers, grads, monkeypatch):
     """Per-layer launches and ranges that do not divide the depth give the whole-depth results."""
     tensors = make_stack(L=5, method=method, bias=True, dtype=torch.float32, **ODD)
     grad_out = torch.randn(ODD["B"], ODD["q"])
-    kwargs = dict(method=method, anchor_every=3, activation="gelu_tanh", deterministic=deterministic)
+    kwargs = dict(method=method, anchor_every=3, activation="gelu_tanh", **_use_reduction(grads, monkeypatch))
     whole = _run("triton", tensors, grad_out, **kwargs)
     monkeypatch.setenv(triton_backend.LAYERS_PER_LAUNCH_ENV, layers)
     _assert_match(_run("triton", tensors, grad_out, **kwargs), whole)
 
 
-def test_partial_buffer_cap_splits_the_backward(monkeypatch):
+@pytest.mark.parametrize("grads", ["partials", "workspace"])
+def test_gradient_buffer_cap_splits_the_backward(grads, monkeypatch):
     tensors = make_stack(L=4, method="heun", bias=True, dtype=torch.float32, **ODD)
     grad_out = torch.randn(ODD["B"], ODD["q"])
+    monkeypatch.setenv(triton_backend.WEIGHT_GRADS_ENV, grads)
     whole = _run("triton", tensors, grad_out, method="heun")
-    monkeypatch.setattr(triton_backend, "PARTIAL_BUFFER_BYTES", 1)  # forces one layer per launch
+    monkeypatch.setattr(triton_backend, "GRAD_BUFFER_BYTES", 1)  # forces one layer per launch
     _assert_match(_run("triton", tensors, grad_out, method="heun"), whole)
+
+
+@pytest.mark.parametrize("B, q, m, block_b, want", [
+    (4096, 256, 512, 16, "workspace"),  # wide: 11× fewer floats than 256 programs' partial rows
+    (16384, 64, 128, 64, "partials"),  # narrow: 64-row blocks, the partial rows are 1.5× smaller
+    (37, 24, 40, 16, "workspace"),  # the interpreter tests' odd shape
+])  # fmt: skip
+def test_weight_gradient_reduction_moves_fewer_bytes(B, q, m, block_b, want):
+    assert triton_backend.weight_grad_reduction(True, B, q, m, block_b) == want
+    assert triton_backend.weight_grad_reduction(False, B, q, m, block_b) == "atomic"
+
+
+def test_weight_gradient_override(monkeypatch):
+    monkeypatch.setenv(triton_backend.WEIGHT_GRADS_ENV, "partials")
+    assert triton_backend.weight_grad_reduction(True, 4096, 256, 512, 16) == "partials"
+    assert triton_backend.weight_grad_reduction(False, 4096, 256, 512, 16) == "atomic"  # explicit option wins
+    monkeypatch.setenv(triton_backend.WEIGHT_GRADS_ENV, "atomic")
+    with pytest.raises(ValueError, match="ODENETS_FAST_TRITON_WEIGHT_GRADS must be 'partials' or 'workspace'"):
+        triton_backend.weight_grad_reduction(True, 4096, 256, 512, 16)
 
 
 def test_layers_per_launch_must_be_positive(monkeypatch):

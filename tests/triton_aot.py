@@ -39,8 +39,8 @@ MAX_STACK_BYTES = 4096  # per thread; the table's tiles stay below 3 KiB (triton
 # under triton 3.6 (2.3 KiB under 3.9) with each of the tiles tried; the README says so.
 MAX_STACK_BYTES_TF32X3_WIDE = 8192
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-FLOAT_ARGS = {"step", "scale_in", "scale_out"}
-WEIGHT_PTRS = {"W_ptr", "V_ptr", "b_ptr", "c_ptr", "W1_ptr", "V1_ptr", "b1_ptr", "c1_ptr"}
+FLOAT_ARGS = {"step", "scale_in", "scale_out", "scale"}
+WEIGHT_PTRS = {"W_ptr", "V_ptr", "b_ptr", "c_ptr", "W1_ptr", "V1_ptr", "b1_ptr", "c1_ptr", "operand_like_ptr"}
 
 
 def compile_kernel(kernel, weight_dtype: str, constexprs: dict, num_warps: int, num_stages: int):
@@ -82,13 +82,17 @@ def specialisations(everything: bool):
                    dict(HEUN=heun, ACT=3, HAS_B=True, HAS_C=True, SAVE_ANCHORS=True, SAVE_STAGES=heun,
                         **_tiles(configs.forward, precision)),
                    (configs.forward.num_warps, configs.forward.num_stages))  # fmt: skip
-            for adjoint, atomic in ((True, False), (True, True), (False, False)):
-                yield (f"reverse heun={heun} adjoint={adjoint} atomic={atomic} {label}",
+            for adjoint, grads in ((True, "partials"), (True, "workspace"), (True, "atomic"), (False, "partials")):
+                yield (f"reverse heun={heun} adjoint={adjoint} grads={grads} {label}",
                        mlp_step.reverse_layers_kernel, dtype,
                        dict(HEUN=heun, ACT=4, HAS_B=True, HAS_C=True, RECONSTRUCT=adjoint, USE_ANCHORS=True,
-                            USE_STAGES=heun and not adjoint, DRIFT=adjoint, ATOMIC=atomic,
+                            USE_STAGES=heun and not adjoint, DRIFT=adjoint, GRADS=grads,
                             **_tiles(configs.reverse, precision)),
                        (configs.reverse.num_warps, configs.reverse.num_stages))  # fmt: skip
+        product = mlp_step.product_config(4 if dtype == "fp32" else 2, interpreted=False)
+        yield (f"workspace_grads {label}", mlp_step.workspace_grads_kernel, dtype,
+               dict(HAS_BIAS=True, BLOCK_R=product.block_r, BLOCK_C=product.block_c, BLOCK_K=product.block_k,
+                    PRECISION=precision), (product.num_warps, product.num_stages))  # fmt: skip
     yield "sum_partials", mlp_step.sum_partials_kernel, "fp32", dict(BLOCK=1024), (4, 3)
 
 

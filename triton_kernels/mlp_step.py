@@ -13,15 +13,25 @@ tile of it — and m is unbounded. The state width q lives whole in one BLOCK_Q 
 on-chip limit is checked by the launcher). Matrix-product operands take the parameter dtype
 (float32 products run at `PRECISION`, "ieee" unless TF32 was asked for), accumulation is float32.
 
-Weight gradients: program p writes its batch-block's contribution to its own float32 partial row,
-and `sum_partials_kernel` adds the rows in a fixed order — bitwise reproducible (the Triton
-layer-norm tutorial's scheme, with one row per program instead of locks). With ATOMIC=True the
-kernel instead adds straight into the accumulator with atomics: no partial buffer and no extra
-launch, but the summation order, hence the last bits, vary from run to run.
+Weight gradients, three reductions over the batch (GRADS):
+    "partials"   program p writes its batch-block's contribution to its own float32 partial row,
+                 and `sum_partials_kernel` adds the rows in a fixed order — bitwise reproducible
+                 (the Triton layer-norm tutorial's scheme, with one row per program instead of
+                 locks). Traffic per layer: programs × parameters.
+    "workspace"  the reverse kernel writes what the weight gradients are made of — dz, σ(z), x and
+                 u per row — to a float32 workspace, and `workspace_grads_kernel` forms
+                 dW = a_in Σ dz xᵀ, dVᵀ = a_out Σ σ(z) uᵀ (and db, dc) as products over the whole
+                 batch, each output tile owned by one program: reproducible too. Traffic per layer:
+                 B × (2m + 2q), independent of the row-block size — far less than the partial rows
+                 when q·m / BLOCK_B > m + q (wide states, small row blocks). The C++ backend's scheme.
+    "atomic"     the kernel adds straight into the accumulator with atomics: no buffer and no extra
+                 launch, but the summation order, hence the last bits, vary from run to run.
 
 Gradient layout: four float32 accumulators, the (P, …) gradients of W, V, b, c. A partial row
 holds, section by section ([dW | dV | db | dc], `GradSections`), the layers one launch touches;
-`sum_partials_kernel` adds one section of all rows into its place in an accumulator.
+`sum_partials_kernel` adds one section of all rows into its place in an accumulator. A workspace
+holds, per VJP of the launch, a (B, 2m + 2q) block of rows [dz | σ(z) | x | u] (`WORKSPACE`);
+Heun has two VJPs per layer, so two sets: set 0 for θ_n (at x_n), set 1 for θ_{n+1} (at y_n).
 """
 
 from typing import NamedTuple, Optional
@@ -114,13 +124,16 @@ def _residual_vjp(
     u,  # (BLOCK_B, BLOCK_Q) float32 cotangent of f; rows past the batch are 0
     W_ptr, V_ptr, b_ptr,  # this layer's parameters
     dW_ptr, dV_ptr, db_ptr, dc_ptr,  # float32 gradient destinations of this layer (partial row or accumulator)
+    ws_ptr,  # float32 (B, 2m + 2q) workspace block of this VJP, rows [dz | σ(z) | x | u] (GRADS == "workspace")
     accumulate,  # partial rows: add to what is there (a second contribution) instead of overwriting
     q, m, scale_in, scale_out,
+    offs_b, mask_b,  # (BLOCK_B,) batch rows of the block and their validity
     offs_q, mask_q,
-    HAS_B: tl.constexpr, HAS_C: tl.constexpr, ACT: tl.constexpr, ATOMIC: tl.constexpr,
+    HAS_B: tl.constexpr, HAS_C: tl.constexpr, ACT: tl.constexpr, GRADS: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """Write, add or atomically add this block's dθ into dW_ptr … dc_ptr; return dx.
+    """Write, add or atomically add this block's dθ into dW_ptr … dc_ptr — or, with a workspace,
+    write the factors dθ is made of; return dx.
 
         a = σ(z);  dV = a_out Σ u aᵀ;  dc = Σ u;  da = a_out Vᵀ u
         dz = σ'(z) ⊙ da;  db = Σ dz;  dW = a_in Σ dz xᵀ;  dx = a_in Wᵀ dz      (Σ over the rows)
@@ -128,6 +141,7 @@ def _residual_vjp(
     dx = tl.zeros((BLOCK_B, BLOCK_Q), dtype=tl.float32)
     x_op = x.to(W_ptr.dtype.element_ty)
     u_op = u.to(V_ptr.dtype.element_ty)
+    ws_rows = ws_ptr + offs_b.to(tl.int64)[:, None] * (2 * m + 2 * q)
     for m0 in range(0, m, BLOCK_M):
         offs_m, mask_m, tile_mask, w, v_t, z = _hidden_chunk(x_op, W_ptr, V_ptr, b_ptr, m0, q, m, scale_in, offs_q,
                                                              mask_q, HAS_B, BLOCK_M, PRECISION)  # fmt: skip
@@ -135,17 +149,27 @@ def _residual_vjp(
         dz = activation_grad(z, ACT) * da
         dx = tl.dot(dz.to(w.dtype), w, dx, input_precision=PRECISION)
         a = activation(z, ACT)
-        # dV chunk stored transposed as (BLOCK_M, BLOCK_Q): [j, i] = dV[i, m0 + j]
-        dV_t = tl.dot(tl.trans(a.to(u_op.dtype)), u_op, input_precision=PRECISION) * scale_out
-        dW = tl.dot(tl.trans(dz.to(x_op.dtype)), x_op, input_precision=PRECISION) * scale_in
-        dW_offs = offs_m[:, None] * q + offs_q[None, :]
-        dV_offs = offs_q[None, :] * m + offs_m[:, None]
-        _deposit(dW_ptr + dW_offs, dW, tile_mask, accumulate, ATOMIC)
-        _deposit(dV_ptr + dV_offs, dV_t, tile_mask, accumulate, ATOMIC)
-        if HAS_B:
-            _deposit(db_ptr + offs_m, tl.sum(dz, axis=0), mask_m, accumulate, ATOMIC)
-    if HAS_C:
-        _deposit(dc_ptr + offs_q, tl.sum(u, axis=0), mask_q, accumulate, ATOMIC)
+        if GRADS == "workspace":
+            # the products over the batch are left to workspace_grads_kernel: fewer live tiles here
+            hidden_mask = mask_b[:, None] & mask_m[None, :]
+            tl.store(ws_rows + offs_m[None, :], dz, mask=hidden_mask)
+            tl.store(ws_rows + m + offs_m[None, :], a, mask=hidden_mask)
+        else:
+            # dV chunk stored transposed as (BLOCK_M, BLOCK_Q): [j, i] = dV[i, m0 + j]
+            dV_t = tl.dot(tl.trans(a.to(u_op.dtype)), u_op, input_precision=PRECISION) * scale_out
+            dW = tl.dot(tl.trans(dz.to(x_op.dtype)), x_op, input_precision=PRECISION) * scale_in
+            dW_offs = offs_m[:, None] * q + offs_q[None, :]
+            dV_offs = offs_q[None, :] * m + offs_m[:, None]
+            _deposit(dW_ptr + dW_offs, dW, tile_mask, accumulate, GRADS == "atomic")
+            _deposit(dV_ptr + dV_offs, dV_t, tile_mask, accumulate, GRADS == "atomic")
+            if HAS_B:
+                _deposit(db_ptr + offs_m, tl.sum(dz, axis=0), mask_m, accumulate, GRADS == "atomic")
+    if GRADS == "workspace":
+        state_mask = mask_b[:, None] & mask_q[None, :]
+        tl.store(ws_rows + 2 * m + offs_q[None, :], x, mask=state_mask)
+        tl.store(ws_rows + 2 * m + q + offs_q[None, :], u, mask=state_mask)
+    elif HAS_C:
+        _deposit(dc_ptr + offs_q, tl.sum(u, axis=0), mask_q, accumulate, GRADS == "atomic")
     return dx * scale_in
 
 
@@ -229,15 +253,16 @@ def reverse_layers_kernel(
     drift_state_ptr,  # (B, q) float32: receives the reconstructed x̃_0 when layer 0 is in range (DRIFT)
     W_ptr, V_ptr, b_ptr, c_ptr,  # stacked θ, contiguous
     dW_ptr, dV_ptr, db_ptr, dc_ptr,  # float32 gradient sections: where layer `slot_origin`'s dW, dV, db, dc
-    #                                  start in program 0's partial row, or with ATOMIC in the accumulators
-    program_stride,  # floats between programs' partial rows; 0 with ATOMIC (all add into one place)
-    slot_origin,  # the layer whose gradients sit in slot 0 of a section: layer_start (partials) or 0
+    #                                  start in program 0's partial row, or ("atomic") in the accumulators
+    ws_ptr,  # float32 workspace (sets, layer_stop − layer_start, B, 2m + 2q) (GRADS == "workspace")
+    program_stride,  # floats between programs' partial rows; 0 for "atomic" (all add into one place)
+    slot_origin,  # the layer in slot 0 of a gradient section or workspace set: layer_start, or 0 ("atomic")
     layer_start, layer_stop, anchor_every,
     B, q, m,
     step, scale_in, scale_out,
     HEUN: tl.constexpr, ACT: tl.constexpr, HAS_B: tl.constexpr, HAS_C: tl.constexpr,
     RECONSTRUCT: tl.constexpr, USE_ANCHORS: tl.constexpr, USE_STAGES: tl.constexpr, DRIFT: tl.constexpr,
-    ATOMIC: tl.constexpr,
+    GRADS: tl.constexpr,  # the weight-gradient reduction: "partials", "workspace" or "atomic" (module docstring)
     BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Layers layer_stop − 1 … layer_start of the backward pass (DESIGN.md §4), x and g on-chip.
@@ -250,12 +275,14 @@ def reverse_layers_kernel(
                 u1 = u2 + h gy;  gx, dθ_n = VJP f(x_n; θ_n)[u1];  g_n = g + gy + gx
     Partial rows: layer n writes θ_n's slot first (store) and, for Heun, adds into θ_{n+1}'s slot,
     which layer n + 1 wrote before — except at the top of the range, where it is the first write.
+    Workspace: each VJP has its own block, θ_n's in set 0 and Heun's θ_{n+1} in set 1.
     """
     pid = tl.program_id(0)
     offs_b = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+    mask_b = offs_b < B
     offs_q = tl.arange(0, BLOCK_Q)
     mask_q = offs_q < q
-    mask = (offs_b < B)[:, None] & mask_q[None, :]
+    mask = mask_b[:, None] & mask_q[None, :]
     rows = offs_b[:, None] * q + offs_q[None, :]
     row = pid.to(tl.int64) * program_stride
     g = tl.load(grad_ptr + rows, mask=mask, other=0.0)
@@ -281,6 +308,8 @@ def reverse_layers_kernel(
         dVn = dV_ptr + row + slot * q * m
         dbn = db_ptr + row + slot * m
         dcn = dc_ptr + row + slot * q
+        ws_block = B * (2 * m + 2 * q)
+        wsn = ws_ptr + slot.to(tl.int64) * ws_block
         if HEUN:
             if USE_STAGES:
                 y = tl.load(stages_ptr + n * B * q + rows, mask=mask, other=0.0)
@@ -290,17 +319,18 @@ def reverse_layers_kernel(
                 y = tl.where(mask, x + step * k1, 0.0)
             W1, V1, b1, c1 = _layer_params(W_ptr, V_ptr, b_ptr, c_ptr, n + 1, q, m)
             u2 = (0.5 * step) * g
-            gy = _residual_vjp(y, u2, W1, V1, b1, dWn + m * q, dVn + q * m, dbn + m, dcn + q, i > 0,
-                               q, m, scale_in, scale_out, offs_q, mask_q,
-                               HAS_B, HAS_C, ACT, ATOMIC, BLOCK_B, BLOCK_M, BLOCK_Q, PRECISION)  # fmt: skip
-            gx = _residual_vjp(x, u2 + step * gy, Wn, Vn, bn, dWn, dVn, dbn, dcn, False,
-                               q, m, scale_in, scale_out, offs_q, mask_q,
-                               HAS_B, HAS_C, ACT, ATOMIC, BLOCK_B, BLOCK_M, BLOCK_Q, PRECISION)  # fmt: skip
+            ws_stage = wsn + (layer_stop - layer_start).to(tl.int64) * ws_block
+            gy = _residual_vjp(y, u2, W1, V1, b1, dWn + m * q, dVn + q * m, dbn + m, dcn + q, ws_stage, i > 0,
+                               q, m, scale_in, scale_out, offs_b, mask_b, offs_q, mask_q,
+                               HAS_B, HAS_C, ACT, GRADS, BLOCK_B, BLOCK_M, BLOCK_Q, PRECISION)  # fmt: skip
+            gx = _residual_vjp(x, u2 + step * gy, Wn, Vn, bn, dWn, dVn, dbn, dcn, wsn, False,
+                               q, m, scale_in, scale_out, offs_b, mask_b, offs_q, mask_q,
+                               HAS_B, HAS_C, ACT, GRADS, BLOCK_B, BLOCK_M, BLOCK_Q, PRECISION)  # fmt: skip
             g = g + gy + gx
         else:
-            g = g + _residual_vjp(x, step * g, Wn, Vn, bn, dWn, dVn, dbn, dcn, False,
-                                  q, m, scale_in, scale_out, offs_q, mask_q,
-                                  HAS_B, HAS_C, ACT, ATOMIC, BLOCK_B, BLOCK_M, BLOCK_Q, PRECISION)  # fmt: skip
+            g = g + _residual_vjp(x, step * g, Wn, Vn, bn, dWn, dVn, dbn, dcn, wsn, False,
+                                  q, m, scale_in, scale_out, offs_b, mask_b, offs_q, mask_q,
+                                  HAS_B, HAS_C, ACT, GRADS, BLOCK_B, BLOCK_M, BLOCK_Q, PRECISION)  # fmt: skip
         x_next = x
     tl.store(state_ptr + rows, x_next, mask=mask)
     tl.store(grad_ptr + rows, g, mask=mask)
@@ -322,6 +352,54 @@ def sum_partials_kernel(
     for p in range(0, num_partials):
         acc += tl.load(partials_ptr + p * row + offs, mask=mask, other=0.0)
     tl.store(out_ptr + offs, acc, mask=mask)
+
+
+@triton.jit
+def workspace_grads_kernel(
+    ws_ptr,  # float32 (slots, B, 2m + 2q) workspace set of one launch: per VJP, rows [dz | σ(z) | x | u]
+    out_ptr,  # float32 (P, R, C) accumulator at the layer of slot 0: dW (R = m, C = q) or dV (R = q, C = m)
+    bias_ptr,  # float32 (P, R) accumulator at the layer of slot 0: db or dc (HAS_BIAS)
+    operand_like_ptr,  # any tensor of the parameter dtype: the products' operands are cast to it
+    left_col, right_col,  # where the R columns of `left` and the C columns of `right` start in a row
+    B, R, C, m, q,
+    scale,  # a_in for dW, a_out for dV
+    HAS_BIAS: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """out[s] += scale Σ_b left[s, b]ᵀ right[s, b] and bias[s] += Σ_b left[s, b] for the VJP in slot s
+    (program axis 2), over the whole batch in the order b = 0, 1, … (reproducible):
+
+        dW = a_in Σ dz xᵀ, db = Σ dz     (left = dz, right = x)
+        dV = a_out Σ u σ(z)ᵀ, dc = Σ u   (left = u, right = σ(z))
+
+    Operands are cast to the parameter dtype as in the reverse kernel's own products, so both
+    reductions round alike; the sums are float32."""
+    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    slot = tl.program_id(2).to(tl.int64)
+    mask_r = offs_r < R
+    mask_c = offs_c < C
+    row_width = 2 * m + 2 * q
+    slot_rows = ws_ptr + slot * B * row_width
+    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    bias = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for k0 in range(0, B, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < B
+        rows = slot_rows + offs_k.to(tl.int64)[:, None] * row_width
+        left = tl.load(rows + left_col + offs_r[None, :], mask=mask_k[:, None] & mask_r[None, :], other=0.0)
+        right = tl.load(rows + right_col + offs_c[None, :], mask=mask_k[:, None] & mask_c[None, :], other=0.0)
+        operand = operand_like_ptr.dtype.element_ty
+        acc = tl.dot(tl.trans(left.to(operand)), right.to(operand), acc, input_precision=PRECISION)
+        if HAS_BIAS:
+            bias += tl.sum(left, axis=0)
+    out = out_ptr + slot * R * C + offs_r[:, None] * C + offs_c[None, :]
+    out_mask = mask_r[:, None] & mask_c[None, :]
+    tl.store(out, tl.load(out, mask=out_mask, other=0.0) + acc * scale, mask=out_mask)
+    if HAS_BIAS:
+        if tl.program_id(1) == 0:
+            bias_out = bias_ptr + slot * R + offs_r
+            tl.store(bias_out, tl.load(bias_out, mask=mask_r, other=0.0) + bias, mask=mask_r)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -387,6 +465,29 @@ def kernel_configs(q: int, m: int, operand_bytes: int, interpreted: bool) -> Ker
     return KernelConfigs(forward, reverse)
 
 
+GRAD_REDUCTIONS = ("partials", "workspace", "atomic")
+
+
+class ProductConfig(NamedTuple):
+    """Tiles of workspace_grads_kernel: a (BLOCK_R, BLOCK_C) output tile per program, the batch
+    walked BLOCK_K rows at a time."""
+
+    block_r: int
+    block_c: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+def product_config(operand_bytes: int, interpreted: bool) -> ProductConfig:
+    """Small fixed tiles under the interpreter; on the GPU 64 × 64 output tiles (matrix-product
+    tutorial sizes; tl.dot needs ≥ 16), a longer batch step for 16-bit operands. Provisional until
+    timed on a GPU (`bench.triton_step --mode tune`)."""
+    if interpreted:
+        return ProductConfig(block_r=16, block_c=32, block_k=16, num_warps=1, num_stages=1)
+    return ProductConfig(block_r=64, block_c=64, block_k=32 if operand_bytes >= 4 else 64, num_warps=4, num_stages=3)
+
+
 class Params(NamedTuple):
     """The stacked parameters, contiguous; b, c are None without biases."""
 
@@ -429,24 +530,30 @@ def reverse_layers(
     state: Tensor, grad: Tensor, params: Params, start: int, stop: int, targets: tuple, program_stride: int,
     slot_origin: int, *, heun: bool, act: int, step: float, scale_in: float, scale_out: float, precision: str,
     config: StepConfig, reconstruct: bool, anchors: Optional[Tensor] = None, anchor_every: int = 1,
-    stages: Optional[Tensor] = None, drift_state: Optional[Tensor] = None, atomic: bool = False,
+    stages: Optional[Tensor] = None, drift_state: Optional[Tensor] = None, grads: str = "partials",
+    workspace: Optional[Tensor] = None,
 ) -> None:  # fmt: skip
     """(state, grad) ← (x_start, g_start) from (x̃_stop, g_stop) in place, in one launch. Weight
-    gradients go to `targets` (dW, dV, db, dc of layer `slot_origin`, None for an absent bias):
-    views into program 0's row of the partial buffer (`program_stride` floats per program), or
-    with `atomic` the accumulators themselves. `drift_state` receives the reconstructed x̃_0 when
+    gradients (`grads`, see the module docstring) go to `targets` (dW, dV, db, dc of layer
+    `slot_origin`, None for an absent bias): views into program 0's row of the partial buffer
+    (`program_stride` floats per program), or for "atomic" the accumulators themselves; for
+    "workspace", the factors go to `workspace` (sets, stop − start, B, 2m + 2q) instead and
+    `workspace_grads` forms the gradients. `drift_state` receives the reconstructed x̃_0 when
     layer 0 is in range."""
     if not (reconstruct or anchors is not None):
         raise ValueError("reverse_layers needs the states: reconstruct=True or stored anchors")
+    if grads not in GRAD_REDUCTIONS or (workspace is None) != (grads != "workspace"):
+        raise ValueError(f"reverse_layers: grads must be one of {GRAD_REDUCTIONS}, with a workspace exactly "
+                         f"for 'workspace'; got {grads!r}")  # fmt: skip
     B, q = state.shape
     grid = (triton.cdiv(B, config.block_b),)
     reverse_layers_kernel[grid](
         state, grad, state if anchors is None else anchors, state if stages is None else stages,
         state if drift_state is None else drift_state, *params.pointers(state),
-        *(state if t is None else t for t in targets), program_stride, slot_origin,
-        start, stop, anchor_every, B, q, params.W.shape[1], step, scale_in, scale_out,
+        *(state if t is None else t for t in targets), state if workspace is None else workspace,
+        program_stride, slot_origin, start, stop, anchor_every, B, q, params.W.shape[1], step, scale_in, scale_out,
         RECONSTRUCT=reconstruct, USE_ANCHORS=anchors is not None, USE_STAGES=stages is not None,
-        DRIFT=drift_state is not None, ATOMIC=atomic, **_common(params, heun, act, precision, config),
+        DRIFT=drift_state is not None, GRADS=grads, **_common(params, heun, act, precision, config),
     )  # fmt: skip
 
 
@@ -456,3 +563,27 @@ def sum_partials(partials: Tensor, out: Tensor, length: int, block: int = 1024) 
     if length:
         sum_partials_kernel[(triton.cdiv(length, block),)](partials, partials.stride(0), partials.shape[0], out,
                                                            length, BLOCK=block)  # fmt: skip
+
+
+def workspace_grads(
+    workspace: Tensor, accumulators: list, start: int, operand_like: Tensor, *, scale_in: float, scale_out: float,
+    precision: str, config: ProductConfig,
+) -> None:  # fmt: skip
+    """Add the weight gradients whose factors one reverse launch over layers start … start + k − 1
+    left in `workspace` (sets, k, B, 2m + 2q) into the float32 (P, …) `accumulators` [dW, dV, db, dc]
+    (db, dc None without biases): set 0 holds θ_n's VJPs, set 1 (Heun) θ_{n+1}'s, so set s of
+    slot j lands on layer start + s + j. Two launches per set, one for dW/db and one for dV/dc."""
+    sets, slots, B, _ = workspace.shape
+    dW, dV, db, dc = accumulators
+    _, m, q = dW.shape
+    for s in range(sets):
+        layer = start + s
+        # (out, bias, left column, right column, R, C, scale): dW = a_in Σ dz xᵀ, dV = a_out Σ u σ(z)ᵀ
+        for out, bias, left_col, right_col, R, C, scale in ((dW, db, 0, 2 * m, m, q, scale_in),
+                                                           (dV, dc, 2 * m + q, m, q, m, scale_out)):  # fmt: skip
+            grid = (triton.cdiv(R, config.block_r), triton.cdiv(C, config.block_c), slots)
+            workspace_grads_kernel[grid](
+                workspace[s], out[layer:], out if bias is None else bias[layer:], operand_like, left_col, right_col,
+                B, R, C, m, q, scale, HAS_BIAS=bias is not None, BLOCK_R=config.block_r, BLOCK_C=config.block_c,
+                BLOCK_K=config.block_k, PRECISION=precision, num_warps=config.num_warps, num_stages=config.num_stages,
+            )  # fmt: skip

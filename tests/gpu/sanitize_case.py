@@ -1,6 +1,7 @@
 """A small forward + backward through every Triton kernel specialisation family, for
 `compute-sanitizer --tool memcheck` (run by bench.gpu_suite): odd sizes so that every mask is hit."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -10,12 +11,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from helpers import make_stack  # noqa: E402
 
 from odenets_fast import ode_mlp  # noqa: E402
+from odenets_fast.triton_backend import WEIGHT_GRADS_ENV  # noqa: E402
 
 
 def main() -> None:
     for method in ("euler", "heun"):
-        for backward, anchor_every, deterministic in (("backprop", None, True), ("adjoint", None, True),
-                                                      ("adjoint", 2, False)):  # fmt: skip
+        for backward, anchor_every, grads in (("backprop", None, "partials"), ("adjoint", None, "partials"),
+                                              ("adjoint", None, "workspace"), ("adjoint", 2, "atomic")):  # fmt: skip
+            deterministic = grads != "atomic"
+            os.environ[WEIGHT_GRADS_ENV] = grads if deterministic else ""
             tensors = [t.cuda().requires_grad_(True) for t in make_stack(B=37, q=24, m=40, L=4, method=method,
                                                                         bias=True, dtype=torch.float32)]  # fmt: skip
             out = ode_mlp(*tensors, method=method, backward=backward, anchor_every=anchor_every,

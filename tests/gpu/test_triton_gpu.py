@@ -9,8 +9,17 @@ import naive
 from helpers import make_stack
 from odenets_fast import ode_mlp
 from odenets_fast.activations import ACTIVATIONS
+from odenets_fast.triton_backend import WEIGHT_GRADS_ENV
 
 CUDA = torch.device("cuda")
+
+
+def _use_reduction(grads: str, monkeypatch) -> dict:
+    """ode_mlp keyword arguments (and environment) that make the backward use `grads`."""
+    if grads == "atomic":
+        return dict(deterministic=False)
+    monkeypatch.setenv(WEIGHT_GRADS_ENV, grads)
+    return {}
 
 
 def _grads(fn, tensors, grad_out):
@@ -42,12 +51,15 @@ def test_float32_ieee_matches_float64_reference(method, backward, activation):
 
 @pytest.mark.parametrize("precision, dtype", [("tf32", torch.float32), ("tf32x3", torch.float32), ("ieee", torch.bfloat16),
                                               ("ieee", torch.float16)])  # fmt: skip
+@pytest.mark.parametrize("grads", ["partials", "workspace"])
 @pytest.mark.parametrize("backward", ["backprop", "adjoint"])
 @pytest.mark.parametrize("method", ["euler", "heun"])
-def test_reduced_precision_no_worse_than_eager_same_dtype(method, backward, precision, dtype):
+def test_reduced_precision_no_worse_than_eager_same_dtype(method, backward, precision, dtype, grads, monkeypatch):
     """Oracle: the float64 reference in the same backward mode. Yardstick: the eager loop run in
     `dtype` (with TF32 matmuls for "tf32"; in float32 for "tf32x3", which must come close to it)
-    against the float64 eager loop — its rounding error."""
+    against the float64 eager loop — its rounding error. Both deterministic weight-gradient
+    reductions (their products round their operands alike)."""
+    monkeypatch.setenv(WEIGHT_GRADS_ENV, grads)
     tensors64 = _stack(method, torch.float64)
     grad_out = torch.randn(1000, 100, device=CUDA, dtype=torch.float64)
     oracle = _grads(lambda *t: ode_mlp(*t, method=method, backward=backward, backend="reference"), tensors64, grad_out)
@@ -66,8 +78,10 @@ def test_reduced_precision_no_worse_than_eager_same_dtype(method, backward, prec
         assert _rel(o, want) <= 2 * _rel(e_low, e) + 1e-4, (_rel(o, want), _rel(e_low, e))
 
 
+@pytest.mark.parametrize("grads", ["partials", "workspace"])
 @pytest.mark.parametrize("method", ["euler", "heun"])
-def test_deterministic_mode_is_bitwise_reproducible(method):
+def test_deterministic_mode_is_bitwise_reproducible(method, grads, monkeypatch):
+    monkeypatch.setenv(WEIGHT_GRADS_ENV, grads)
     tensors = _stack(method, B=4096, q=64, m=128, L=6)
     grad_out = torch.randn(4096, 64, device=CUDA)
     runs = [_grads(lambda *t: ode_mlp(*t, method=method, backend="triton"), tensors, grad_out) for _ in range(2)]
@@ -78,13 +92,15 @@ def test_deterministic_mode_is_bitwise_reproducible(method):
         assert _rel(a, b) < 1e-5
 
 
+@pytest.mark.parametrize("grads", ["partials", "workspace", "atomic"])
 @pytest.mark.parametrize("shape", [dict(B=1, q=1, m=1), dict(B=37, q=24, m=40), dict(B=513, q=256, m=1000)])
-def test_odd_and_limit_shapes(shape):
+def test_odd_and_limit_shapes(shape, grads, monkeypatch):
     tensors = _stack("heun", L=3, **shape)
     x_wide = torch.randn(shape["B"], 2 * shape["q"], device=CUDA)[:, ::2]  # non-contiguous x
     tensors[0] = x_wide
     grad_out = torch.randn(shape["B"], shape["q"], device=CUDA)
-    got = _grads(lambda *t: ode_mlp(*t, method="heun", backend="triton"), tensors, grad_out)
+    kw = _use_reduction(grads, monkeypatch)
+    got = _grads(lambda *t: ode_mlp(*t, method="heun", backend="triton", **kw), tensors, grad_out)
     want = _grads(lambda *t: ode_mlp(*t, method="heun", backend="reference"), [t.double() for t in tensors],
                   grad_out.double())  # fmt: skip
     for g, w in zip(got, want):
