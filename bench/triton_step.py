@@ -7,6 +7,8 @@ For each configuration, on the same data in one process:
     fused_adjoint_step     ode_mlp forward + adjoint backward
     fused_backprop_step    ode_mlp forward + backprop-mode backward
     per_layer_*            the forward and adjoint step again with one launch per layer
+    *_graphed              (CUDA) the whole-depth and per-layer adjoint steps captured once in a CUDA
+                           graph and replayed: no launch overhead per layer
     fused_adjoint_step_{partials,workspace,atomic}
                            the adjoint step with each weight-gradient reduction (the backend picks
                            between the first two by bytes moved: triton_backend.weight_grad_reduction)
@@ -50,7 +52,8 @@ DRY_RUN_CONFIGS = [dict(name="dry-run-float32", B=40, q=24, m=40, L=3, dtype="fl
 CROSSOVER_CONFIGS = [dict(name=f"crossover-q{q}-L{L}", B=4096, q=q, m=2 * q, L=L, dtype="float32")
                      for q in (64, 128, 256) for L in (4, 16, 64)]  # fmt: skip
 DRY_RUN_CROSSOVER_CONFIGS = [dict(name="dry-run-crossover", B=40, q=24, m=40, L=2, dtype="float32")]
-CROSSOVER_CONTENDERS = ("fused_forward", "per_layer_forward", "fused_adjoint_step", "per_layer_adjoint_step")
+CROSSOVER_CONTENDERS = ("fused_forward", "per_layer_forward", "fused_adjoint_step", "per_layer_adjoint_step",
+                        "fused_adjoint_step_graphed", "per_layer_adjoint_step_graphed")
 
 # Tile candidates "BLOCK_B,BLOCK_M,num_warps" per (padded q, operand bytes) and kernel for the tune
 # stage: the table's choice first (mlp_step.kernel_configs), then the tiles used before the
@@ -81,6 +84,8 @@ RATIOS = {
     "adjoint_step_tf32x3_vs_eager_backprop": ("fused_adjoint_step_tf32x3", "eager_backprop_step"),
     "weight_grads_workspace_vs_partials": ("fused_adjoint_step_workspace", "fused_adjoint_step_partials"),
     "weight_grads_atomic_vs_partials": ("fused_adjoint_step_atomic", "fused_adjoint_step_partials"),
+    "per_layer_graphed_vs_per_layer": ("per_layer_adjoint_step_graphed", "per_layer_adjoint_step"),
+    "whole_depth_graphed_vs_per_layer_graphed": ("fused_adjoint_step_graphed", "per_layer_adjoint_step_graphed"),
     "whole_depth_forward_vs_per_layer": ("fused_forward", "per_layer_forward"),
     "whole_depth_adjoint_step_vs_per_layer": ("fused_adjoint_step", "per_layer_adjoint_step"),
 }
@@ -136,6 +141,9 @@ def run_config(config: dict, device: torch.device, only=None) -> dict:
         "fused_adjoint_step_workspace": step(fused("adjoint"), **{WEIGHT_GRADS_ENV: "workspace"}),
         "fused_adjoint_step_atomic": step(fused("adjoint", deterministic=False)),
     }
+    if device.type == "cuda":
+        contenders["fused_adjoint_step_graphed"] = _graphed(contenders["fused_adjoint_step"], device)
+        contenders["per_layer_adjoint_step_graphed"] = _graphed(contenders["per_layer_adjoint_step"], device)
     if dtype == torch.float32:
         contenders["fused_adjoint_step_tf32"] = step(fused("adjoint", "tf32"))
         contenders["fused_backprop_step_tf32"] = step(fused("backprop", "tf32"))
@@ -201,6 +209,29 @@ def _env(name: str, value):
         os.environ.pop(name, None)
         if saved is not None:
             os.environ[name] = saved
+
+
+def _graphed(fn, device: torch.device):
+    """`fn` captured in a CUDA graph on its first call (after warm-up on a side stream, as
+    torch.cuda.graph asks), replayed on every call: the time of the kernels without the host's
+    launch overhead. The backend makes no host synchronisation, so a training step captures whole."""
+    graph = None
+
+    def run():
+        nonlocal graph
+        if graph is None:
+            stream = torch.cuda.Stream(device)
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(stream):
+                for _ in range(3):
+                    fn()
+            torch.cuda.current_stream(device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                fn()
+        graph.replay()
+
+    return run
 
 
 def _environment(settings: dict):
@@ -309,6 +340,8 @@ def crossover_table(results: list) -> str:
         ("whole-depth adjoint step ms", "fused_adjoint_step", None),
         ("per-layer adjoint step ms", "per_layer_adjoint_step", None),
         ("adjoint whole/per-layer", None, "whole_depth_adjoint_step_vs_per_layer"),
+        ("per-layer graphed/launched", None, "per_layer_graphed_vs_per_layer"),
+        ("graphed whole/per-layer", None, "whole_depth_graphed_vs_per_layer_graphed"),
     ]  # fmt: skip
     return _table(results, columns)
 
