@@ -142,7 +142,8 @@ def markdown(report: dict) -> str:
     if report["crossover"]:
         lines += ["Whole-depth against per-layer launches (float32):", "", triton_step.crossover_table(report["crossover"]), ""]
     if report["tune"]:
-        lines += ["Tile candidates (median ms; forward: whole-depth forward, reverse: adjoint training step):", "",
+        lines += ["Tile candidates (median ms; forward: whole-depth forward, reverse: adjoint training step, "
+                  "product: adjoint training step with the workspace reduction):", "",
                   triton_step.tune_table(report["tune"]), ""]  # fmt: skip
     return "\n".join(lines)
 

@@ -40,7 +40,14 @@ import triton
 from bench.baselines import eager_forward
 from bench.timing import median_ms
 from odenets_fast import ode_mlp
-from odenets_fast.triton_backend import LAYERS_PER_LAUNCH_ENV, TILES_ENV, WEIGHT_GRADS_ENV, kernel_configs
+from odenets_fast.triton_backend import (
+    LAYERS_PER_LAUNCH_ENV,
+    PRODUCT_TILES_ENV,
+    TILES_ENV,
+    WEIGHT_GRADS_ENV,
+    kernel_configs,
+    product_config,
+)
 
 CONFIGS = [
     dict(name="wide-float32", B=4096, q=256, m=512, L=64, dtype="float32"),
@@ -58,18 +65,26 @@ CROSSOVER_CONTENDERS = ("fused_forward", "per_layer_forward", "fused_adjoint_ste
 # Tile candidates "BLOCK_B,BLOCK_M,num_warps" per (padded q, operand bytes) and kernel for the tune
 # stage: the table's choice first (mlp_step.kernel_configs), then the tiles used before the
 # register-spill analysis, then neighbours with small spills in ptxas's report. Each is timed through
-# ODENETS_FAST_TRITON_{FORWARD,REVERSE}_TILES, with the table's num_stages.
+# ODENETS_FAST_TRITON_{FORWARD,REVERSE}_TILES, with the table's num_stages. "product": tiles
+# "BLOCK_R,BLOCK_C,BLOCK_K,num_warps,num_stages" of the workspace products (mlp_step.product_config
+# first), timed through ODENETS_FAST_TRITON_PRODUCT_TILES in an adjoint step that uses the workspace.
+_PRODUCT_CANDIDATES = {4: [(64, 64, 32, 4, 3), (32, 32, 32, 4, 3), (64, 64, 16, 4, 3), (128, 64, 32, 8, 3)],
+                       2: [(64, 64, 64, 4, 3), (32, 32, 64, 4, 3), (128, 64, 64, 8, 3), (64, 64, 32, 4, 4)]}  # fmt: skip
 TUNE_CANDIDATES = {
     (64, 4): {"forward": [(64, 32, 8), (64, 64, 4), (32, 32, 8), (64, 16, 8), (128, 32, 8)],
-              "reverse": [(64, 16, 8), (64, 64, 4), (32, 16, 8), (16, 16, 8), (64, 32, 8)]},
+              "reverse": [(64, 16, 8), (64, 64, 4), (32, 16, 8), (16, 16, 8), (64, 32, 8)],
+              "product": _PRODUCT_CANDIDATES[4]},
     (256, 4): {"forward": [(32, 16, 8), (32, 32, 8), (16, 16, 8), (16, 16, 16)],
-               "reverse": [(16, 16, 8), (32, 32, 8), (32, 16, 8), (16, 16, 16)]},
+               "reverse": [(16, 16, 8), (32, 32, 8), (32, 16, 8), (16, 16, 16)],
+               "product": _PRODUCT_CANDIDATES[4]},
     (256, 2): {"forward": [(32, 16, 8), (32, 32, 8), (16, 16, 8), (64, 16, 8)],
-               "reverse": [(16, 16, 8), (32, 32, 8), (32, 16, 8), (16, 32, 8)]},
+               "reverse": [(16, 16, 8), (32, 32, 8), (32, 16, 8), (16, 32, 8)],
+               "product": _PRODUCT_CANDIDATES[2]},
 }  # fmt: skip
 TUNE_CONFIGS = CONFIGS[:3]  # the benchmark shapes (narrow L = 256 has the L = 64 tiles)
 DRY_RUN_TUNE_CONFIGS = [dict(name="dry-run-tune", B=40, q=24, m=40, L=2, dtype="float32")]
-DRY_RUN_TUNE_CANDIDATES = {"forward": [(16, 32, 1), (32, 16, 1)], "reverse": [(16, 32, 1), (16, 16, 1)]}
+DRY_RUN_TUNE_CANDIDATES = {"forward": [(16, 32, 1), (32, 16, 1)], "reverse": [(16, 32, 1), (16, 16, 1)],
+                           "product": [(16, 32, 16, 1, 1), (32, 16, 32, 1, 1)]}  # fmt: skip
 
 # ratio name: (numerator, denominator) median times; recorded when both were timed
 RATIOS = {
@@ -160,8 +175,9 @@ def run_config(config: dict, device: torch.device, only=None) -> dict:
 
 
 def tune_config(config: dict, device: torch.device, candidates: dict) -> dict:
-    """Median ms of the whole-depth forward for each forward tile candidate and of the adjoint
-    training step for each reverse candidate (the other kernel at the table's tiles)."""
+    """Median ms of the whole-depth forward for each forward tile candidate, of the adjoint training
+    step for each reverse candidate, and of the adjoint step with the workspace reduction for each
+    product candidate (the other kernels at the table's tiles)."""
     x, W, V, grad_out = _problem(config, device)
 
     def forward():
@@ -171,14 +187,23 @@ def tune_config(config: dict, device: torch.device, candidates: dict) -> dict:
     def adjoint_step():
         torch.autograd.grad(ode_mlp(x, W, V, backward="adjoint", backend="triton"), (W, V), grad_out)
 
+    def workspace_step():
+        with _env(WEIGHT_GRADS_ENV, "workspace"):
+            adjoint_step()
+
     itemsize = torch.empty(0, dtype=getattr(torch, config["dtype"])).element_size()
     default = kernel_configs(config["q"], config["m"], itemsize)
+    tables = {kind: (*config_tiles[:2], *config_tiles[3:]) for kind, config_tiles in zip(default._fields, default)}
+    tables["product"] = tuple(product_config(itemsize))
+    stages = {kind: () if kind == "product" else (getattr(default, kind).num_stages,) for kind in tables}
     tiles_ms, best = {}, {}
-    for kind, fn in (("forward", forward), ("reverse", adjoint_step)):
+    kernels = (("forward", forward, TILES_ENV.forward), ("reverse", adjoint_step, TILES_ENV.reverse),
+               ("product", workspace_step, PRODUCT_TILES_ENV))  # fmt: skip
+    for kind, fn, env in kernels:
         tiles_ms[kind] = {}
         for tiles in candidates[kind]:
-            value = ",".join(str(v) for v in (*tiles, getattr(default, kind).num_stages))
-            with _env(getattr(TILES_ENV, kind), value):
+            value = ",".join(str(v) for v in (*tiles, *stages[kind]))
+            with _env(env, value):
                 try:
                     tiles_ms[kind][value] = median_ms(fn, device)
                 except Exception as err:  # noqa: BLE001 — e.g. out of shared memory: recorded, not fatal
@@ -186,8 +211,7 @@ def tune_config(config: dict, device: torch.device, candidates: dict) -> dict:
         timed = {tiles: ms for tiles, ms in tiles_ms[kind].items() if isinstance(ms, float)}
         best[kind] = min(timed, key=timed.get) if timed else None
     return {"name": config["name"], "config": config, "tiles_ms": tiles_ms, "best": best,
-            "table": {kind: ",".join(str(v) for v in (c.block_b, c.block_m, c.num_warps, c.num_stages))
-                      for kind, c in zip(default._fields, default)}}  # fmt: skip
+            "table": {kind: ",".join(str(v) for v in table) for kind, table in tables.items()}}
 
 
 def _tune_candidates(config: dict, dry_run: bool) -> dict:
@@ -298,8 +322,9 @@ def run_all(dry_run: bool = False, mode: str = "bench", on_result=None) -> list:
 
 
 def tune_table(results: list) -> str:
-    """One row per configuration and kernel: each candidate's median ms, the fastest, the table's."""
-    lines = ["| config | kernel | candidates (BLOCK_B,BLOCK_M,warps,stages: ms) | fastest | table |", "|" + " --- |" * 5]
+    """One row per configuration and kernel: each candidate's median ms, the fastest, the table's.
+    Tiles: BLOCK_B,BLOCK_M,warps,stages (forward, reverse); BLOCK_R,BLOCK_C,BLOCK_K,warps,stages (product)."""
+    lines = ["| config | kernel | candidates (tiles: ms) | fastest | table |", "|" + " --- |" * 5]
     for r in results:
         if "error" in r:
             lines.append(f"| {_describe(r)} | | error: {r['error'][:200]} | | |")

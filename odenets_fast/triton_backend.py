@@ -26,11 +26,12 @@ from .reference import Gradients, _Saved, anchor_interval, relative_drift
 from .spec import StackSpec
 from .triton_kernels import mlp_step
 from .triton_kernels.activations import ACTIVATION_CODES
-from .triton_kernels.mlp_step import MAX_STATE_WIDTH, KernelConfigs, Params, StepConfig
+from .triton_kernels.mlp_step import MAX_STATE_WIDTH, KernelConfigs, Params, ProductConfig
 
 INTERPRETED = type(mlp_step.forward_layers_kernel).__name__ == "InterpretedFunction"
 LAYERS_PER_LAUNCH_ENV = "ODENETS_FAST_TRITON_LAYERS_PER_LAUNCH"
 TILES_ENV = KernelConfigs("ODENETS_FAST_TRITON_FORWARD_TILES", "ODENETS_FAST_TRITON_REVERSE_TILES")
+PRODUCT_TILES_ENV = "ODENETS_FAST_TRITON_PRODUCT_TILES"
 GRAD_BUFFER_BYTES = 256 * 2**20  # partial rows or workspace of one backward launch
 WEIGHT_GRADS_ENV = "ODENETS_FAST_TRITON_WEIGHT_GRADS"
 _INT32_MAX = 2**31 - 1
@@ -84,22 +85,34 @@ def kernel_configs(q: int, m: int, operand_bytes: int) -> KernelConfigs:
     ODENETS_FAST_TRITON_REVERSE_TILES give as "BLOCK_B,BLOCK_M,num_warps,num_stages" (for tuning
     on a GPU: `bench.triton_step --mode tune` times alternatives through them)."""
     configs = mlp_step.kernel_configs(q, m, operand_bytes, INTERPRETED)
-    return KernelConfigs(*(_tiles_from_env(env, config) for env, config in zip(TILES_ENV, configs)))
+    overrides = (_tiles_from_env(env, ("BLOCK_B", "BLOCK_M")) for env in TILES_ENV)
+    return KernelConfigs(*(config if tiles is None else config._replace(**tiles) for config, tiles in zip(configs, overrides)))
 
 
-def _tiles_from_env(env: str, config: StepConfig) -> StepConfig:
+def product_config(operand_bytes: int) -> ProductConfig:
+    """Tiles of the workspace products (mlp_step.product_config), or those that
+    ODENETS_FAST_TRITON_PRODUCT_TILES gives as "BLOCK_R,BLOCK_C,BLOCK_K,num_warps,num_stages"."""
+    tiles = _tiles_from_env(PRODUCT_TILES_ENV, ("BLOCK_R", "BLOCK_C", "BLOCK_K"))
+    config = mlp_step.product_config(operand_bytes, INTERPRETED)
+    return config if tiles is None else config._replace(**tiles)
+
+
+def _tiles_from_env(env: str, blocks: tuple):
+    """The fields of `env` = "<blocks…>,num_warps,num_stages" as {field: value} (lower-case names),
+    or None when it is unset; a clear error when it is malformed."""
     value = os.environ.get(env, "")
     if not value:
-        return config
+        return None
+    names = ",".join(blocks + ("num_warps", "num_stages"))
     parts = [part.strip() for part in value.split(",")]
-    if len(parts) != 4 or not all(part.isdigit() for part in parts):
-        raise ValueError(f"{env} must be 'BLOCK_B,BLOCK_M,num_warps,num_stages' (four positive integers); got {value!r}")
-    block_b, block_m, num_warps, num_stages = map(int, parts)
-    if any(size < 16 or size & (size - 1) for size in (block_b, block_m)):
-        raise ValueError(f"{env}: BLOCK_B and BLOCK_M must be powers of two of at least 16 (tl.dot); got {value!r}")
+    if len(parts) != len(blocks) + 2 or not all(part.isdigit() for part in parts):
+        raise ValueError(f"{env} must be '{names}' ({len(blocks) + 2} positive integers); got {value!r}")
+    *sizes, num_warps, num_stages = map(int, parts)
+    if any(size < 16 or size & (size - 1) for size in sizes):
+        raise ValueError(f"{env}: {', '.join(blocks)} must be powers of two of at least 16 (tl.dot); got {value!r}")
     if num_warps not in (1, 2, 4, 8, 16, 32) or num_stages < 1:
         raise ValueError(f"{env}: num_warps must be a power of two up to 32 and num_stages positive; got {value!r}")
-    return config._replace(block_b=block_b, block_m=block_m, num_warps=num_warps, num_stages=num_stages)
+    return dict(zip([block.lower() for block in blocks], sizes), num_warps=num_warps, num_stages=num_stages)
 
 
 def _setup(spec: StackSpec, W, V, b, c, q: int) -> tuple:
@@ -196,7 +209,7 @@ def backward(grad_out: Tensor, saved: tuple, W, V, b, c, spec: StackSpec) -> Gra
             mlp_step.workspace_grads(
                 chunk, [acc if keep else None for acc, keep in zip(accumulators, present)], start, params.W,
                 scale_in=spec.scale_in, scale_out=spec.scale_out, precision=spec.input_precision,
-                config=mlp_step.product_config(W.element_size(), INTERPRETED),
+                config=product_config(W.element_size()),
             )  # fmt: skip
     drift = relative_drift(drift_state, anchors[0]) if adjoint else None
     grad_W, grad_V, grad_b, grad_c = accumulators

@@ -118,7 +118,7 @@ def test_gpu_suite_dry_run(tmp_path):
     assert graphed and set(crossover["median_ms"]) == set(gpu_suite.triton_step.CROSSOVER_CONTENDERS) - graphed
     assert {"whole_depth_forward_vs_per_layer", "whole_depth_adjoint_step_vs_per_layer"} <= set(crossover["ratios"])
     (tune,) = results["tune"]
-    for kind in ("forward", "reverse"):
+    for kind in ("forward", "reverse", "product"):
         assert all(isinstance(ms, float) and ms > 0 for ms in tune["tiles_ms"][kind].values())
         assert tune["best"][kind] in tune["tiles_ms"][kind]
     report = json_file.with_suffix(".md").read_text()

@@ -272,7 +272,7 @@ def test_tile_overrides_give_the_same_results(method, monkeypatch):
     _assert_match(_run("triton", tensors, grad_out, method=method, anchor_every=2), want)
 
 
-@pytest.mark.parametrize("value, message", [("32,16,1", "four positive integers"), ("32,x,1,1", "four positive"),
+@pytest.mark.parametrize("value, message", [("32,16,1", "4 positive integers"), ("32,x,1,1", "4 positive"),
                                             ("24,16,1,1", "powers of two of at least 16"),
                                             ("32,8,1,1", "powers of two of at least 16"),
                                             ("32,16,3,1", "num_warps must be a power of two"),
@@ -281,6 +281,21 @@ def test_tile_override_must_be_valid(value, message, monkeypatch):
     monkeypatch.setenv(triton_backend.TILES_ENV.reverse, value)
     with pytest.raises(ValueError, match=f"ODENETS_FAST_TRITON_REVERSE_TILES.*{message}"):
         triton_backend.kernel_configs(ODD["q"], ODD["m"], 4)
+
+
+def test_product_tile_override(monkeypatch):
+    """Other workspace-product tiles (output tiles smaller than q and m, a longer batch step):
+    the reference's gradients; a malformed value is a clear error."""
+    tensors = make_stack(L=3, method="heun", bias=True, dtype=torch.float32, **ODD)
+    grad_out = torch.randn(ODD["B"], ODD["q"])
+    want = _run("reference", tensors, grad_out, method="heun")
+    monkeypatch.setenv(triton_backend.WEIGHT_GRADS_ENV, "workspace")
+    monkeypatch.setenv(triton_backend.PRODUCT_TILES_ENV, "16,16,32,2,1")
+    assert triton_backend.product_config(4) == mlp_step.ProductConfig(16, 16, 32, 2, 1)
+    _assert_match(_run("triton", tensors, grad_out, method="heun"), want)
+    monkeypatch.setenv(triton_backend.PRODUCT_TILES_ENV, "16,16,1,1")
+    with pytest.raises(ValueError, match="ODENETS_FAST_TRITON_PRODUCT_TILES must be 'BLOCK_R,BLOCK_C,BLOCK_K,num_warps"):
+        triton_backend.product_config(4)
 
 
 @pytest.mark.parametrize("operand_bytes", [2, 4])
