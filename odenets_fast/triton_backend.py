@@ -7,8 +7,9 @@ layers per launch (1 = the per-layer path: a launch and a round trip of the stat
 per layer). In deterministic mode a backward launch reduces its weight gradients over the batch in
 a fixed order, through per-program float32 partial rows or through a workspace of the gradients'
 factors and batch-wide products (`weight_grad_reduction` picks the one that moves fewer bytes); a
-launch covers as many layers as fit in `GRAD_BUFFER_BYTES`, at least one (whose buffer alone may be
-larger). With `deterministic=False` the kernels add into the accumulator with atomics: no buffer.
+launch covers as many layers as fit in the gradient buffer (`grad_buffer_bytes`: 64 MiB unless
+ODENETS_FAST_TRITON_GRAD_BUFFER_MIB says otherwise), at least one (whose buffer alone may be larger).
+With `deterministic=False` the kernels add into the accumulator with atomics: no buffer.
 
 What is saved for backward follows the reference exactly (`reference._Saved`): x_L, the anchors
 and, for Heun in backprop mode, the stages y_n — so the activation memory of adjoint mode is
@@ -16,6 +17,7 @@ O(B q) whatever the depth. Weight gradients accumulate in float32 (P, …) tenso
 parameter dtype at the end (no copy for float32 parameters).
 """
 
+import functools
 import os
 
 import torch
@@ -32,7 +34,8 @@ INTERPRETED = type(mlp_step.forward_layers_kernel).__name__ == "InterpretedFunct
 LAYERS_PER_LAUNCH_ENV = "ODENETS_FAST_TRITON_LAYERS_PER_LAUNCH"
 TILES_ENV = KernelConfigs("ODENETS_FAST_TRITON_FORWARD_TILES", "ODENETS_FAST_TRITON_REVERSE_TILES")
 PRODUCT_TILES_ENV = "ODENETS_FAST_TRITON_PRODUCT_TILES"
-GRAD_BUFFER_BYTES = 256 * 2**20  # partial rows or workspace of one backward launch
+GRAD_BUFFER_ENV = "ODENETS_FAST_TRITON_GRAD_BUFFER_MIB"
+DEFAULT_GRAD_BUFFER_MIB = 64
 WEIGHT_GRADS_ENV = "ODENETS_FAST_TRITON_WEIGHT_GRADS"
 _INT32_MAX = 2**31 - 1
 
@@ -73,6 +76,20 @@ def layers_per_launch(depth: int) -> int:
     if not value.isdigit() or int(value) < 1:
         raise ValueError(f"{LAYERS_PER_LAUNCH_ENV} must be a positive integer; got {value!r}")
     return min(int(value), depth)
+
+
+def grad_buffer_bytes() -> int:
+    """Memory for the weight-gradient buffer of one backward launch (partial rows or workspace): the
+    memory/speed knob of the deterministic backward. More layers per launch save launches and round
+    trips of the state; the buffer is the adjoint step's largest allocation, so the default (64 MiB)
+    keeps it near one layer's buffer at wide shapes (about 25 MB per layer at q = 256, m = 512,
+    B = 4096) — the peak then stays flat from a few layers on, far below what backprop stores."""
+    value = os.environ.get(GRAD_BUFFER_ENV, "")
+    if not value:
+        return DEFAULT_GRAD_BUFFER_MIB * 2**20
+    if not value.isdigit():
+        raise ValueError(f"{GRAD_BUFFER_ENV} must be a non-negative integer (MiB; 0: one layer per launch); got {value!r}")
+    return int(value) * 2**20
 
 
 def _chunks(depth: int, size: int) -> list:
@@ -139,6 +156,12 @@ def forward(x: Tensor, W, V, b, c, spec: StackSpec) -> tuple[Tensor, tuple]:
     return state.to(x.dtype), tuple(_Saved(state, anchors, stages))
 
 
+@functools.lru_cache(maxsize=None)
+def _processors(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (1 under the interpreter)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
 def weight_grad_reduction(deterministic: bool, B: int, q: int, m: int, block_b: int) -> str:
     """How the reverse kernel reduces weight gradients over the batch (mlp_step's docstring):
     "atomic" when not `deterministic`; otherwise whichever of "partials" and "workspace" moves fewer
@@ -177,7 +200,7 @@ def backward(grad_out: Tensor, saved: tuple, W, V, b, c, spec: StackSpec) -> Gra
     size = layers_per_launch(spec.depth)
     if grads != "atomic":  # the gradient buffer bounds the layers per launch (at least one)
         layer_floats = programs * sum(sections.sizes) if grads == "partials" else sets * max(B, 1) * ws_row
-        size = max(1, min(size, GRAD_BUFFER_BYTES // (4 * layer_floats) - extra, _INT32_MAX // layer_floats - extra))
+        size = max(1, min(size, grad_buffer_bytes() // (4 * layer_floats) - extra, _INT32_MAX // layer_floats - extra))
     if grads == "partials":
         # zeros, not empty: without biases the kernels never write the db/dc entries
         partials = torch.zeros((programs, sections.row(size + extra)), dtype=torch.float32, device=final.device)
@@ -206,10 +229,12 @@ def backward(grad_out: Tensor, saved: tuple, W, V, b, c, spec: StackSpec) -> Gra
                 if keep:
                     mlp_step.sum_partials(part, acc.view(-1)[start * section_size :], touched * section_size)
         elif grads == "workspace":
+            product = product_config(W.element_size())
+            tiles = triton.cdiv(m, product.block_r) * triton.cdiv(q, product.block_c) * (stop - start)
             mlp_step.workspace_grads(
                 chunk, [acc if keep else None for acc, keep in zip(accumulators, present)], start, params.W,
-                scale_in=spec.scale_in, scale_out=spec.scale_out, precision=spec.input_precision,
-                config=product_config(W.element_size()),
+                scale_in=spec.scale_in, scale_out=spec.scale_out, precision=spec.input_precision, config=product,
+                splits=mlp_step.product_splits(tiles, B, product.block_k, _processors(final.device)),
             )  # fmt: skip
     drift = relative_drift(drift_state, anchors[0]) if adjoint else None
     grad_W, grad_V, grad_b, grad_c = accumulators

@@ -185,8 +185,9 @@ def test_reverse_layers_kernel_range(method, grads):
             mlp_step.sum_partials(part, acc.view(-1)[size:], slots * size)
     if grads == "workspace":
         assert not workspace.isnan().any()  # every row of every VJP written
+        # three ranges of the batch (16, 16 and 5 rows), summed in order
         mlp_step.workspace_grads(workspace, accumulators, 1, W, scale_in=spec.scale_in, scale_out=spec.scale_out,
-                                 precision="ieee", config=mlp_step.product_config(4, interpreted=True))  # fmt: skip
+                                 precision="ieee", config=mlp_step.product_config(4, interpreted=True), splits=3)  # fmt: skip
 
     stack = reference._Stack(W, V, b, c, spec, torch.float32)
     acc = reference._Accumulators(torch.zeros_like(W), torch.zeros_like(V), torch.zeros_like(b), torch.zeros_like(c))
@@ -219,8 +220,14 @@ def test_gradient_buffer_cap_splits_the_backward(grads, monkeypatch):
     grad_out = torch.randn(ODD["B"], ODD["q"])
     monkeypatch.setenv(triton_backend.WEIGHT_GRADS_ENV, grads)
     whole = _run("triton", tensors, grad_out, method="heun")
-    monkeypatch.setattr(triton_backend, "GRAD_BUFFER_BYTES", 1)  # forces one layer per launch
+    monkeypatch.setenv(triton_backend.GRAD_BUFFER_ENV, "0")  # one layer per launch
     _assert_match(_run("triton", tensors, grad_out, method="heun"), whole)
+
+
+def test_gradient_buffer_must_be_a_size(monkeypatch):
+    monkeypatch.setenv(triton_backend.GRAD_BUFFER_ENV, "-1")
+    with pytest.raises(ValueError, match="ODENETS_FAST_TRITON_GRAD_BUFFER_MIB must be a non-negative integer"):
+        triton_backend.grad_buffer_bytes()
 
 
 @pytest.mark.parametrize("B, q, m, block_b, want", [
@@ -231,6 +238,15 @@ def test_gradient_buffer_cap_splits_the_backward(grads, monkeypatch):
 def test_weight_gradient_reduction_moves_fewer_bytes(B, q, m, block_b, want):
     assert triton_backend.weight_grad_reduction(True, B, q, m, block_b) == want
     assert triton_backend.weight_grad_reduction(False, B, q, m, block_b) == "atomic"
+
+
+@pytest.mark.parametrize("tiles, B, processors, want", [
+    (32, 4096, 132, 9),  # one wide layer: 32 output tiles of 64 × 64 → 9 ranges of the batch
+    (320, 4096, 132, 1),  # ten layers: enough programs already
+    (32, 300, 132, 1),  # too few rows to cut (each range ≥ 8 steps of 32)
+])  # fmt: skip
+def test_product_splits_fill_the_device(tiles, B, processors, want):
+    assert mlp_step.product_splits(tiles, B, 32, processors) == want
 
 
 def test_weight_gradient_override(monkeypatch):

@@ -5,7 +5,10 @@
                             too) per layer, optionally saving x_n and y_n for the backward
     reverse_layers_kernel   (x̃_{n+1}, g_{n+1}) → (x̃_n, g_n) and the weight gradients for a range of
                             layers in one launch: reconstruction, local recompute and VJP per layer
-    sum_partials_kernel     adds the per-program weight-gradient partials into an accumulator
+    sum_partials_kernel     adds per-program (or per-batch-range) partial gradients into an
+                            accumulator, in a fixed order
+    workspace_grads_kernel  the weight gradients of a launch's layers from the factors the reverse
+                            kernel left in a workspace: products over a range of the batch
 
 Each program owns BLOCK_B rows of the batch and keeps them on-chip in float32; the hidden width m
 is walked in BLOCK_M chunks, so z = a_in W x + b never exists in full — only a (BLOCK_B, BLOCK_M)
@@ -20,8 +23,8 @@ Weight gradients, three reductions over the batch (GRADS):
                  locks). Traffic per layer: programs × parameters.
     "workspace"  the reverse kernel writes what the weight gradients are made of — dz, σ(z), x and
                  u per row — to a float32 workspace, and `workspace_grads_kernel` forms
-                 dW = a_in Σ dz xᵀ, dVᵀ = a_out Σ σ(z) uᵀ (and db, dc) as products over the whole
-                 batch, each output tile owned by one program: reproducible too. Traffic per layer:
+                 dW = a_in Σ dz xᵀ, dVᵀ = a_out Σ σ(z) uᵀ (and db, dc) as products over ranges of
+                 the batch, summed in a fixed order: reproducible too. Traffic per layer:
                  B × (2m + 2q), independent of the row-block size — far less than the partial rows
                  when q·m / BLOCK_B > m + q (wide states, small row blocks). The C++ backend's scheme.
     "atomic"     the kernel adds straight into the accumulator with atomics: no buffer and no extra
@@ -357,17 +360,22 @@ def sum_partials_kernel(
 @triton.jit
 def workspace_grads_kernel(
     ws_ptr,  # float32 (slots, B, 2m + 2q) workspace set of one launch: per VJP, rows [dz | σ(z) | x | u]
-    out_ptr,  # float32 (P, R, C) accumulator at the layer of slot 0: dW (R = m, C = q) or dV (R = q, C = m)
-    bias_ptr,  # float32 (P, R) accumulator at the layer of slot 0: db or dc (HAS_BIAS)
+    out_ptr,  # float32 (splits, slots·R·C + slots·R) partial products: per split, [products | column sums]
     operand_like_ptr,  # any tensor of the parameter dtype: the products' operands are cast to it
     left_col, right_col,  # where the R columns of `left` and the C columns of `right` start in a row
     B, R, C, m, q,
+    splits, rows_per_split,  # the batch is cut into `splits` ranges of rows_per_split rows (a BLOCK_K multiple)
     scale,  # a_in for dW, a_out for dV
     HAS_BIAS: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """out[s] += scale Σ_b left[s, b]ᵀ right[s, b] and bias[s] += Σ_b left[s, b] for the VJP in slot s
-    (program axis 2), over the whole batch in the order b = 0, 1, … (reproducible):
+    """For the VJP in slot s and the rows of split k (program axis 2 = s · splits + k):
+
+        out[k, s] = scale Σ_b left[s, b]ᵀ right[s, b],   sums[k, s] = Σ_b left[s, b]
+
+    in the order b = 0, 1, … of the split; `sum_partials_kernel` then adds the splits in order
+    (reproducible — the split-K of a matrix product without atomics). Cutting the batch keeps the
+    GPU busy when one launch has few output tiles (one layer: (m / BLOCK_R)·(q / BLOCK_C) of them).
 
         dW = a_in Σ dz xᵀ, db = Σ dz     (left = dz, right = x)
         dV = a_out Σ u σ(z)ᵀ, dc = Σ u   (left = u, right = σ(z))
@@ -376,16 +384,20 @@ def workspace_grads_kernel(
     reductions round alike; the sums are float32."""
     offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    slot = tl.program_id(2).to(tl.int64)
+    slot = tl.program_id(2) // splits
+    split = tl.program_id(2) % splits
+    slots = tl.num_programs(2) // splits
     mask_r = offs_r < R
     mask_c = offs_c < C
     row_width = 2 * m + 2 * q
-    slot_rows = ws_ptr + slot * B * row_width
+    slot_rows = ws_ptr + slot.to(tl.int64) * B * row_width
     acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
     bias = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    for k0 in range(0, B, BLOCK_K):
+    first = split * rows_per_split
+    last = tl.minimum(first + rows_per_split, B)
+    for k0 in range(first, last, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < B
+        mask_k = offs_k < last
         rows = slot_rows + offs_k.to(tl.int64)[:, None] * row_width
         left = tl.load(rows + left_col + offs_r[None, :], mask=mask_k[:, None] & mask_r[None, :], other=0.0)
         right = tl.load(rows + right_col + offs_c[None, :], mask=mask_k[:, None] & mask_c[None, :], other=0.0)
@@ -393,13 +405,12 @@ def workspace_grads_kernel(
         acc = tl.dot(tl.trans(left.to(operand)), right.to(operand), acc, input_precision=PRECISION)
         if HAS_BIAS:
             bias += tl.sum(left, axis=0)
-    out = out_ptr + slot * R * C + offs_r[:, None] * C + offs_c[None, :]
-    out_mask = mask_r[:, None] & mask_c[None, :]
-    tl.store(out, tl.load(out, mask=out_mask, other=0.0) + acc * scale, mask=out_mask)
+    split_row = out_ptr + split.to(tl.int64) * slots * (R * C + R)
+    out = split_row + slot * R * C + offs_r[:, None] * C + offs_c[None, :]
+    tl.store(out, acc * scale, mask=mask_r[:, None] & mask_c[None, :])
     if HAS_BIAS:
         if tl.program_id(1) == 0:
-            bias_out = bias_ptr + slot * R + offs_r
-            tl.store(bias_out, tl.load(bias_out, mask=mask_r, other=0.0) + bias, mask=mask_r)
+            tl.store(split_row + slots * R * C + slot * R + offs_r, bias, mask=mask_r)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -567,23 +578,38 @@ def sum_partials(partials: Tensor, out: Tensor, length: int, block: int = 1024) 
 
 def workspace_grads(
     workspace: Tensor, accumulators: list, start: int, operand_like: Tensor, *, scale_in: float, scale_out: float,
-    precision: str, config: ProductConfig,
+    precision: str, config: ProductConfig, splits: int = 1,
 ) -> None:  # fmt: skip
     """Add the weight gradients whose factors one reverse launch over layers start … start + k − 1
     left in `workspace` (sets, k, B, 2m + 2q) into the float32 (P, …) `accumulators` [dW, dV, db, dc]
     (db, dc None without biases): set 0 holds θ_n's VJPs, set 1 (Heun) θ_{n+1}'s, so set s of
-    slot j lands on layer start + s + j. Two launches per set, one for dW/db and one for dV/dc."""
+    slot j lands on layer start + s + j. Per set, dW/db and dV/dc each take a product launch over
+    `splits` ranges of the batch and a fixed-order sum of the splits into the accumulators."""
     sets, slots, B, _ = workspace.shape
     dW, dV, db, dc = accumulators
     _, m, q = dW.shape
+    rows_per_split = triton.cdiv(triton.cdiv(B, splits), config.block_k) * config.block_k
+    splits = triton.cdiv(B, rows_per_split)  # no empty split
     for s in range(sets):
         layer = start + s
         # (out, bias, left column, right column, R, C, scale): dW = a_in Σ dz xᵀ, dV = a_out Σ u σ(z)ᵀ
         for out, bias, left_col, right_col, R, C, scale in ((dW, db, 0, 2 * m, m, q, scale_in),
                                                            (dV, dc, 2 * m + q, m, q, m, scale_out)):  # fmt: skip
-            grid = (triton.cdiv(R, config.block_r), triton.cdiv(C, config.block_c), slots)
+            partial = workspace.new_empty((splits, slots * (R * C + R)))
+            grid = (triton.cdiv(R, config.block_r), triton.cdiv(C, config.block_c), slots * splits)
             workspace_grads_kernel[grid](
-                workspace[s], out[layer:], out if bias is None else bias[layer:], operand_like, left_col, right_col,
-                B, R, C, m, q, scale, HAS_BIAS=bias is not None, BLOCK_R=config.block_r, BLOCK_C=config.block_c,
+                workspace[s], partial, operand_like, left_col, right_col, B, R, C, m, q, splits, rows_per_split,
+                scale, HAS_BIAS=bias is not None, BLOCK_R=config.block_r, BLOCK_C=config.block_c,
                 BLOCK_K=config.block_k, PRECISION=precision, num_warps=config.num_warps, num_stages=config.num_stages,
             )  # fmt: skip
+            sum_partials(partial, out.view(-1)[layer * R * C :], slots * R * C)
+            if bias is not None:
+                sum_partials(partial[:, slots * R * C :], bias.view(-1)[layer * R :], slots * R)
+
+
+def product_splits(output_tiles: int, B: int, block_k: int, processors: int) -> int:
+    """Batch ranges for the workspace products: enough programs for two per streaming processor,
+    each range at least 8 BLOCK_K steps long (a fixed function of the shape and the device, so the
+    summation order — and the result — is the same from run to run)."""
+    wanted = triton.cdiv(2 * processors, max(output_tiles, 1))
+    return max(1, min(wanted, B // (8 * block_k)))
