@@ -311,8 +311,8 @@ def reverse_layers_kernel(
         dVn = dV_ptr + row + slot * q * m
         dbn = db_ptr + row + slot * m
         dcn = dc_ptr + row + slot * q
-        ws_block = B * (2 * m + 2 * q)
-        wsn = ws_ptr + slot.to(tl.int64) * ws_block
+        ws_block = tl.full((), B, tl.int64) * (2 * m + 2 * q)  # a VJP's workspace may pass 2^31 floats
+        wsn = ws_ptr + slot * ws_block
         if HEUN:
             if USE_STAGES:
                 y = tl.load(stages_ptr + n * B * q + rows, mask=mask, other=0.0)
@@ -322,7 +322,7 @@ def reverse_layers_kernel(
                 y = tl.where(mask, x + step * k1, 0.0)
             W1, V1, b1, c1 = _layer_params(W_ptr, V_ptr, b_ptr, c_ptr, n + 1, q, m)
             u2 = (0.5 * step) * g
-            ws_stage = wsn + (layer_stop - layer_start).to(tl.int64) * ws_block
+            ws_stage = wsn + (layer_stop - layer_start) * ws_block
             gy = _residual_vjp(y, u2, W1, V1, b1, dWn + m * q, dVn + q * m, dbn + m, dcn + q, ws_stage, i > 0,
                                q, m, scale_in, scale_out, offs_b, mask_b, offs_q, mask_q,
                                HAS_B, HAS_C, ACT, GRADS, BLOCK_B, BLOCK_M, BLOCK_Q, PRECISION)  # fmt: skip
