@@ -46,10 +46,16 @@ TEST_TIMEOUT_S = 300  # per GPU test, with pytest-timeout: a hang must not use u
 
 
 class _Outcomes:
-    """pytest plugin: counts test outcomes (setup/teardown errors count as failures)."""
+    """pytest plugin: counts test outcomes (setup/teardown errors count as failures) and hands the
+    counts so far to `on_change` after every test, so that a run cut off by a time limit leaves them."""
 
-    def __init__(self):
+    def __init__(self, on_change=None):
         self.passed, self.failed, self.skipped, self.failures = 0, 0, 0, []
+        self.on_change = on_change
+
+    def summary(self, complete: bool) -> dict:
+        return {"passed": self.passed, "failed": self.failed, "skipped": self.skipped,
+                "failures": list(self.failures), "complete": complete}  # fmt: skip
 
     def pytest_runtest_logreport(self, report):
         if report.when == "call" and report.passed:
@@ -59,18 +65,19 @@ class _Outcomes:
             self.failures.append(report.nodeid)
         elif report.skipped and report.when in ("setup", "call"):
             self.skipped += 1
+        if self.on_change is not None and report.when == "teardown":
+            self.on_change(self.summary(complete=False))
 
 
-def run_tests() -> dict:
+def run_tests(on_change=None, path: Path = ROOT / "tests" / "gpu") -> dict:
     import pytest
 
-    outcomes = _Outcomes()
-    args = ["-q", str(ROOT / "tests" / "gpu")]
+    outcomes = _Outcomes(on_change)
+    args = ["-q", str(path)]
     if importlib.util.find_spec("pytest_timeout") is not None:  # on the GPU image: a hung kernel fails one test
         args.append(f"--timeout={TEST_TIMEOUT_S}")
     exit_code = pytest.main(args, plugins=[outcomes])
-    return {"passed": outcomes.passed, "failed": outcomes.failed, "skipped": outcomes.skipped,
-            "failures": outcomes.failures, "pytest_exit_code": int(exit_code)}  # fmt: skip
+    return {**outcomes.summary(complete=True), "pytest_exit_code": int(exit_code)}
 
 
 def run_micro(out_dir: str) -> dict:
@@ -118,7 +125,8 @@ def run_memory(out_dir: str) -> dict:
 def markdown(report: dict) -> str:
     tests, san, mem, micro = report["tests"], report["sanitizer"], report["memory"], report["micro"]
     tests_line = "not run" if tests.get("not_run") else (
-        f"{tests['passed']} passed, {tests['failed']} failed, {tests['skipped']} skipped")
+        f"{tests['passed']} passed, {tests['failed']} failed, {tests['skipped']} skipped"
+        + ("" if tests.get("complete", True) else " (cut off before the end)"))
     san_line = (f"{san['errors']} errors (exit code {san['exit_code']})" if san.get("ran")
                 else f"not run ({san.get('reason')})")  # fmt: skip
     lines = [
@@ -195,6 +203,10 @@ def main(argv=None) -> dict:
         write_json(stem.with_suffix(".json"), report)
         stem.with_suffix(".md").write_text(markdown(report))
 
+    def save_tests(counts):
+        report["tests"] = counts
+        save()
+
     def save_results(key):
         def on_result(results):
             report[key] = list(results)
@@ -207,7 +219,7 @@ def main(argv=None) -> dict:
             continue
         print(f"== {stage}", flush=True)
         if stage == "tests":
-            report["tests"] = run_tests()
+            report["tests"] = run_tests(on_change=save_tests)
         elif stage == "sanitizer":
             report["sanitizer"] = run_sanitizer()
         elif stage in ("bench", "crossover", "tune"):

@@ -145,3 +145,15 @@ def test_benchmark_configuration_errors_are_recorded_not_raised(monkeypatch):
     results = triton_step.run_all(dry_run=True, on_result=lambda r: seen.append(len(r)))
     assert results == [{**results[0], "error": "RuntimeError: out of resources"}] and seen == [1]
     assert "error: RuntimeError: out of resources" in triton_step.markdown_table(results)
+
+
+def test_gpu_test_counts_are_saved_after_every_test(tmp_path):
+    """A tests stage cut off by the device's time limit still leaves the counts it reached."""
+    from bench import gpu_suite
+
+    (tmp_path / "test_sample.py").write_text("def test_a():\n    pass\n\ndef test_b():\n    assert False\n")
+    seen = []
+    final = gpu_suite.run_tests(on_change=seen.append, path=tmp_path)
+    assert [(c["passed"], c["failed"], c["complete"]) for c in seen] == [(1, 0, False), (1, 1, False)]
+    assert final["passed"] == 1 and final["failed"] == 1 and final["complete"] is True
+    assert len(final["failures"]) == 1 and final["failures"][0].endswith("test_sample.py::test_b")
