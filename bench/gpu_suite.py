@@ -137,9 +137,9 @@ def markdown(report: dict) -> str:
         "",
         f"- GPU tests: {tests_line}",
         f"- compute-sanitizer memcheck: {san_line}",
-        f"- memory against depth: " + (f"`{mem['file']}`, ratios {json.dumps(mem['ratios'])}" if mem.get("ran")
+        "- memory against depth: " + (f"`{mem['file']}`, ratios {json.dumps(mem['ratios'])}" if mem.get("ran")
                                        else f"not run ({mem.get('reason')})"),
-        f"- micro-benchmarks: " + (f"`{micro['file']}` (pytest exit code {micro['exit_code']})" if micro.get("ran")
+        "- micro-benchmarks: " + (f"`{micro['file']}` (pytest exit code {micro['exit_code']})" if micro.get("ran")
                                    else f"not run ({micro.get('reason')})"),
         "",
         "Median times (ms) and ratios, side by side in one run (`python -m bench.gpu_suite`):",

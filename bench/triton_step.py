@@ -193,16 +193,16 @@ def tune_config(config: dict, device: torch.device, candidates: dict) -> dict:
 
     itemsize = torch.empty(0, dtype=getattr(torch, config["dtype"])).element_size()
     default = kernel_configs(config["q"], config["m"], itemsize)
-    tables = {kind: (*config_tiles[:2], *config_tiles[3:]) for kind, config_tiles in zip(default._fields, default)}
+    tables = {kind: (c.block_b, c.block_m, c.num_warps, c.num_stages) for kind, c in zip(default._fields, default)}
     tables["product"] = tuple(product_config(itemsize))
-    stages = {kind: () if kind == "product" else (getattr(default, kind).num_stages,) for kind in tables}
     tiles_ms, best = {}, {}
     kernels = (("forward", forward, TILES_ENV.forward), ("reverse", adjoint_step, TILES_ENV.reverse),
                ("product", workspace_step, PRODUCT_TILES_ENV))  # fmt: skip
     for kind, fn, env in kernels:
         tiles_ms[kind] = {}
         for tiles in candidates[kind]:
-            value = ",".join(str(v) for v in (*tiles, *stages[kind]))
+            full = tiles if kind == "product" else (*tiles, tables[kind][-1])  # the table's num_stages
+            value = ",".join(str(v) for v in full)
             with _env(env, value):
                 try:
                     tiles_ms[kind][value] = median_ms(fn, device)

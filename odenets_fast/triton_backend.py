@@ -88,7 +88,9 @@ def grad_buffer_bytes() -> int:
     if not value:
         return DEFAULT_GRAD_BUFFER_MIB * 2**20
     if not value.isdigit():
-        raise ValueError(f"{GRAD_BUFFER_ENV} must be a non-negative integer (MiB; 0: one layer per launch); got {value!r}")
+        raise ValueError(
+            f"{GRAD_BUFFER_ENV} must be a non-negative integer (MiB; 0: one layer per launch); got {value!r}"
+        )
     return int(value) * 2**20
 
 
@@ -103,7 +105,7 @@ def kernel_configs(q: int, m: int, operand_bytes: int) -> KernelConfigs:
     on a GPU: `bench.triton_step --mode tune` times alternatives through them)."""
     configs = mlp_step.kernel_configs(q, m, operand_bytes, INTERPRETED)
     overrides = (_tiles_from_env(env, ("BLOCK_B", "BLOCK_M")) for env in TILES_ENV)
-    return KernelConfigs(*(config if tiles is None else config._replace(**tiles) for config, tiles in zip(configs, overrides)))
+    return KernelConfigs(*(c if tiles is None else c._replace(**tiles) for c, tiles in zip(configs, overrides)))
 
 
 def product_config(operand_bytes: int) -> ProductConfig:

@@ -163,7 +163,7 @@ def test_reverse_layers_kernel_range(method, grads):
     weight-gradient reduction."""
     x, W, V, b, c = make_stack(L=3, method=method, bias=True, dtype=torch.float32, **ODD)
     spec = _spec(x, W, method)
-    B, q, m, P = ODD["B"], ODD["q"], ODD["m"], W.shape[0]
+    B, q, m = ODD["B"], ODD["q"], ODD["m"]
     args = _kernel_args(spec)
     x_top, g_top = torch.randn(B, q), torch.randn(B, q)
     sections = mlp_step.GradSections(q, m)

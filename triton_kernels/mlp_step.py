@@ -33,7 +33,7 @@ Weight gradients, three reductions over the batch (GRADS):
 Gradient layout: four float32 accumulators, the (P, …) gradients of W, V, b, c. A partial row
 holds, section by section ([dW | dV | db | dc], `GradSections`), the layers one launch touches;
 `sum_partials_kernel` adds one section of all rows into its place in an accumulator. A workspace
-holds, per VJP of the launch, a (B, 2m + 2q) block of rows [dz | σ(z) | x | u] (`WORKSPACE`);
+holds, per VJP of the launch, a (B, 2m + 2q) block of rows [dz | σ(z) | x | u];
 Heun has two VJPs per layer, so two sets: set 0 for θ_n (at x_n), set 1 for θ_{n+1} (at y_n).
 """
 
