@@ -104,12 +104,16 @@ def test_gpu_suite_dry_run(tmp_path):
 
     gpu_suite.main(["--dry-run", "--stages", "bench", "--out", str(tmp_path / "first")])
     (first,) = (tmp_path / "first").glob("gpu-suite-cpu-*.json")
-    gpu_suite.main(["--dry-run", "--stages", "crossover,tune", "--merge", str(first), "--out", str(tmp_path)])
+    gpu_suite.main(["--dry-run", "--stages", "crossover,tune,micro", "--merge", str(first), "--out", str(tmp_path)])
     (json_file,) = tmp_path.glob("gpu-suite-cpu-*.json")
     results = json.loads(json_file.read_text())
     assert {"device", "commit", "torch", "triton", "date", "tests", "benchmarks"} <= set(results)
     assert results["dry_run"] is True and {"passed", "failed"} <= set(results["tests"])
-    assert results["stages_run"] == ["bench", "crossover", "tune"]
+    assert results["stages_run"] == ["bench", "crossover", "tune", "micro"]
+    micro = results["micro"]
+    assert micro["ran"] and micro["exit_code"] == 0, micro
+    (benchmark,) = json.loads((tmp_path / micro["file"]).read_text())["benchmarks"]
+    assert benchmark["group"].startswith("step L=16 q=16") and benchmark["stats"]["median"] > 0
     (bench,) = results["benchmarks"]
     assert {"adjoint_step_vs_eager_backprop", "forward_vs_eager_forward"} <= set(bench["ratios"])
     assert all(t > 0 for t in bench["median_ms"].values())
