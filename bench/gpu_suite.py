@@ -44,6 +44,7 @@ from bench.report import git_commit, output_stem, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_TIMEOUT_S = 300  # per GPU test, with pytest-timeout: a hang must not use up a session's device time
+SUBPROCESS_TIMEOUT_S = 480  # sanitizer, micro: inside one device call's 600 s, recorded as such, not killed unseen
 
 
 class _Outcomes:
@@ -81,7 +82,6 @@ def run_tests(on_change=None, path: Path = ROOT / "tests" / "gpu") -> dict:
     return {**outcomes.summary(complete=True), "pytest_exit_code": int(exit_code)}
 
 
-MICRO_TIMEOUT_S = 480  # inside one device call's 600 s: a slow run is recorded as such, not killed unseen
 
 
 def run_micro(out_dir: str, dry_run: bool = False) -> dict:
@@ -94,10 +94,10 @@ def run_micro(out_dir: str, dry_run: bool = False) -> dict:
     cmd = [sys.executable, "-m", "pytest", "-q", str(ROOT / "bench" / "test_micro.py"), "--benchmark-only",
            "-k", selection, f"--benchmark-json={path}"]  # fmt: skip
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=MICRO_TIMEOUT_S)
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=SUBPROCESS_TIMEOUT_S)
     except subprocess.TimeoutExpired as err:  # its output may come back as bytes even in text mode
         output = err.stdout.decode() if isinstance(err.stdout, bytes) else (err.stdout or "")
-        return {"ran": False, "reason": f"timed out after {MICRO_TIMEOUT_S} s", "tail": output[-1500:]}
+        return {"ran": False, "reason": f"timed out after {SUBPROCESS_TIMEOUT_S} s", "tail": output[-1500:]}
     return {"ran": True, "exit_code": proc.returncode, "file": path.name, "tail": (proc.stdout + proc.stderr)[-1500:]}
 
 
@@ -107,7 +107,10 @@ def run_sanitizer() -> dict:
         return {"ran": False, "reason": "compute-sanitizer not on PATH"}
     cmd = [tool, "--tool", "memcheck", "--error-exitcode", "1", sys.executable,
            str(ROOT / "tests" / "gpu" / "sanitize_case.py")]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=SUBPROCESS_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return {"ran": False, "reason": f"timed out after {SUBPROCESS_TIMEOUT_S} s"}
     output = proc.stdout + proc.stderr
     found = re.search(r"ERROR SUMMARY: (\d+) error", output)
     return {"ran": True, "exit_code": proc.returncode, "errors": int(found.group(1)) if found else None,
