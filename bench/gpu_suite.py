@@ -44,6 +44,10 @@ from bench.report import git_commit, output_stem, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_TIMEOUT_S = 300  # per GPU test, with pytest-timeout: a hang must not use up a session's device time
+# The GPU tests spend most of their time compiling kernel specialisations (one per activation,
+# method, mode, dtype, reduction…), which is CPU work: pytest-xdist workers compile in parallel on
+# the GPU machine's cores. Peak-memory tests read their own process's allocator, so they stay exact.
+GPU_TEST_WORKERS = 4
 SUBPROCESS_TIMEOUT_S = 480  # sanitizer, micro: inside one device call's 600 s, recorded as such, not killed unseen
 
 
@@ -71,13 +75,15 @@ class _Outcomes:
             self.on_change(self.summary(complete=False))
 
 
-def run_tests(on_change=None, path: Path = ROOT / "tests" / "gpu") -> dict:
+def run_tests(on_change=None, path: Path = ROOT / "tests" / "gpu", workers: int = GPU_TEST_WORKERS) -> dict:
     import pytest
 
     outcomes = _Outcomes(on_change)
     args = ["-q", str(path)]
     if importlib.util.find_spec("pytest_timeout") is not None:  # on the GPU image: a hung kernel fails one test
         args.append(f"--timeout={TEST_TIMEOUT_S}")
+    if workers > 1 and importlib.util.find_spec("xdist") is not None:  # on the GPU image too
+        args += ["-n", str(workers)]
     exit_code = pytest.main(args, plugins=[outcomes])
     return {**outcomes.summary(complete=True), "pytest_exit_code": int(exit_code)}
 
