@@ -178,8 +178,9 @@ def weight_grad_reduction(deterministic: bool, B: int, q: int, m: int, block_b: 
         if value not in ("partials", "workspace"):
             raise ValueError(f"{WEIGHT_GRADS_ENV} must be 'partials' or 'workspace'; got {value!r}")
         return value
-    partial_floats = triton.cdiv(B, block_b) * (2 * q * m + m + q)
-    return "workspace" if B * (2 * m + 2 * q) < partial_floats else "partials"
+    sections = mlp_step.GradSections(q, m)
+    partial_floats = triton.cdiv(B, block_b) * sum(sections.sizes)
+    return "workspace" if B * sections.workspace_row < partial_floats else "partials"
 
 
 def backward(grad_out: Tensor, saved: tuple, W, V, b, c, spec: StackSpec) -> Gradients:
@@ -196,7 +197,7 @@ def backward(grad_out: Tensor, saved: tuple, W, V, b, c, spec: StackSpec) -> Gra
     adjoint = spec.backward == "adjoint"
     sets = 2 if args["heun"] else 1  # Heun's layer n also has gradients of θ_{n+1}
     programs = max(1, triton.cdiv(B, configs.reverse.block_b))
-    ws_row = 2 * m + 2 * q  # a workspace row: [dz | σ(z) | x | u]
+    ws_row = sections.workspace_row
     # partial rows: a launch over n layers also writes Heun's θ_stop, one slot more
     extra = sets - 1 if grads == "partials" else 0
     size = layers_per_launch(spec.depth)
@@ -211,6 +212,7 @@ def backward(grad_out: Tensor, saved: tuple, W, V, b, c, spec: StackSpec) -> Gra
         targets = accumulators
     if grads == "workspace":
         workspace = torch.empty(sets * size * B * ws_row, dtype=torch.float32, device=final.device)
+        product = product_config(W.element_size())
     state = final.clone()
     g = grad_out.to(torch.float32, copy=True).contiguous()
     drift_state = torch.zeros_like(state) if adjoint else None
@@ -231,7 +233,6 @@ def backward(grad_out: Tensor, saved: tuple, W, V, b, c, spec: StackSpec) -> Gra
                 if keep:
                     mlp_step.sum_partials(part, acc.view(-1)[start * section_size :], touched * section_size)
         elif grads == "workspace":
-            product = product_config(W.element_size())
             tiles = triton.cdiv(m, product.block_r) * triton.cdiv(q, product.block_c) * (stop - start)
             mlp_step.workspace_grads(
                 chunk, [acc if keep else None for acc, keep in zip(accumulators, present)], start, params.W,

@@ -13,7 +13,7 @@ beyond MAX_STACK_BYTES (the tile table of mlp_step.kernel_configs keeps spills s
 stack means a kernel change made it spill, which costs far more than the interpreter shows).
 Without --all, a representative subset (every kernel and branch at the widest benchmark shape, in
 float32 and bfloat16) that compiles in a minute or two on 2 cores; --all covers every benchmark
-shape and precision (about 30 specialisations).
+shape and precision (about 90 specialisations).
 """
 
 import itertools

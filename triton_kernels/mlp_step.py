@@ -61,6 +61,11 @@ class GradSections(NamedTuple):
         """Floats of a partial row holding `slots` consecutive layers."""
         return slots * sum(self.sizes)
 
+    @property
+    def workspace_row(self) -> int:
+        """Floats of a workspace row of one VJP: [dz (m) | σ(z) (m) | x (q) | u (q)]."""
+        return 2 * self.m + 2 * self.q
+
     def partial_starts(self, slots: int) -> tuple:
         """Where the sections begin in a partial row: [dW of the slots | dV … | db … | dc …]."""
         return tuple(slots * sum(self.sizes[:i]) for i in range(4))
@@ -590,12 +595,14 @@ def workspace_grads(
     _, m, q = dW.shape
     rows_per_split = triton.cdiv(triton.cdiv(B, splits), config.block_k) * config.block_k
     splits = triton.cdiv(B, rows_per_split)  # no empty split
+    # one buffer for every product of the call: per split, the products then the column sums
+    buffer = workspace.new_empty(splits * slots * (m * q + max(m, q)))
     for s in range(sets):
         layer = start + s
         # (out, bias, left column, right column, R, C, scale): dW = a_in Σ dz xᵀ, dV = a_out Σ u σ(z)ᵀ
         for out, bias, left_col, right_col, R, C, scale in ((dW, db, 0, 2 * m, m, q, scale_in),
                                                            (dV, dc, 2 * m + q, m, q, m, scale_out)):  # fmt: skip
-            partial = workspace.new_empty((splits, slots * (R * C + R)))
+            partial = buffer[: splits * slots * (R * C + R)].view(splits, -1)
             grid = (triton.cdiv(R, config.block_r), triton.cdiv(C, config.block_c), slots * splits)
             workspace_grads_kernel[grid](
                 workspace[s], partial, operand_like, left_col, right_col, B, R, C, m, q, splits, rows_per_split,
