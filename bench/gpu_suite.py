@@ -88,8 +88,6 @@ def run_tests(on_change=None, path: Path = ROOT / "tests" / "gpu", workers: int 
     return {**outcomes.summary(complete=True), "pytest_exit_code": int(exit_code)}
 
 
-
-
 def run_micro(out_dir: str, dry_run: bool = False) -> dict:
     """bench/test_micro.py on the GPU for the eager loop and the Triton backend (pytest-benchmark's
     JSON beside the report; each benchmark also carries do_bench's median in extra_info). The dry

@@ -31,6 +31,7 @@ for the tile table of mlp_step.kernel_configs.
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 
@@ -165,13 +166,21 @@ def run_config(config: dict, device: torch.device, only=None) -> dict:
         contenders["fused_adjoint_step_tf32x3"] = step(fused("adjoint", "tf32x3"))
     if only is not None:
         contenders = {name: contenders[name] for name in only if name in contenders}
-    times = {name: median_ms(fn, device) for name, fn in contenders.items()}
+    measures = {name: functools.partial(median_ms, fn, device) for name, fn in contenders.items()}
+    if device.type == "cuda" and "fused_forward" in contenders:
+        measures["forward_roofline_floor"] = functools.partial(forward_roofline_ms, config, device)
+    # A contender that fails (a precision that does not compile, out of memory) is recorded with its
+    # error; the others keep their times and ratios.
+    times, errors = {}, {}
+    for name, measure in measures.items():
+        try:
+            times[name] = measure()
+        except Exception as err:  # noqa: BLE001
+            errors[name] = f"{type(err).__name__}: {err}"[:300]
     ratios = {name: times[num] / times[den] for name, (num, den) in RATIOS.items() if num in times and den in times}
-    if device.type == "cuda" and "fused_forward" in times:
-        floor = forward_roofline_ms(config, device)
-        ratios["forward_fraction_of_roofline"] = floor / times["fused_forward"]
-        times["forward_roofline_floor"] = floor
-    return {"name": config["name"], "config": config, "median_ms": times, "ratios": ratios}
+    if "forward_roofline_floor" in times and "fused_forward" in times:
+        ratios["forward_fraction_of_roofline"] = times["forward_roofline_floor"] / times["fused_forward"]
+    return {"name": config["name"], "config": config, "median_ms": times, "ratios": ratios, "errors": errors}
 
 
 def tune_config(config: dict, device: torch.device, candidates: dict) -> dict:
@@ -382,7 +391,8 @@ def _table(results: list, columns: list) -> str:
             cells = [(f"{t[time]:.3f}" if time in t else "-") if time else (f"{k[ratio]:.2f}" if ratio in k else "-")
                      for _, time, ratio in columns]  # fmt: skip
         lines.append(f"| {_describe(r)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    failed = [f"- {r['name']}, {name}: {error}" for r in results for name, error in r.get("errors", {}).items()]
+    return "\n".join(lines + (["", "Contenders that failed (their cells show -):", *failed] if failed else []))
 
 
 if __name__ == "__main__":

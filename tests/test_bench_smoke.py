@@ -161,3 +161,24 @@ def test_gpu_test_counts_are_saved_after_every_test(tmp_path):
     assert [(c["passed"], c["failed"], c["complete"]) for c in seen] == [(1, 0, False), (1, 1, False)]
     assert final["passed"] == 1 and final["failed"] == 1 and final["complete"] is True
     assert len(final["failures"]) == 1 and final["failures"][0].endswith("test_sample.py::test_b")
+
+
+def test_a_failing_contender_keeps_the_others_times(monkeypatch):
+    """One contender failing on the GPU (a precision that does not compile) must not cost the
+    configuration's other times and ratios."""
+    from bench import triton_step
+
+    real = triton_step.ode_mlp
+
+    def tf32x3_fails(*args, input_precision="ieee", **kw):
+        if input_precision == "tf32x3":
+            raise RuntimeError("PassManager::run failed")
+        return real(*args, input_precision=input_precision, **kw)
+
+    monkeypatch.setattr(triton_step, "ode_mlp", tf32x3_fails)
+    (result,) = triton_step.run_all(dry_run=True)
+    assert result["errors"] == {"fused_adjoint_step_tf32x3": "RuntimeError: PassManager::run failed"}
+    assert "fused_adjoint_step_tf32x3" not in result["median_ms"] and "fused_adjoint_step_tf32" in result["median_ms"]
+    assert {"adjoint_step_vs_eager_backprop", "adjoint_step_tf32_vs_eager_backprop"} <= set(result["ratios"])
+    assert "adjoint_step_tf32x3_vs_eager_backprop" not in result["ratios"]
+    assert "fused_adjoint_step_tf32x3: RuntimeError: PassManager::run failed" in triton_step.markdown_table([result])

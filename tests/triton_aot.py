@@ -13,10 +13,9 @@ beyond MAX_STACK_BYTES (the tile table of mlp_step.kernel_configs keeps spills s
 stack means a kernel change made it spill, which costs far more than the interpreter shows).
 Without --all, a representative subset (every kernel and branch at the widest benchmark shape, in
 float32 and bfloat16) that compiles in a minute or two on 2 cores; --all covers every benchmark
-shape and precision (about 90 specialisations).
+shape and precision, the crossover's and the GPU tests' shapes (about 180 specialisations).
 """
 
-import itertools
 import os
 import re
 import subprocess
@@ -70,11 +69,23 @@ def resource_usage(compiled) -> tuple:
     return int(found.group(1)), int(found.group(2))
 
 
+# (q, m) → (weight dtype, input precision) pairs compiled by --all: the benchmark widths, the
+# crossover's q = 128 (also the GPU tests' q = 100) and the GPU tests' small and odd shapes.
+_BENCHMARK_PRECISIONS = [("fp32", "ieee"), ("bf16", "ieee"), ("fp32", "tf32"), ("fp32", "tf32x3")]
+ALL_SHAPES = {
+    (256, 512): _BENCHMARK_PRECISIONS,
+    (64, 128): _BENCHMARK_PRECISIONS,
+    (128, 256): _BENCHMARK_PRECISIONS + [("fp16", "ieee")],
+    (24, 40): [("fp32", "ieee"), ("fp16", "ieee")],
+    (1, 1): [("fp32", "ieee")],
+}
+
+
 def specialisations(everything: bool):
-    """(label, kernel, weight dtype, constexprs, launch options) for the shapes of the GPU benchmarks."""
-    shapes = [(256, 512), (64, 128)] if everything else [(256, 512)]
-    precisions = [("fp32", "ieee"), ("bf16", "ieee")] + ([("fp32", "tf32"), ("fp32", "tf32x3")] if everything else [])
-    for (q, m), (dtype, precision) in itertools.product(shapes, precisions):
+    """(label, kernel, weight dtype, constexprs, launch options) for the shapes of the GPU benchmarks
+    and tests (--all), or the representative subset."""
+    shapes = ALL_SHAPES if everything else {(256, 512): [("fp32", "ieee"), ("bf16", "ieee")]}
+    for (q, m), (dtype, precision) in ((shape, p) for shape, precisions in shapes.items() for p in precisions):
         configs = mlp_step.kernel_configs(q, m, 4 if dtype == "fp32" else 2, interpreted=False)
         label = f"q={q} m={m} {dtype} {precision}"
         for heun in (False, True) if everything else (True,):
