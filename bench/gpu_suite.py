@@ -18,7 +18,7 @@ its error and the others still run. `--merge FILE` starts from an earlier report
 and device, keeping its stages that this run does not redo: the stages can be spread over several
 calls of a time-limited GPU machine and still end in one file.
 
-    python -m bench.gpu_suite [--out DIR] [--stages tests,bench] [--merge FILE] [--dry-run]
+    python -m bench.gpu_suite [--out DIR] [--stages tests,bench] [--merge FILE] [--budget-s S] [--dry-run]
 
 The commit comes from `git rev-parse HEAD`, or from ODENETS_FAST_COMMIT where the tree travelled
 without its .git folder. --dry-run exercises the pipeline on the CPU (TRITON_INTERPRET=1, tiny
@@ -30,10 +30,12 @@ import argparse
 import datetime
 import importlib.util
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -41,6 +43,7 @@ import triton
 
 from bench import memory, triton_step
 from bench.report import git_commit, output_stem, write_json
+from bench.timing import DEADLINE_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_TIMEOUT_S = 300  # per GPU test, with pytest-timeout: a hang must not use up a session's device time
@@ -49,6 +52,9 @@ TEST_TIMEOUT_S = 300  # per GPU test, with pytest-timeout: a hang must not use u
 # the GPU machine's cores. Peak-memory tests read their own process's allocator, so they stay exact.
 GPU_TEST_WORKERS = 4
 SUBPROCESS_TIMEOUT_S = 480  # sanitizer, micro: inside one device call's 600 s, recorded as such, not killed unseen
+# The micro-benchmarks stop starting benchmarks this long before their time is up, so that pytest
+# still ends normally and writes its JSON (the slowest benchmark, wide L = 1024, takes seconds).
+MICRO_MARGIN_S = 60
 
 
 class _Outcomes:
@@ -88,33 +94,44 @@ def run_tests(on_change=None, path: Path = ROOT / "tests" / "gpu", workers: int 
     return {**outcomes.summary(complete=True), "pytest_exit_code": int(exit_code)}
 
 
-def run_micro(out_dir: str, dry_run: bool = False) -> dict:
+def _timeout_s(deadline) -> float:
+    """A subprocess's time limit: SUBPROCESS_TIMEOUT_S, or less when the run's deadline comes sooner."""
+    return SUBPROCESS_TIMEOUT_S if deadline is None else max(1.0, min(SUBPROCESS_TIMEOUT_S, deadline - time.time()))
+
+
+def run_micro(out_dir: str, dry_run: bool = False, deadline=None) -> dict:
     """bench/test_micro.py on the GPU for the eager loop and the Triton backend (pytest-benchmark's
-    JSON beside the report; each benchmark also carries do_bench's median in extra_info). The dry
-    run times one tiny CPU benchmark of the eager loop, to check the plumbing."""
+    JSON beside the report; each benchmark also carries do_bench's median in extra_info). Benchmarks
+    not started MICRO_MARGIN_S before the time limit are skipped, so a late stage still leaves the
+    JSON of those that ran. The dry run times one tiny CPU benchmark of the eager loop, to check the
+    plumbing."""
     device = torch.device("cpu" if dry_run else "cuda")
     path = output_stem("micro", device, out_dir).with_suffix(".json")
     selection = "eager and step and L16 and q16" if dry_run else "eager or triton"
-    cmd = [sys.executable, "-m", "pytest", "-q", str(ROOT / "bench" / "test_micro.py"), "--benchmark-only",
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rs", str(ROOT / "bench" / "test_micro.py"), "--benchmark-only",
            "-k", selection, f"--benchmark-json={path}"]  # fmt: skip
+    timeout = _timeout_s(deadline)
+    env = dict(os.environ, **{DEADLINE_ENV: str(time.time() + timeout - MICRO_MARGIN_S)})
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=SUBPROCESS_TIMEOUT_S)
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=timeout, env=env)
     except subprocess.TimeoutExpired as err:  # its output may come back as bytes even in text mode
         output = err.stdout.decode() if isinstance(err.stdout, bytes) else (err.stdout or "")
-        return {"ran": False, "reason": f"timed out after {SUBPROCESS_TIMEOUT_S} s", "tail": output[-1500:]}
-    return {"ran": True, "exit_code": proc.returncode, "file": path.name, "tail": (proc.stdout + proc.stderr)[-1500:]}
+        return {"ran": False, "reason": f"timed out after {timeout:.0f} s", "tail": output[-1500:]}
+    return {"ran": True, "exit_code": proc.returncode, "file": path.name if path.exists() else None,  # none: no benchmark ran
+            "tail": (proc.stdout + proc.stderr)[-1500:]}  # fmt: skip
 
 
-def run_sanitizer() -> dict:
+def run_sanitizer(deadline=None) -> dict:
     tool = shutil.which("compute-sanitizer")
     if tool is None:
         return {"ran": False, "reason": "compute-sanitizer not on PATH"}
     cmd = [tool, "--tool", "memcheck", "--error-exitcode", "1", sys.executable,
            str(ROOT / "tests" / "gpu" / "sanitize_case.py")]  # fmt: skip
+    timeout = _timeout_s(deadline)
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=SUBPROCESS_TIMEOUT_S)
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return {"ran": False, "reason": f"timed out after {SUBPROCESS_TIMEOUT_S} s"}
+        return {"ran": False, "reason": f"timed out after {timeout:.0f} s"}
     output = proc.stdout + proc.stderr
     found = re.search(r"ERROR SUMMARY: (\d+) error", output)
     return {"ran": True, "exit_code": proc.returncode, "errors": int(found.group(1)) if found else None,
@@ -157,8 +174,8 @@ def markdown(report: dict) -> str:
         f"- compute-sanitizer memcheck: {san_line}",
         "- memory against depth: " + (f"`{mem['file']}`, ratios {json.dumps(mem['ratios'])}" if mem.get("ran")
                                        else f"not run ({mem.get('reason')})"),
-        "- micro-benchmarks: " + (f"`{micro['file']}` (pytest exit code {micro['exit_code']})" if micro.get("ran")
-                                   else f"not run ({micro.get('reason')})"),
+        "- micro-benchmarks: " + (f"`{micro['file'] or 'no benchmark ran'}` (pytest exit code {micro['exit_code']})"
+                                   if micro.get("ran") else f"not run ({micro.get('reason')})"),
         "",
         "Median times (ms) and ratios, side by side in one run (`python -m bench.gpu_suite`):",
         "",
@@ -180,6 +197,9 @@ def _parse(argv):
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, of {','.join(STAGES)}")
     parser.add_argument("--merge", default=None, help="an earlier gpu-suite JSON of the same commit and device")
     parser.add_argument("--dry-run", action="store_true")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="seconds this run may take (a device call's limit): the sanitizer and micro "
+                             "subprocesses end by then, and no stage starts after it")  # fmt: skip
     args = parser.parse_args(argv)
     args.stages = [stage for stage in args.stages.split(",") if stage]
     unknown = sorted(set(args.stages) - set(STAGES))
@@ -232,21 +252,25 @@ def main(argv=None) -> dict:
 
         return on_result
 
+    deadline = None if args.budget_s is None else time.time() + args.budget_s
     for stage in STAGES:
         if stage not in args.stages or (args.dry_run and stage in DRY_RUN_SKIPS):
+            continue
+        if deadline is not None and time.time() >= deadline:
+            print(f"== {stage}: not started, the time budget (--budget-s) is spent", flush=True)
             continue
         print(f"== {stage}", flush=True)
         if stage == "tests":
             report["tests"] = run_tests(on_change=save_tests)
         elif stage == "sanitizer":
-            report["sanitizer"] = run_sanitizer()
+            report["sanitizer"] = run_sanitizer(deadline)
         elif stage in ("bench", "crossover", "tune"):
             key = "benchmarks" if stage == "bench" else stage
             triton_step.run_all(dry_run=args.dry_run, mode=stage, on_result=save_results(key))
         elif stage == "memory":
             report["memory"] = run_memory(args.out)
         elif stage == "micro":
-            report["micro"] = run_micro(args.out, args.dry_run)
+            report["micro"] = run_micro(args.out, args.dry_run, deadline)
         report["stages_run"] = sorted(set(report["stages_run"]) | {stage}, key=STAGES.index)
         save()
     save()

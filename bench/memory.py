@@ -9,7 +9,7 @@ torch.cuda.max_memory_allocated() in this process, on the CPU as the peak RSS of
 (contender, depth).
 Time: the median over steps after a warm-up step, the contenders side by side in this process (do_bench on
 CUDA; on the CPU the contenders take turns step by step, at least --reps rounds, more for short steps).
-Writes bench/results/memory-<device>-<yyyymmdd>.json and .png.
+Writes bench/results/memory-<device>-<yyyymmdd>.json (after every depth, marked complete at the end) and .png.
 
     python -m bench.memory [--depths 16 64 256 1024] [--batch B --dim q --hidden m] [--contenders NAME ...]
                            [--backend NAME] [--reps 3] [--out DIR]
@@ -187,8 +187,9 @@ def main(argv=None) -> dict:
         torchdiffeq_check = {"depth": depths[-1], "max_abs_diff_vs_ode_mlp": diff}
         print(f"torchdiffeq Euler vs ode_mlp(method='euler') at L={depths[-1]}: max |difference| = {diff:.2e}")
 
+    stem = output_stem("memory", device, args.out)
     measured = {}
-    for depth in depths:
+    for done, depth in enumerate(depths, 1):
         peaks = {name: measure_peak_bytes(name, sizes, depth, device, args.backend) for name in contenders}
         steps = {name: make_step(name, sizes, depth, device, args.backend)[0] for name in contenders}
         times = steps_ms(steps, device, args.reps)
@@ -197,19 +198,19 @@ def main(argv=None) -> dict:
             measured[(name, depth)] = {"peak_bytes": peaks[name], "median_ms": times[name]}
             peak_mib, ms = peaks[name] / 2**20, times[name]
             print(f"  L={depth:<5} {name:<25} peak {peak_mib:9.1f} MiB   step {ms:10.1f} ms", flush=True)
-
-    ratios = goal_ratios(measured, depths)
-    stem = output_stem("memory", device, args.out)
-    results = {
-        "config": config,
-        "environment": env,
-        "torchdiffeq": _torchdiffeq_version(),
-        "torchdiffeq_check": torchdiffeq_check,
-        "skipped": skipped,
-        "measurements": [dict(contender=n, depth=L, **v) for (n, L), v in measured.items()],
-        "ratios": ratios,
-    }
-    write_json(stem.with_suffix(".json"), results)
+        # after every depth: a run cut off by a time limit (a GPU machine's) keeps the depths it measured
+        ratios = goal_ratios(measured, depths[:done])
+        results = {
+            "config": config,
+            "environment": env,
+            "torchdiffeq": _torchdiffeq_version(),
+            "torchdiffeq_check": torchdiffeq_check,
+            "skipped": skipped,
+            "complete": done == len(depths),
+            "measurements": [dict(contender=n, depth=L, **v) for (n, L), v in measured.items()],
+            "ratios": ratios,
+        }
+        write_json(stem.with_suffix(".json"), results)
     _plot(stem.with_suffix(".png"), measured, contenders, depths,
           f"{env['device']}, torch {env['torch']}, odenets_fast backend {backend_name}, B={sizes.batch}, "
           f"q={sizes.dim}, m={sizes.hidden}")  # fmt: skip

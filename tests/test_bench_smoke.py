@@ -40,7 +40,7 @@ def test_memory(tmp_path, capsys, monkeypatch):
     assert all(m["peak_bytes"] > 0 and m["median_ms"] > 0 for m in measured.values())
     # at L = 16 eager keeps ~16 MiB of activations, adjoint a few (B, m) temporaries
     assert measured[("odenets_adjoint", 16)]["peak_bytes"] < measured[("eager_backprop", 16)]["peak_bytes"]
-    assert results["ratios"]["eager_backprop_over_adjoint_peak_L16"] > 1
+    assert results["ratios"]["eager_backprop_over_adjoint_peak_L16"] > 1 and results["complete"] is True
     assert TORCHDIFFEQ_MISSING in out
     assert results["skipped"] == {"torchdiffeq_adjoint": TORCHDIFFEQ_MISSING}
 
@@ -94,6 +94,25 @@ def test_dispatch_overhead(capsys, tmp_path):
     assert all(v > 0 for v in result["median_us"].values())
     (json_file,) = tmp_path.glob("dispatch-overhead-cpu-*.json")
     assert json.loads(json_file.read_text())["overhead_us"] == result["overhead_us"]
+
+
+def test_memory_keeps_the_depths_measured_before_a_failure(tmp_path, monkeypatch):
+    """A GPU call cut short (or a depth that runs out of memory) still leaves the shallower depths."""
+
+    def peak(name, sizes, depth, device, backend):
+        if depth == 3:
+            raise RuntimeError("CUDA out of memory")
+        return 1
+
+    monkeypatch.setattr(memory, "measure_peak_bytes", peak)
+    args = ["--depths", "2", "3", "--batch", "8", "--dim", "4", "--hidden", "8", "--device", "cpu", "--reps", "1",
+            "--backend", "reference", "--out", str(tmp_path), "--contenders", "eager_backprop", "odenets_adjoint"]
+    with pytest.raises(RuntimeError, match="out of memory"):
+        memory.main(args)
+    (json_file,) = tmp_path.glob("memory-cpu-*.json")
+    results = json.loads(json_file.read_text())
+    assert results["complete"] is False
+    assert {(m["contender"], m["depth"]) for m in results["measurements"]} == {("eager_backprop", 2), ("odenets_adjoint", 2)}
 
 
 def test_gpu_suite_dry_run(tmp_path):
@@ -182,3 +201,23 @@ def test_a_failing_contender_keeps_the_others_times(monkeypatch):
     assert {"adjoint_step_vs_eager_backprop", "adjoint_step_tf32_vs_eager_backprop"} <= set(result["ratios"])
     assert "adjoint_step_tf32x3_vs_eager_backprop" not in result["ratios"]
     assert "fused_adjoint_step_tf32x3: RuntimeError: PassManager::run failed" in triton_step.markdown_table([result])
+
+
+def test_micro_benchmarks_past_the_deadline_are_skipped_not_killed(tmp_path):
+    """A micro stage that starts late in a device call stops starting benchmarks, so that pytest ends
+    normally and pytest-benchmark writes the JSON of those that ran — here none, so no JSON."""
+    import time
+
+    from bench import gpu_suite
+
+    micro = gpu_suite.run_micro(str(tmp_path), dry_run=True, deadline=time.time() + gpu_suite.MICRO_MARGIN_S / 2)
+    assert micro["ran"] and micro["exit_code"] == 0, micro
+    assert "not started: the run's time budget is spent" in micro["tail"]
+    assert micro["file"] is None and not list(tmp_path.iterdir())
+
+
+def test_gpu_suite_starts_no_stage_after_its_budget(tmp_path):
+    from bench import gpu_suite
+
+    report = gpu_suite.main(["--dry-run", "--stages", "bench,micro", "--budget-s", "0", "--out", str(tmp_path)])
+    assert report["stages_run"] == [] and report["benchmarks"] == [] and not report["micro"]["ran"]
