@@ -188,6 +188,8 @@ def main(argv=None) -> dict:
         print(f"torchdiffeq Euler vs ode_mlp(method='euler') at L={depths[-1]}: max |difference| = {diff:.2e}")
 
     stem = output_stem("memory", device, args.out)
+    results = {"config": config, "environment": env, "torchdiffeq": _torchdiffeq_version(),
+               "torchdiffeq_check": torchdiffeq_check, "skipped": skipped}  # fmt: skip
     measured = {}
     for done, depth in enumerate(depths, 1):
         peaks = {name: measure_peak_bytes(name, sizes, depth, device, args.backend) for name in contenders}
@@ -200,16 +202,8 @@ def main(argv=None) -> dict:
             print(f"  L={depth:<5} {name:<25} peak {peak_mib:9.1f} MiB   step {ms:10.1f} ms", flush=True)
         # after every depth: a run cut off by a time limit (a GPU machine's) keeps the depths it measured
         ratios = goal_ratios(measured, depths[:done])
-        results = {
-            "config": config,
-            "environment": env,
-            "torchdiffeq": _torchdiffeq_version(),
-            "torchdiffeq_check": torchdiffeq_check,
-            "skipped": skipped,
-            "complete": done == len(depths),
-            "measurements": [dict(contender=n, depth=L, **v) for (n, L), v in measured.items()],
-            "ratios": ratios,
-        }
+        results.update(complete=done == len(depths), ratios=ratios,
+                       measurements=[dict(contender=n, depth=L, **v) for (n, L), v in measured.items()])  # fmt: skip
         write_json(stem.with_suffix(".json"), results)
     _plot(stem.with_suffix(".png"), measured, contenders, depths,
           f"{env['device']}, torch {env['torch']}, odenets_fast backend {backend_name}, B={sizes.batch}, "
