@@ -14,11 +14,13 @@ Stages (all by default; `--stages` picks some, in this order):
 Writes `gpu-suite-<device>-<yyyymmdd>.json/.md` under --out with the device name, torch and triton
 versions, git commit and date — after every stage and every benchmark configuration, so that a run
 cut short by a time limit still leaves what it measured. A configuration that fails is recorded with
-its error and the others still run. `--merge FILE` starts from an earlier report of the same commit
-and device, keeping its stages that this run does not redo: the stages can be spread over several
-calls of a time-limited GPU machine and still end in one file.
+its error and the others still run. The stages can be spread over several calls of a time-limited
+GPU machine, each writing its own report; `--combine` then makes them one report, here, without a
+GPU — so no file has to travel back to the machine between calls, and the calls can follow each
+other at once, while the machine is still warm.
 
-    python -m bench.gpu_suite [--out DIR] [--stages tests,bench] [--merge FILE] [--budget-s S] [--dry-run]
+    python -m bench.gpu_suite [--out DIR] [--stages tests,bench] [--budget-s S] [--dry-run]
+    python -m bench.gpu_suite --combine REPORT.json [REPORT.json …] [--out DIR]
 
 The commit comes from `git rev-parse HEAD`, or from ODENETS_FAST_COMMIT where the tree travelled
 without its .git folder. --dry-run exercises the pipeline on the CPU (TRITON_INTERPRET=1, tiny
@@ -170,6 +172,9 @@ def markdown(report: dict) -> str:
         f"commit `{report['commit']}` · torch {report['torch']} · triton {report['triton']}"
         + (" · **dry run on CPU**" if report["dry_run"] else ""),
         "",
+        *([f"Combined from {len(report['combined_from'])} calls: " + "; ".join(
+            f"`{part['file']}` ({part['date']}: {', '.join(part['stages_run']) or 'no stage complete'})"
+            for part in report["combined_from"]), ""] if "combined_from" in report else []),
         f"- GPU tests: {tests_line}",
         f"- compute-sanitizer memcheck: {san_line}",
         "- memory against depth: " + (f"`{mem['file']}`, ratios {json.dumps(mem['ratios'])}" if mem.get("ran")
@@ -195,7 +200,8 @@ def _parse(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, of {','.join(STAGES)}")
-    parser.add_argument("--merge", default=None, help="an earlier gpu-suite JSON of the same commit and device")
+    parser.add_argument("--combine", nargs="+", default=None, metavar="REPORT",
+                        help="no stage runs: one report from these gpu-suite JSONs of the same commit and device")  # fmt: skip
     parser.add_argument("--dry-run", action="store_true")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="seconds this run may take (a device call's limit): the sanitizer and micro "
@@ -209,9 +215,8 @@ def _parse(argv):
 
 
 def _start_report(args) -> dict:
-    device = "cpu-dry-run" if args.dry_run else torch.cuda.get_device_name()
-    report = {
-        "device": device,
+    return {
+        "device": "cpu-dry-run" if args.dry_run else torch.cuda.get_device_name(),
         "commit": git_commit(),
         "torch": torch.__version__,
         "triton": triton.__version__,
@@ -220,26 +225,49 @@ def _start_report(args) -> dict:
         "stages_run": [],
         **json.loads(json.dumps(NOT_RUN)),
     }
-    if args.merge:
-        earlier = json.loads(Path(args.merge).read_text())
-        for key in ("commit", "device", "dry_run"):
-            if earlier.get(key) != report[key]:
-                raise SystemExit(f"--merge {args.merge}: its {key} is {earlier.get(key)!r}, this run's is {report[key]!r}")
-        for key in NOT_RUN:
-            report[key] = earlier.get(key, report[key])
-        report["stages_run"] = list(earlier.get("stages_run", []))
-        report["merged_from"] = {"file": Path(args.merge).name, "date": earlier.get("date")}
-    return report
+
+
+def _write(stem: Path, report: dict) -> None:
+    write_json(stem.with_suffix(".json"), report)
+    stem.with_suffix(".md").write_text(markdown(report))
+
+
+SAME_RUN_KEYS = ("commit", "device", "torch", "triton", "dry_run")
+
+
+def combine(paths: list, out_dir: str) -> dict:
+    """One report from the reports of several calls (same commit, device and versions): each
+    section comes from the last report in which its stage ran, even in part (a stage cut off by a
+    time limit keeps what it measured). Written under `out_dir` with the first report's file name."""
+    reports = [json.loads(Path(path).read_text()) for path in paths]
+    for path, report in zip(paths[1:], reports[1:]):
+        for key in SAME_RUN_KEYS:
+            if report.get(key) != reports[0].get(key):
+                raise SystemExit(f"--combine: {path} has {key} {report.get(key)!r}, {paths[0]} has "
+                                 f"{reports[0].get(key)!r}; only reports of one run of one commit combine")  # fmt: skip
+    combined = {key: reports[0][key] for key in (*SAME_RUN_KEYS, "date")}
+    combined.update(json.loads(json.dumps(NOT_RUN)))
+    for report in reports:
+        combined.update({key: report[key] for key in NOT_RUN if report.get(key, NOT_RUN[key]) != NOT_RUN[key]})
+    ran = set().union(*(report.get("stages_run", []) for report in reports))
+    combined["stages_run"] = sorted(ran, key=STAGES.index)
+    combined["combined_from"] = [{"file": Path(path).name, "date": report.get("date"),
+                                  "stages_run": report.get("stages_run", [])} for path, report in zip(paths, reports)]  # fmt: skip
+    stem = Path(out_dir) / Path(paths[0]).name.removesuffix(".json")
+    _write(stem, combined)
+    print(f"wrote {stem}.json and .md from {len(paths)} reports")
+    return combined
 
 
 def main(argv=None) -> dict:
     args = _parse(argv)
+    if args.combine:
+        return combine(args.combine, args.out)
     report = _start_report(args)
     stem = output_stem("gpu-suite", torch.device("cpu" if args.dry_run else "cuda"), args.out)
 
     def save():
-        write_json(stem.with_suffix(".json"), report)
-        stem.with_suffix(".md").write_text(markdown(report))
+        _write(stem, report)
 
     def save_tests(counts):
         report["tests"] = counts

@@ -65,7 +65,10 @@ CROSSOVER_CONTENDERS = ("fused_forward", "per_layer_forward", "fused_adjoint_ste
 
 # Tile candidates "BLOCK_B,BLOCK_M,num_warps" per (padded q, operand bytes) and kernel for the tune
 # stage: the table's choice first (mlp_step.kernel_configs), then the tiles used before the
-# register-spill analysis, then neighbours with small spills in ptxas's report. Each is timed through
+# register-spill analysis, then neighbours with small spills in ptxas's report. For 16-bit operands at
+# q = 256, (64, 16, 8) is the tile whose products compile to Hopper's wgmma (tests/triton_aot.py shows
+# the instructions): the table's 32- and 16-row tiles compile to the older mma, since wgmma needs 64
+# rows per warpgroup, but 64 rows leave only 64 programs at B = 4096 for 132 SMs. Each is timed through
 # ODENETS_FAST_TRITON_{FORWARD,REVERSE}_TILES, with the table's num_stages. "product": tiles
 # "BLOCK_R,BLOCK_C,BLOCK_K,num_warps,num_stages" of the workspace products (mlp_step.product_config
 # first), timed through ODENETS_FAST_TRITON_PRODUCT_TILES in an adjoint step that uses the workspace.
@@ -79,7 +82,7 @@ TUNE_CANDIDATES = {
                "reverse": [(16, 16, 8), (32, 32, 8), (32, 16, 8), (16, 16, 16)],
                "product": _PRODUCT_CANDIDATES[4]},
     (256, 2): {"forward": [(32, 16, 8), (32, 32, 8), (16, 16, 8), (64, 16, 8)],
-               "reverse": [(16, 16, 8), (32, 32, 8), (32, 16, 8), (16, 32, 8)],
+               "reverse": [(16, 16, 8), (32, 32, 8), (32, 16, 8), (16, 32, 8), (64, 16, 8)],
                "product": _PRODUCT_CANDIDATES[2]},
 }  # fmt: skip
 TUNE_CONFIGS = CONFIGS[:3]  # the benchmark shapes (narrow L = 256 has the L = 64 tiles)

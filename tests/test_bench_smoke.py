@@ -118,20 +118,24 @@ def test_memory_keeps_the_depths_measured_before_a_failure(tmp_path, monkeypatch
 def test_gpu_suite_dry_run(tmp_path):
     # The GPU run happens only where a session is lent a GPU, with little device time: check its
     # plumbing here, on the interpreter at tiny sizes — the results file, the issues' ratio names,
-    # stages spread over two calls and merged into one report.
+    # stages spread over two calls and combined into one report afterwards.
     from bench import gpu_suite
 
     gpu_suite.main(["--dry-run", "--stages", "bench", "--out", str(tmp_path / "first")])
+    gpu_suite.main(["--dry-run", "--stages", "crossover,tune,micro", "--out", str(tmp_path / "second")])
     (first,) = (tmp_path / "first").glob("gpu-suite-cpu-*.json")
-    gpu_suite.main(["--dry-run", "--stages", "crossover,tune,micro", "--merge", str(first), "--out", str(tmp_path)])
+    (second,) = (tmp_path / "second").glob("gpu-suite-cpu-*.json")
+    assert json.loads(second.read_text())["benchmarks"] == []  # each call's report holds its own stages
+    gpu_suite.main(["--combine", str(first), str(second), "--out", str(tmp_path)])
     (json_file,) = tmp_path.glob("gpu-suite-cpu-*.json")
     results = json.loads(json_file.read_text())
+    assert [part["stages_run"] for part in results["combined_from"]] == [["bench"], ["crossover", "tune", "micro"]]
     assert {"device", "commit", "torch", "triton", "date", "tests", "benchmarks"} <= set(results)
     assert results["dry_run"] is True and {"passed", "failed"} <= set(results["tests"])
     assert results["stages_run"] == ["bench", "crossover", "tune", "micro"]
     micro = results["micro"]
     assert micro["ran"] and micro["exit_code"] == 0, micro
-    (benchmark,) = json.loads((tmp_path / micro["file"]).read_text())["benchmarks"]
+    (benchmark,) = json.loads((tmp_path / "second" / micro["file"]).read_text())["benchmarks"]
     assert benchmark["group"].startswith("step L=16 q=16") and benchmark["stats"]["median"] > 0
     (bench,) = results["benchmarks"]
     assert {"adjoint_step_vs_eager_backprop", "forward_vs_eager_forward"} <= set(bench["ratios"])
@@ -148,13 +152,23 @@ def test_gpu_suite_dry_run(tmp_path):
     assert "Whole-depth against per-layer" in report and "Tile candidates" in report
 
 
-def test_gpu_suite_refuses_to_merge_another_commit(tmp_path):
+def test_gpu_suite_combines_only_reports_of_one_commit_and_device(tmp_path):
     from bench import gpu_suite
 
-    other = tmp_path / "other.json"
-    other.write_text(json.dumps({"commit": "0" * 40, "device": "cpu-dry-run", "dry_run": True}))
-    with pytest.raises(SystemExit, match="its commit is"):
-        gpu_suite.main(["--dry-run", "--stages", "crossover", "--merge", str(other), "--out", str(tmp_path)])
+    base = {"commit": "a" * 40, "device": "NVIDIA H100", "torch": "2.11", "triton": "3.6", "dry_run": False,
+            "date": "2026-11-25T12:00:00+00:00", **gpu_suite.NOT_RUN}
+    tests = {"passed": 40, "failed": 1, "skipped": 0, "failures": ["t"], "complete": False}  # cut off: still kept
+    first, second, other = (tmp_path / name for name in ("first.json", "second.json", "other.json"))
+    first.write_text(json.dumps({**base, "stages_run": [], "tests": tests}))
+    wide = {"name": "wide", "config": dict(B=8, q=4, m=8, L=2), "median_ms": {"eager_forward": 1.0}, "ratios": {}}
+    second.write_text(json.dumps({**base, "stages_run": ["bench"], "benchmarks": [wide]}))
+    other.write_text(json.dumps({**base, "commit": "b" * 40}))
+    combined = gpu_suite.main(["--combine", str(first), str(second), "--out", str(tmp_path / "out")])
+    assert combined["tests"] == tests and combined["benchmarks"] == [wide]
+    assert combined["stages_run"] == ["bench"] and combined["memory"] == gpu_suite.NOT_RUN["memory"]
+    assert "Combined from 2 calls" in (tmp_path / "out" / "first.md").read_text()
+    with pytest.raises(SystemExit, match="has commit"):
+        gpu_suite.main(["--combine", str(first), str(other), "--out", str(tmp_path)])
 
 
 def test_benchmark_configuration_errors_are_recorded_not_raised(monkeypatch):

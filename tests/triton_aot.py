@@ -8,7 +8,9 @@ Run as a script (TRITON_INTERPRET must be unset):
     python tests/triton_aot.py [--all]   → one line per specialisation, exit code 1 on any failure
 
 Each line gives the shared memory, registers and stack (register spill) per thread of the
-specialisation; a failure is a compile error, shared memory beyond the H100's 227 KiB, or a stack
+specialisation, and its products' instructions: "wgmma" (Hopper's warpgroup tensor-core products,
+which need 64 rows per warpgroup), "mma" (the older per-warp tensor-core products) or "fma" (CUDA
+cores: float32 at input_precision="ieee"); a failure is a compile error, shared memory beyond the H100's 227 KiB, or a stack
 beyond MAX_STACK_BYTES (the tile table of mlp_step.kernel_configs keeps spills small; a larger
 stack means a kernel change made it spill, which costs far more than the interpreter shows).
 Without --all, a representative subset (every kernel and branch at the widest benchmark shape, in
@@ -69,6 +71,14 @@ def resource_usage(compiled) -> tuple:
     return int(found.group(1)), int(found.group(2))
 
 
+def product_instructions(compiled) -> str:
+    """The tensor-core instructions in the kernel's PTX ("wgmma", "mma", both), or "fma" without any."""
+    ptx = compiled.asm["ptx"]
+    found = [name for name, pattern in (("wgmma", r"\bwgmma\.mma_async\."), ("mma", r"\bmma\.sync\."))
+             if re.search(pattern, ptx)]  # fmt: skip
+    return "+".join(found) or "fma"
+
+
 # (q, m) → (weight dtype, input precision) pairs compiled by --all: the benchmark widths, the
 # crossover's q = 128 (also the GPU tests' q = 100) and the GPU tests' small and odd shapes.
 _BENCHMARK_PRECISIONS = [("fp32", "ieee"), ("bf16", "ieee"), ("fp32", "tf32"), ("fp32", "tf32x3")]
@@ -121,7 +131,7 @@ def main(argv: list) -> int:
             shared, (registers, stack) = compiled.metadata.shared, resource_usage(compiled)
             ok = shared <= H100_SHARED_MEMORY and stack <= max_stack
             print(f"{'ok ' if ok else 'BIG'} {label}: {shared} bytes of shared memory, {registers} registers, "
-                  f"{stack} bytes of stack per thread", flush=True)  # fmt: skip
+                  f"{stack} bytes of stack per thread, products {product_instructions(compiled)}", flush=True)  # fmt: skip
         except Exception as err:  # report every failing specialisation, not just the first
             ok = False
             print(f"ERR {label}: {type(err).__name__}: {str(err).splitlines()[-1] if str(err) else ''}", flush=True)
