@@ -181,6 +181,8 @@ def markdown(report: dict) -> str:
                                        else f"not run ({mem.get('reason')})"),
         "- micro-benchmarks: " + (f"`{micro['file'] or 'no benchmark ran'}` (pytest exit code {micro['exit_code']})"
                                    if micro.get("ran") else f"not run ({micro.get('reason')})"),
+        "- stage times: " + (", ".join(f"{stage} {s:.0f} s" for stage, s in report.get("stage_seconds", {}).items())
+                             or "none complete"),
         "",
         "Median times (ms) and ratios, side by side in one run (`python -m bench.gpu_suite`):",
         "",
@@ -223,6 +225,7 @@ def _start_report(args) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "dry_run": args.dry_run,
         "stages_run": [],
+        "stage_seconds": {},
         **json.loads(json.dumps(NOT_RUN)),
     }
 
@@ -251,6 +254,9 @@ def combine(paths: list, out_dir: str) -> dict:
         combined.update({key: report[key] for key in NOT_RUN if report.get(key, NOT_RUN[key]) != NOT_RUN[key]})
     ran = set().union(*(report.get("stages_run", []) for report in reports))
     combined["stages_run"] = sorted(ran, key=STAGES.index)
+    combined["stage_seconds"] = {}
+    for report in reports:
+        combined["stage_seconds"].update(report.get("stage_seconds", {}))
     combined["combined_from"] = [{"file": Path(path).name, "date": report.get("date"),
                                   "stages_run": report.get("stages_run", [])} for path, report in zip(paths, reports)]  # fmt: skip
     stem = Path(out_dir) / Path(paths[0]).name.removesuffix(".json")
@@ -288,6 +294,7 @@ def main(argv=None) -> dict:
             print(f"== {stage}: not started, the time budget (--budget-s) is spent", flush=True)
             continue
         print(f"== {stage}", flush=True)
+        started = time.time()
         if stage == "tests":
             report["tests"] = run_tests(on_change=save_tests)
         elif stage == "sanitizer":
@@ -300,6 +307,7 @@ def main(argv=None) -> dict:
         elif stage == "micro":
             report["micro"] = run_micro(args.out, args.dry_run, deadline)
         report["stages_run"] = sorted(set(report["stages_run"]) | {stage}, key=STAGES.index)
+        report["stage_seconds"][stage] = round(time.time() - started, 1)  # to plan a time-limited machine's calls
         save()
     save()
     print(markdown(report))

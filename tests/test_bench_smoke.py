@@ -133,6 +133,7 @@ def test_gpu_suite_dry_run(tmp_path):
     assert {"device", "commit", "torch", "triton", "date", "tests", "benchmarks"} <= set(results)
     assert results["dry_run"] is True and {"passed", "failed"} <= set(results["tests"])
     assert results["stages_run"] == ["bench", "crossover", "tune", "micro"]
+    assert list(results["stage_seconds"]) == results["stages_run"] and all(results["stage_seconds"].values())
     micro = results["micro"]
     assert micro["ran"] and micro["exit_code"] == 0, micro
     (benchmark,) = json.loads((tmp_path / "second" / micro["file"]).read_text())["benchmarks"]
