@@ -187,7 +187,11 @@ def _layer_params(W_ptr, V_ptr, b_ptr, c_ptr, n, q, m):
     return W_ptr + n * m * q, V_ptr + n * q * m, b_ptr + n * m, c_ptr + n * q
 
 
-@triton.jit
+# Layer ranges are loop bounds and slot offsets, nothing an access pattern depends on: left to
+# Triton's defaults (it keys an int argument on == 1 and on divisibility by 16), the per-layer path
+# and a chunked backward would compile one variant per kind of range they meet — five at L = 20 —
+# each costing seconds of compilation at first use and no faster code.
+@triton.jit(do_not_specialize=["layer_start", "layer_stop"])
 def forward_layers_kernel(
     state_ptr,  # (B, q) float32: x_start on entry, x_stop on exit (each program owns its rows)
     anchors_ptr,  # (S, B, q) float32: x_n is stored in slot n // anchor_every when SAVE_ANCHORS
@@ -252,7 +256,7 @@ def _reconstruct(x_next, n, W_ptr, V_ptr, b_ptr, c_ptr, q, m, step, scale_in, sc
     return tl.where(mask, x, 0.0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["layer_start", "layer_stop", "slot_origin"])  # as forward_layers_kernel
 def reverse_layers_kernel(
     state_ptr,  # (B, q) float32: x̃_stop on entry; on exit the x_start the VJP of layer_start used
     grad_ptr,  # (B, q) float32: g_stop on entry, g_start on exit

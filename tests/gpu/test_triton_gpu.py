@@ -185,3 +185,21 @@ def test_training_step_replays_from_a_cuda_graph(method, layers_per_launch, grad
         launched = step()
         for got, want in zip(captured, launched):
             assert torch.equal(got, want)
+
+
+def test_layer_ranges_reuse_one_compiled_kernel(monkeypatch):
+    """Per-layer launches pass every kind of layer range (0, 1, multiples of 16, others); each kernel
+    must compile once for them, not once per kind (Triton's default integer specialisation: five
+    variants each here) — the reverse kernel twice, with and without the drift output of layer 0."""
+    from odenets_fast.triton_backend import LAYERS_PER_LAUNCH_ENV
+    from odenets_fast.triton_kernels import mlp_step
+
+    monkeypatch.setenv(LAYERS_PER_LAUNCH_ENV, "1")
+    x, W, V, _, _ = _stack("euler", B=37, q=24, m=40, L=20)
+    kernels = (mlp_step.forward_layers_kernel, mlp_step.reverse_layers_kernel)
+    compiled = [kernel.device_caches[torch.cuda.current_device()][0] for kernel in kernels]
+    before = [len(cache) for cache in compiled]
+    params = [t.requires_grad_(True) for t in (W, V)]
+    torch.autograd.grad(ode_mlp(x, *params, activation="silu", backend="triton"), params, torch.randn_like(x))
+    new_variants = [len(cache) - count for cache, count in zip(compiled, before)]
+    assert new_variants[0] <= 1 and new_variants[1] <= 2, new_variants
