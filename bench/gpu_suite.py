@@ -51,8 +51,9 @@ ROOT = Path(__file__).resolve().parents[1]
 TEST_TIMEOUT_S = 300  # per GPU test, with pytest-timeout: a hang must not use up a session's device time
 # The GPU tests spend most of their time compiling kernel specialisations (one per activation,
 # method, mode, dtype, reduction…), which is CPU work: pytest-xdist workers compile in parallel on
-# the GPU machine's cores. Peak-memory tests read their own process's allocator, so they stay exact.
-GPU_TEST_WORKERS = 4
+# the GPU machine's cores (16 on the lent H100/H200 machines: 8 workers, each with its own CUDA
+# context of well under 1 GiB). Peak-memory tests read their own process's allocator, so they stay exact.
+GPU_TEST_WORKERS = max(1, min(8, (os.cpu_count() or 2) // 2))
 SUBPROCESS_TIMEOUT_S = 480  # sanitizer, micro: inside one device call's 600 s, recorded as such, not killed unseen
 # The micro-benchmarks stop starting benchmarks this long before their time is up, so that pytest
 # still ends normally and writes its JSON (the slowest benchmark, wide L = 1024, takes seconds).
