@@ -242,7 +242,8 @@ SAME_RUN_KEYS = ("commit", "device", "torch", "triton", "dry_run")
 def combine(paths: list, out_dir: str) -> dict:
     """One report from the reports of several calls (same commit, device and versions): each
     section comes from the last report in which its stage ran, even in part (a stage cut off by a
-    time limit keeps what it measured). Written under `out_dir` with the first report's file name."""
+    time limit keeps what it measured). Written under `out_dir` with the first report's file name,
+    beside the files of the memory and micro stages, copied from their reports' folders."""
     reports = [json.loads(Path(path).read_text()) for path in paths]
     for path, report in zip(paths[1:], reports[1:]):
         for key in SAME_RUN_KEYS:
@@ -251,8 +252,15 @@ def combine(paths: list, out_dir: str) -> dict:
                                  f"{reports[0].get(key)!r}; only reports of one run of one commit combine")  # fmt: skip
     combined = {key: reports[0][key] for key in (*SAME_RUN_KEYS, "date")}
     combined.update(json.loads(json.dumps(NOT_RUN)))
-    for report in reports:
-        combined.update({key: report[key] for key in NOT_RUN if report.get(key, NOT_RUN[key]) != NOT_RUN[key]})
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    for path, report in zip(paths, reports):
+        ran = {key: report[key] for key in NOT_RUN if report.get(key, NOT_RUN[key]) != NOT_RUN[key]}
+        combined.update(ran)
+        for key in ("memory", "micro"):  # their own files (JSON, the memory plot) lie beside the report
+            stem = Path(ran.get(key, {}).get("file") or "").stem
+            for source in Path(path).parent.glob(f"{stem}.*") if stem else []:
+                if source.parent.resolve() != Path(out_dir).resolve():
+                    shutil.copy2(source, out_dir)
     ran = set().union(*(report.get("stages_run", []) for report in reports))
     combined["stages_run"] = sorted(ran, key=STAGES.index)
     combined["stage_seconds"] = {}
