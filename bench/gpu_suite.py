@@ -257,8 +257,8 @@ def combine(paths: list, out_dir: str) -> dict:
         ran = {key: report[key] for key in NOT_RUN if report.get(key, NOT_RUN[key]) != NOT_RUN[key]}
         combined.update(ran)
         for key in ("memory", "micro"):  # their own files (JSON, the memory plot) lie beside the report
-            stem = Path(ran.get(key, {}).get("file") or "").stem
-            for source in Path(path).parent.glob(f"{stem}.*") if stem else []:
+            name = ran.get(key, {}).get("file")
+            for source in Path(path).parent.glob(f"{Path(name).stem}.*") if name else []:
                 if source.parent.resolve() != Path(out_dir).resolve():
                     shutil.copy2(source, out_dir)
     ran = set().union(*(report.get("stages_run", []) for report in reports))
