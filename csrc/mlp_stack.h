@@ -30,7 +30,9 @@ struct StackConfig {
   int64_t width;   // q
   int64_t hidden;  // m
 
-  int64_t num_anchors() const { return (depth + anchor_interval - 1) / anchor_interval; }
+  // ceil(depth / interval) for depth >= 1 (checked) without forming depth + interval - 1, which
+  // overflows for an interval near INT64_MAX (any interval >= depth means one anchor, x_0)
+  int64_t num_anchors() const { return 1 + (depth - 1) / anchor_interval; }
   bool stores_stages() const { return heun && backprop; }
   bool anchored(int64_t n) const { return anchors_replace_reconstruction && n % anchor_interval == 0; }
 };

@@ -75,6 +75,10 @@ def gradient_error(
     input ("x", "W", "V", and "b", "c" when given) — ‖ĝ − g‖ / ‖g‖ — and "W_per_layer", a (P,)
     tensor of the same error for each W_k.
     """
+    check_stack(
+        x, W, V, b, c, method=method, activation=activation, T=T, backward="adjoint",
+        anchor_every=anchor_every, scale_in=scale_in, scale_out=scale_out,
+    )  # fmt: skip
     tensors = {"x": x, "W": W, "V": V, "b": b, "c": c}
     given = {k: t for k, t in tensors.items() if t is not None}
     if grad_out is None:
@@ -100,11 +104,11 @@ def gradient_error(
 
 def depth_smoothness(W: Tensor) -> float:
     """max_k ‖W_{k+1} − W_k‖_F over the depth axis (dim 0) of stacked weights; 0 for one layer."""
-    if not isinstance(W, Tensor) or W.dim() < 1:
-        raise TypeError("W must be a stacked tensor with depth as dim 0")
+    if not isinstance(W, Tensor) or W.dim() < 1 or not W.is_floating_point():
+        raise TypeError("W must be a floating-point tensor with depth as dim 0")
     if W.shape[0] < 2:
         return 0.0
-    diffs = (W[1:] - W[:-1]).detach().flatten(1)
+    diffs = (W[1:] - W[:-1]).detach().reshape(W.shape[0] - 1, -1)
     return float(torch.linalg.vector_norm(diffs, dim=1).max())
 
 

@@ -11,6 +11,7 @@ from .backends import BACKEND_NAMES
 from .ops import ode_mlp
 from .spec import (
     BACKWARD_MODES,
+    FLOAT_DTYPES,
     INPUT_PRECISIONS,
     METHODS,
     check_anchor_every,
@@ -94,6 +95,8 @@ class ODEMLP(nn.Module):
         self.input_precision = check_choice("input_precision", input_precision, INPUT_PRECISIONS)
         self.deterministic = check_bool("deterministic", deterministic)
         check_bool("bias", bias)
+        if dtype is not None and dtype not in FLOAT_DTYPES:
+            raise TypeError(f"dtype must be float16, bfloat16, float32, float64 or None; got {dtype}")
 
         P = depth + 1 if method == "heun" else depth
         factory = {"device": device, "dtype": dtype}

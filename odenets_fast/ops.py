@@ -43,10 +43,12 @@ def _backward(ctx, grad_out, *_):
                 "reconstructs states instead of recording them. Use backward='backprop' for higher-order gradients."
             )
         spec = library._spec(W, *ctx.scalars[:9])
-        inputs = [t for t in (x, W, V, b, c) if t is not None]
+        # only what needs a gradient: data x or a frozen W, V, b, c has no place in autograd.grad's inputs
+        needed = [t is not None and t.requires_grad for t in (x, W, V, b, c)]
+        inputs = [t for t, need in zip((x, W, V, b, c), needed) if need]
         out = reference.differentiable_forward(x, W, V, b, c, spec)
         grads = iter(torch.autograd.grad(out, inputs, grad_out, create_graph=True))
-        return tuple(None if t is None else next(grads) for t in (x, W, V, b, c)) + (None,) * 11
+        return tuple(next(grads) if need else None for need in needed) + (None,) * 11
     backward_op = library.backward_impl if getattr(ctx, "eager", False) else library.ode_mlp_backward
     gx, gW, gV, gb, gc, drift = backward_op(grad_out.contiguous(), final, anchors, stages, W, V, b, c, *ctx.scalars)
     if backward == "adjoint":
@@ -137,8 +139,9 @@ def ode_mlp(
     backend_name = resolve_backend(backend, x.device)
     if drift_out is None:
         drift_out = x.new_zeros((), dtype=torch.float32)
-    elif not isinstance(drift_out, Tensor) or drift_out.dim() != 0 or drift_out.device != x.device:
-        raise TypeError(f"drift_out must be a 0-dim tensor on {x.device} or None")
+    elif (not isinstance(drift_out, Tensor) or drift_out.dim() != 0 or drift_out.device != x.device
+          or not drift_out.is_floating_point()):  # fmt: skip
+        raise TypeError(f"drift_out must be a 0-dim floating-point tensor on {x.device} or None")
     # Batch rows flattened to 2-D; a 2-D input goes through as it is, so that the result is not a view
     # (FSDP2 and other output hooks warn about, and in-place ops on it would bypass, a view).
     rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])

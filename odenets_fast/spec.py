@@ -95,6 +95,8 @@ def check_anchor_every(anchor_every, backward: str) -> Optional[int]:
 def _check_tensor(name: str, t, ndim: Optional[int]) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor; got layout {t.layout}")
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(
             f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64); got {t.dtype}"

@@ -16,6 +16,11 @@ Randomness (dropout): with `preserve_rng_state=True` (default) the RNG state bef
 forward is kept (a few KB per layer) and restored when that layer is re-run, so reconstruction and
 recompute use the forward's random numbers — as `torch.utils.checkpoint` does.
 
+Tensors the blocks read besides x and their own parameters (a conditioning embedding, another
+module's weight): the adjoint backward differentiates each layer with respect to x, that layer's
+parameters and the tensors passed as `extra_inputs`; anything else that requires grad would get no
+gradient, so each re-run's graph is walked and such a tensor is an error, not a silent zero.
+
 Autocast: the blocks are re-run under the autocast state of the forward (the backward pass runs
 outside the caller's `torch.autocast` region). The state x itself is never cast: x_n + h f_n(x_n)
 keeps the dtype of x (float32 for a float32 input) while the blocks compute in the autocast dtype.
@@ -76,9 +81,34 @@ def _buffers_restored(blocks: nn.Module):
                 buf.copy_(value)
 
 
+def _unlisted_leaves(out: Tensor, listed: list) -> list:
+    """Leaves requiring grad that `out` depends on, other than `listed`: a walk of autograd's graph
+    from `out` that stops at the listed tensors (their AccumulateGrad, or their grad_fn for a
+    non-leaf). Leaves, because a non-leaf reached is built from some leaf the walk then finds."""
+    listed_leaves = {id(t) for t in listed if t.grad_fn is None}
+    stops = {t.grad_fn for t in listed if t.grad_fn is not None}
+    seen, pending, found = set(), [out.grad_fn], []
+    while pending:
+        node = pending.pop()
+        if node is None or node in seen or node in stops:
+            continue
+        seen.add(node)
+        if hasattr(node, "variable"):  # AccumulateGrad
+            if id(node.variable) not in listed_leaves:
+                found.append(node.variable)
+            continue
+        pending.extend(fn for fn, _ in node.next_functions)
+    return found
+
+
 class _AdjointStackFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, stack: "AdjointResidualStack", *params: Tensor) -> Tensor:
+    def forward(
+        ctx, x: Tensor, stack: "AdjointResidualStack", num_params: int, listed_params: tuple, *inputs: Tensor
+    ) -> Tensor:
+        """`inputs`: the blocks' `num_params` parameters that require grad, then the caller's extra
+        inputs that are not among them; `listed_params`: the positions of those parameters that the
+        caller listed as extra inputs too (read by other layers than their own)."""
         L, every = stack.depth, stack.anchor_every or stack.depth
         rng = _RngStates(x.device) if stack.preserve_rng_state else None
         anchors = []
@@ -91,7 +121,8 @@ class _AdjointStackFunction(torch.autograd.Function):
                     rng.capture()
                 state = stack.step(state, n)
         ctx.stack, ctx.rng, ctx.autocast = stack, rng, _AutocastState(x.device)
-        ctx.save_for_backward(state, *anchors)
+        ctx.num_params, ctx.listed_params, ctx.num_anchors = num_params, listed_params, len(anchors)
+        ctx.save_for_backward(state, *anchors, *inputs)
         return state
 
     @staticmethod
@@ -102,9 +133,10 @@ class _AdjointStackFunction(torch.autograd.Function):
                 "reconstructs states instead of recording them. Use backward='backprop' for higher-order gradients."
             )
         stack, rng, autocast = ctx.stack, ctx.rng, ctx.autocast
-        final, *anchors = ctx.saved_tensors
-        params = [p for p in stack.parameters() if p.requires_grad]
-        grads = {p: None for p in params}
+        final, *saved = ctx.saved_tensors
+        anchors, inputs = saved[: ctx.num_anchors], saved[ctx.num_anchors :]
+        extras = [inputs[i] for i in ctx.listed_params] + [t for t in inputs[ctx.num_params :] if t.requires_grad]
+        grads = dict.fromkeys(inputs)
         every = stack.anchor_every or stack.depth
         x_next, g = final, grad_out
         with _buffers_restored(stack.blocks):
@@ -116,16 +148,24 @@ class _AdjointStackFunction(torch.autograd.Function):
                     if n == 0:
                         stack._drift = relative_drift(reconstructed.detach(), anchors[0])
                 x = anchors[n // every] if anchored else reconstructed
-                layer_params = [p for p in stack.layer_parameters(n) if p.requires_grad]
+                wrt = list(dict.fromkeys([p for p in stack.layer_parameters(n) if p.requires_grad] + extras))
                 with torch.enable_grad(), autocast(), _replay(rng, n):
                     x_in = x.detach().requires_grad_(True)
                     out = stack.step(x_in, n)
-                    g, *dparams = torch.autograd.grad(out, [x_in] + layer_params, g, allow_unused=True)
-                for p, d in zip(layer_params, dparams):
+                    unlisted = _unlisted_leaves(out, [x_in] + wrt)
+                    if unlisted:
+                        raise RuntimeError(
+                            f"layer {n} of an adjoint-mode AdjointResidualStack reads a tensor that requires grad "
+                            f"(a leaf of shape {tuple(unlisted[0].shape)}) other than x, the layer's own parameters "
+                            "and extra_inputs: the adjoint backward would give it no gradient. Pass the tensor the "
+                            "blocks read as stack(x, extra_inputs=[...]), or use backward='backprop'."
+                        )
+                    g, *dinputs = torch.autograd.grad(out, [x_in] + wrt, g, allow_unused=True)
+                for t, d in zip(wrt, dinputs):
                     if d is not None:
-                        grads[p] = d if grads[p] is None else grads[p] + d
+                        grads[t] = d if grads[t] is None else grads[t] + d
                 x_next = x
-        return (g, None) + tuple(grads[p] for p in params)
+        return (g, None, None, None) + tuple(grads[t] for t in inputs)
 
 
 def _replay(rng: Optional[_RngStates], layer: int):
@@ -157,6 +197,7 @@ class AdjointResidualStack(nn.Module):
         preserve_rng_state: bool = True,
     ):
         super().__init__()
+        blocks = list(blocks)  # a generator would be spent by the type check
         if not all(isinstance(block, nn.Module) for block in blocks):
             raise TypeError("blocks must be a sequence of nn.Module")
         self.blocks = nn.ModuleList(blocks)
@@ -198,15 +239,24 @@ class AdjointResidualStack(nn.Module):
     def last_drift(self) -> Optional[float]:
         return None if self._drift is None else float(self._drift)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, extra_inputs: Sequence[Tensor] = ()) -> Tensor:
+        """x_L from x. `extra_inputs`: tensors the blocks read other than x and their own
+        parameters (needed in adjoint mode only, where gradients reach nothing else)."""
         if not isinstance(x, Tensor):
             raise TypeError(f"x must be a torch.Tensor; got {type(x).__name__}")
+        extra_inputs = list(extra_inputs)
+        if not all(isinstance(t, Tensor) for t in extra_inputs):
+            raise TypeError("extra_inputs must be a sequence of torch.Tensor")
         if self.backward_mode == "backprop" or not torch.is_grad_enabled():
             for n in range(self.depth):
                 x = self.step(x, n)
             return x
         params = [p for p in self.parameters() if p.requires_grad]
-        return _AdjointStackFunction.apply(x, self, *params)
+        position = {id(p): i for i, p in enumerate(params)}
+        listed = dict.fromkeys(extra_inputs)
+        listed_params = tuple(position[id(t)] for t in listed if id(t) in position)
+        extras = [t for t in listed if id(t) not in position]
+        return _AdjointStackFunction.apply(x, self, len(params), listed_params, *params, *extras)
 
     def extra_repr(self) -> str:
         return (

@@ -85,6 +85,15 @@ def test_matches_reference_float32(method, activation, backward, anchor_every):
 
 
 @requires_cpp
+@pytest.mark.parametrize("anchor_every", [2**63 - 1, 2**63 - 2])
+@pytest.mark.parametrize("method", ["euler", "heun"])
+def test_anchor_interval_near_int64_max_means_one_anchor(method, anchor_every):
+    # ceil(L / k) as (L + k - 1) / k overflowed here: an empty or negative anchors tensor, then a write past it
+    tensors = make_stack(method=method, bias=True, **ODD)
+    _compare(tensors, rtol=1e-10, atol=1e-12, method=method, backward="adjoint", anchor_every=anchor_every)
+
+
+@requires_cpp
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("method", ["euler", "heun"])
 def test_low_precision_computed_in_float32_like_the_reference(method, dtype):

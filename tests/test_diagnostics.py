@@ -54,11 +54,22 @@ def test_gradient_error_rejects_bad_grad_out():
         diagnostics.gradient_error(x, W, V, grad_out=torch.ones(3))
 
 
+def test_gradient_error_checks_its_stack_first():
+    x, W, V, b, c = make_stack()
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        diagnostics.gradient_error(x.tolist(), W, V)
+    with pytest.raises(ValueError, match="anchor_every must be a positive int"):
+        diagnostics.gradient_error(x, W, V, anchor_every=0)
+
+
 def test_depth_smoothness():
     W = torch.zeros(4, 2, 2)
     W[2] = 3.0  # ‖W_2 − W_1‖_F = ‖W_3 − W_2‖_F = 6
     assert diagnostics.depth_smoothness(W) == pytest.approx(6.0)
     assert diagnostics.depth_smoothness(W[:1]) == 0.0
+    assert diagnostics.depth_smoothness(torch.tensor([0.0, 2.0, 1.0])) == pytest.approx(2.0)  # a stack of scalars
+    with pytest.raises(TypeError, match="W must be a floating-point tensor with depth as dim 0"):
+        diagnostics.depth_smoothness(W.long())
 
 
 def test_saved_tensor_bytes_adjoint_is_depth_independent():

@@ -103,6 +103,17 @@ def test_double_backward_in_backprop_mode_is_exact(backend, method):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_double_backward_with_data_input_and_frozen_biases(backend):
+    """Hessian-vector products in the weights only: x is data and b, c are frozen."""
+    x, W, V, b, c = make_stack(B=3, q=3, m=4, L=3, bias=True)
+
+    def fn(W, V):
+        return ode_mlp(x, W, V, b, c, backward="backprop", activation="tanh", backend=backend)
+
+    assert torch.autograd.gradgradcheck(fn, (W.requires_grad_(True), V.requires_grad_(True)))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_double_backward_in_adjoint_mode_is_a_clear_error(backend):
     x, W, V = [t.requires_grad_(True) for t in make_stack(B=3, q=3, m=4, L=3)[:3]]
     out = ode_mlp(x, W, V, backend=backend)

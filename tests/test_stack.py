@@ -169,6 +169,9 @@ def test_double_backward_is_a_clear_error():
 def test_bad_arguments():
     with pytest.raises(TypeError, match="blocks must be a sequence of nn.Module"):
         AdjointResidualStack([lambda x: x])
+    with pytest.raises(TypeError, match="blocks must be a sequence of nn.Module"):
+        AdjointResidualStack(block for block in [nn.Identity(), lambda x: x])
+    assert AdjointResidualStack(nn.Identity() for _ in range(3)).depth == 3
     with pytest.raises(ValueError, match="needs L \\+ 1 >= 2 blocks"):
         AdjointResidualStack([nn.Identity()], method="heun")
     with pytest.raises(ValueError, match="anchor_every is only meaningful"):
@@ -187,3 +190,74 @@ def test_frozen_block_and_input_only_gradients():
     xp = x.clone().requires_grad_(True)
     plain_out = plain(xp)
     torch.testing.assert_close(gx, torch.autograd.grad(plain_out.sum(), xp)[0])
+
+
+class ScaledBlock(nn.Module):
+    """tanh(Linear(x)) times a tensor the block reads but does not own (FiLM-style conditioning)."""
+
+    def __init__(self, width, scale):
+        super().__init__()
+        self.lin = nn.Linear(width, width, dtype=torch.float64)
+        self.scale = scale  # a plain tensor attribute: not one of the block's parameters
+
+    def forward(self, x):
+        return torch.tanh(self.lin(x)) * self.scale
+
+
+def _scaled_stacks(method, scale, **kwargs):
+    """The same blocks in an adjoint stack with every state anchored (exact gradients) and in a plain one."""
+    torch.manual_seed(0)
+    blocks = [ScaledBlock(3, scale) for _ in range(4 if method == "euler" else 5)]
+    adjoint = AdjointResidualStack(blocks, method=method, anchor_every=1, **kwargs)
+    return adjoint, AdjointResidualStack(blocks, method=method, backward="backprop")
+
+
+def _loss_grads(stack, x, wrt, **call):
+    return torch.autograd.grad(stack(x, **call).square().sum(), wrt)
+
+
+def test_tensor_the_blocks_read_but_do_not_own_is_an_error_not_a_lost_gradient():
+    embedding = nn.Parameter(torch.tensor(0.5, dtype=torch.float64))
+    adjoint, _ = _scaled_stacks("euler", embedding * 2)
+    with pytest.raises(RuntimeError, match=r"layer 3 .* reads a tensor that requires grad \(a leaf of shape \(\)\).*"
+                                           r"extra_inputs=\[\.\.\.\]"):  # fmt: skip
+        adjoint(torch.randn(2, 3, dtype=torch.float64)).square().sum().backward()
+
+
+@pytest.mark.parametrize("leaf", [False, True])
+@pytest.mark.parametrize("method", ["euler", "heun"])
+def test_extra_inputs_get_their_gradient(method, leaf):
+    embedding = nn.Parameter(torch.tensor(0.5, dtype=torch.float64))
+
+    def scale():  # a non-leaf is rebuilt per call, as a model's forward would
+        value = embedding if leaf else embedding * 2
+        for block in adjoint.blocks:
+            block.scale = value
+        return value
+
+    adjoint, plain = _scaled_stacks(method, None)
+    x = torch.randn(2, 3, dtype=torch.float64)
+    wrt = [embedding] + list(plain.parameters())
+    listed = scale()
+    got = _loss_grads(adjoint, x, wrt, extra_inputs=[listed, listed])  # a repeat counts once
+    scale()
+    for a, b in zip(got, _loss_grads(plain, x, wrt)):
+        torch.testing.assert_close(a, b)
+
+
+def test_parameter_of_another_block_needs_listing():
+    adjoint, plain = _scaled_stacks("euler", torch.tensor(1.0, dtype=torch.float64))
+    shared = adjoint.blocks[2].lin.weight
+    adjoint.blocks[0].scale = shared[0]  # layer 0 reads layer 2's weight
+    x = torch.randn(2, 3, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=r"layer 0 .*a leaf of shape \(3, 3\)"):
+        adjoint(x).square().sum().backward()
+    wrt = list(plain.parameters())
+    for a, b in zip(_loss_grads(adjoint, x, wrt, extra_inputs=[shared]), _loss_grads(plain, x, wrt)):
+        torch.testing.assert_close(a, b)
+
+
+def test_extra_inputs_must_be_tensors():
+    adjoint, _ = _scaled_stacks("euler", torch.tensor(1.0, dtype=torch.float64))
+    with pytest.raises(TypeError, match="extra_inputs must be a sequence of torch.Tensor"):
+        adjoint(torch.randn(2, 3, dtype=torch.float64), extra_inputs=[1.0])

@@ -187,6 +187,12 @@ def test_complex_dtype(stack):
         _call(x, W.to(torch.complex64), V)
 
 
+def test_sparse_tensor(stack):
+    x, W, V, b, c = stack
+    with pytest.raises(TypeError, match="W must be a dense \\(strided\\) tensor; got layout torch.sparse_coo"):
+        _call(x, W.to_sparse(), V)
+
+
 def test_not_a_tensor(stack):
     x, W, V, b, c = stack
     with pytest.raises(TypeError, match="x must be a torch.Tensor"):
@@ -225,9 +231,11 @@ def test_deterministic_not_bool(stack):
         _call(*stack, deterministic=1)
 
 
-@pytest.mark.parametrize("bad", [3.0, torch.zeros(1), torch.zeros((), device="meta")])
-def test_drift_out_not_a_scalar_tensor_on_the_device(stack, bad):
-    with pytest.raises(TypeError, match="drift_out must be a 0-dim tensor on cpu"):
+@pytest.mark.parametrize(
+    "bad", [3.0, torch.zeros(1), torch.zeros((), device="meta"), torch.zeros((), dtype=torch.int64)]
+)
+def test_drift_out_not_a_floating_scalar_tensor_on_the_device(stack, bad):
+    with pytest.raises(TypeError, match="drift_out must be a 0-dim floating-point tensor on cpu"):
         _call(*stack, drift_out=bad)
 
 
@@ -245,6 +253,8 @@ def test_drift_out_not_a_scalar_tensor_on_the_device(stack, bad):
         ({"bias": 1}, TypeError, "bias must be a bool"),
         ({"input_precision": "bf16"}, ValueError, "input_precision must be one of"),
         ({"deterministic": None}, TypeError, "deterministic must be a bool"),
+        ({"dtype": torch.int64}, TypeError, "dtype must be float16, bfloat16, float32, float64 or None"),
+        ({"dtype": torch.complex64}, TypeError, "dtype must be float16, bfloat16, float32, float64 or None"),
     ],
 )
 def test_module_arguments(kwargs, exc, message):
