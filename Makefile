@@ -40,7 +40,8 @@ clean:
 # in place (without the CPU extension, which no GPU stage uses: it would cost a fresh machine a
 # build), run the GPU tests, compute-sanitizer, the kernel benchmarks, the memory comparison and the
 # micro-benchmarks, write bench/results/. STAGES=tests,sanitizer picks stages; BUDGET=<seconds> ends
-# the run's subprocesses by then and starts no stage after it (a device call's time limit). Reports
+# the run's subprocesses by then and starts no stage, configuration or depth after it (a device
+# call's time limit). Reports
 # of stages run in separate calls become one with `python -m bench.gpu_suite --combine` (README).
 GPU_PYTHON ?= python3
 RESULTS ?= bench/results

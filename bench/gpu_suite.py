@@ -12,9 +12,11 @@ Stages (all by default; `--stages` picks some, in this order):
     micro      the micro-benchmarks of bench/test_micro.py for the eager loop and the Triton backend
                (pytest-benchmark's JSON, micro-<device>-<yyyymmdd>.json).
 Writes `gpu-suite-<device>-<yyyymmdd>.json/.md` under --out with the device name, torch and triton
-versions, git commit and date — after every stage and every benchmark configuration, so that a run
-cut short by a time limit still leaves what it measured. A configuration that fails is recorded with
-its error and the others still run. The stages can be spread over several calls of a time-limited
+versions, git commit and date — after every stage, benchmark configuration and memory depth, so
+that a run cut short by a time limit still leaves what it measured. --budget-s: no stage,
+configuration or depth starts after it, and the subprocesses end by then. A configuration that
+fails is recorded with its error and the others still run; a stage that raises is recorded under
+`stage_errors` and the next one runs. The stages can be spread over several calls of a time-limited
 GPU machine, each writing its own report; `--combine` then makes them one report, here, without a
 GPU — so no file has to travel back to the machine between calls, and the calls can follow each
 other at once, while the machine is still warm.
@@ -35,6 +37,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -61,8 +64,9 @@ MICRO_MARGIN_S = 60
 
 
 class _Outcomes:
-    """pytest plugin: counts test outcomes (setup/teardown errors count as failures) and hands the
-    counts so far to `on_change` after every test, so that a run cut off by a time limit leaves them."""
+    """pytest plugin: counts test outcomes (setup/teardown errors and modules that fail to collect
+    count as failures: a GPU test file that no longer imports must not read as a clean run) and hands
+    the counts so far to `on_change` after every test, so that a run cut off by a time limit leaves them."""
 
     def __init__(self, on_change=None):
         self.passed, self.failed, self.skipped, self.failures = 0, 0, 0, []
@@ -83,14 +87,20 @@ class _Outcomes:
         if self.on_change is not None and report.when == "teardown":
             self.on_change(self.summary(complete=False))
 
+    def pytest_collectreport(self, report):
+        if report.failed:
+            self.failed += 1
+            self.failures.append(f"{report.nodeid or 'collection'} (collection error)")
+
 
 def run_tests(on_change=None, path: Path = ROOT / "tests" / "gpu", workers: int = GPU_TEST_WORKERS) -> dict:
     import pytest
 
     outcomes = _Outcomes(on_change)
-    args = ["-q", str(path)]
+    args = ["-q", "--continue-on-collection-errors", str(path)]  # one broken module must not cost the others
     if importlib.util.find_spec("pytest_timeout") is not None:  # on the GPU image: a hung kernel fails one test
-        args.append(f"--timeout={TEST_TIMEOUT_S}")
+        # the thread method: a signal cannot interrupt a worker blocked in a CUDA synchronisation
+        args += [f"--timeout={TEST_TIMEOUT_S}", "--timeout-method=thread"]
     if workers > 1 and importlib.util.find_spec("xdist") is not None:  # on the GPU image too
         args += ["-n", str(workers)]
     exit_code = pytest.main(args, plugins=[outcomes])
@@ -100,6 +110,21 @@ def run_tests(on_change=None, path: Path = ROOT / "tests" / "gpu", workers: int 
 def _timeout_s(deadline) -> float:
     """A subprocess's time limit: SUBPROCESS_TIMEOUT_S, or less when the run's deadline comes sooner."""
     return SUBPROCESS_TIMEOUT_S if deadline is None else max(1.0, min(SUBPROCESS_TIMEOUT_S, deadline - time.time()))
+
+
+def _run_limited(cmd: list, timeout: float, env: dict) -> tuple:
+    """(exit code, output) of `cmd`, or (None, output so far) when it ran past `timeout`. The command
+    gets its own process group, killed whole at the limit: a Python process under compute-sanitizer
+    must not go on using the GPU while the next stage times kernels."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env,
+                            start_new_session=True)  # fmt: skip
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+        return proc.returncode, output
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        return None, output
 
 
 def run_micro(out_dir: str, dry_run: bool = False, deadline=None) -> dict:
@@ -115,29 +140,28 @@ def run_micro(out_dir: str, dry_run: bool = False, deadline=None) -> dict:
            "-k", selection, f"--benchmark-json={path}"]  # fmt: skip
     timeout = _timeout_s(deadline)
     env = dict(os.environ, **{DEADLINE_ENV: str(time.time() + timeout - MICRO_MARGIN_S)})
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired as err:  # its output may come back as bytes even in text mode
-        output = err.stdout.decode() if isinstance(err.stdout, bytes) else (err.stdout or "")
+    exit_code, output = _run_limited(cmd, timeout, env)
+    if exit_code is None:
         return {"ran": False, "reason": f"timed out after {timeout:.0f} s", "tail": output[-1500:]}
-    return {"ran": True, "exit_code": proc.returncode, "file": path.name if path.exists() else None,  # none: no benchmark ran
-            "tail": (proc.stdout + proc.stderr)[-1500:]}  # fmt: skip
+    return {"ran": True, "exit_code": exit_code, "file": path.name if path.exists() else None,  # none: no benchmark ran
+            "tail": output[-1500:]}  # fmt: skip
 
 
 def run_sanitizer(deadline=None) -> dict:
+    """memcheck on tests/gpu/sanitize_case.py, with PyTorch's caching allocator off: its tensors are a
+    few KB, and inside one cached 2 MiB segment an overrun of a few elements lands in memory that is
+    allocated, so memcheck would not see it."""
     tool = shutil.which("compute-sanitizer")
     if tool is None:
         return {"ran": False, "reason": "compute-sanitizer not on PATH"}
     cmd = [tool, "--tool", "memcheck", "--error-exitcode", "1", sys.executable,
            str(ROOT / "tests" / "gpu" / "sanitize_case.py")]  # fmt: skip
     timeout = _timeout_s(deadline)
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"ran": False, "reason": f"timed out after {timeout:.0f} s"}
-    output = proc.stdout + proc.stderr
+    exit_code, output = _run_limited(cmd, timeout, dict(os.environ, PYTORCH_NO_CUDA_MEMORY_CACHING="1"))
+    if exit_code is None:
+        return {"ran": False, "reason": f"timed out after {timeout:.0f} s", "tail": output[-2000:]}
     found = re.search(r"ERROR SUMMARY: (\d+) error", output)
-    return {"ran": True, "exit_code": proc.returncode, "errors": int(found.group(1)) if found else None,
+    return {"ran": True, "exit_code": exit_code, "errors": int(found.group(1)) if found else None,
             "tail": output[-2000:]}  # fmt: skip
 
 
@@ -152,19 +176,34 @@ NOT_RUN = {
     "micro": {"ran": False, "reason": "stage not run"},
 }
 DRY_RUN_SKIPS = ("tests", "sanitizer", "memory")  # need a GPU; the other stages run tiny on the CPU
+# Stages that use this process's CUDA context (the others run in subprocesses or xdist workers): after
+# a sticky CUDA error (an illegal memory access) they cannot run here.
+IN_PROCESS_STAGES = ("bench", "crossover", "tune", "memory")
 
 
-def run_memory(out_dir: str) -> dict:
-    results = memory.main(["--device", "cuda", "--backend", "triton", "--out", out_dir])
-    return {"ran": True, "config": results["config"], "skipped": results["skipped"], "ratios": results["ratios"],
-            "file": f"{output_stem('memory', torch.device('cuda'), out_dir).name}.json"}  # fmt: skip
+def run_memory(out_dir: str, deadline=None, on_change=None) -> dict:
+    """bench.memory on the GPU; `on_change(section)` after every depth, so that a call cut off mid-stage
+    still reports the depths measured (their JSON is written beside the report after each one)."""
+    name = f"{output_stem('memory', torch.device('cuda'), out_dir).name}.json"
+
+    def section(results):
+        return {"ran": True, "complete": results["complete"], "config": results["config"],
+                "skipped": results["skipped"], "ratios": results["ratios"], "file": name}  # fmt: skip
+
+    def on_depth(results):
+        if on_change is not None:
+            on_change(section(results))
+
+    argv = ["--device", "cuda", "--backend", "triton", "--out", out_dir]
+    return section(memory.main(argv, deadline=deadline, on_depth=on_depth))
 
 
 def markdown(report: dict) -> str:
     tests, san, mem, micro = report["tests"], report["sanitizer"], report["memory"], report["micro"]
     tests_line = "not run" if tests.get("not_run") else (
         f"{tests['passed']} passed, {tests['failed']} failed, {tests['skipped']} skipped"
-        + ("" if tests.get("complete", True) else " (cut off before the end)"))
+        + ("" if tests.get("complete", True) else " (cut off before the end)")
+        + (f" (pytest exit code {tests['pytest_exit_code']})" if "pytest_exit_code" in tests else ""))
     san_line = (f"{san['errors']} errors (exit code {san['exit_code']})" if san.get("ran")
                 else f"not run ({san.get('reason')})")  # fmt: skip
     lines = [
@@ -177,6 +216,7 @@ def markdown(report: dict) -> str:
             f"`{part['file']}` ({part['date']}: {', '.join(part['stages_run']) or 'no stage complete'})"
             for part in report["combined_from"]), ""] if "combined_from" in report else []),
         f"- GPU tests: {tests_line}",
+        *(f"  - failed: `{nodeid}`" for nodeid in tests.get("failures", [])[:20]),
         f"- compute-sanitizer memcheck: {san_line}",
         "- memory against depth: " + (f"`{mem['file']}`, ratios {json.dumps(mem['ratios'])}" if mem.get("ran")
                                        else f"not run ({mem.get('reason')})"),
@@ -184,6 +224,7 @@ def markdown(report: dict) -> str:
                                    if micro.get("ran") else f"not run ({micro.get('reason')})"),
         "- stage times: " + (", ".join(f"{stage} {s:.0f} s" for stage, s in report.get("stage_seconds", {}).items())
                              or "none complete"),
+        *(f"- **{stage} stage error**: {error}" for stage, error in report.get("stage_errors", {}).items()),
         "",
         "Median times (ms) and ratios, side by side in one run (`python -m bench.gpu_suite`):",
         "",
@@ -227,6 +268,7 @@ def _start_report(args) -> dict:
         "dry_run": args.dry_run,
         "stages_run": [],
         "stage_seconds": {},
+        "stage_errors": {},
         **json.loads(json.dumps(NOT_RUN)),
     }
 
@@ -263,9 +305,10 @@ def combine(paths: list, out_dir: str) -> dict:
                     shutil.copy2(source, out_dir)
     ran = set().union(*(report.get("stages_run", []) for report in reports))
     combined["stages_run"] = sorted(ran, key=STAGES.index)
-    combined["stage_seconds"] = {}
+    combined["stage_seconds"], combined["stage_errors"] = {}, {}
     for report in reports:
         combined["stage_seconds"].update(report.get("stage_seconds", {}))
+        combined["stage_errors"].update(report.get("stage_errors", {}))
     combined["combined_from"] = [{"file": Path(path).name, "date": report.get("date"),
                                   "stages_run": report.get("stages_run", [])} for path, report in zip(paths, reports)]  # fmt: skip
     stem = Path(out_dir) / Path(paths[0]).name.removesuffix(".json")
@@ -295,6 +338,10 @@ def main(argv=None) -> dict:
 
         return on_result
 
+    def save_memory(section):
+        report["memory"] = section
+        save()
+
     deadline = None if args.budget_s is None else time.time() + args.budget_s
     for stage in STAGES:
         if stage not in args.stages or (args.dry_run and stage in DRY_RUN_SKIPS):
@@ -302,19 +349,27 @@ def main(argv=None) -> dict:
         if deadline is not None and time.time() >= deadline:
             print(f"== {stage}: not started, the time budget (--budget-s) is spent", flush=True)
             continue
+        if stage in IN_PROCESS_STAGES and not args.dry_run and not triton_step.cuda_usable():
+            print(f"== {stage}: not started, this process's CUDA context is unusable", flush=True)
+            report["stage_errors"][stage] = "not started: this process's CUDA context is unusable"
+            continue
         print(f"== {stage}", flush=True)
         started = time.time()
-        if stage == "tests":
-            report["tests"] = run_tests(on_change=save_tests)
-        elif stage == "sanitizer":
-            report["sanitizer"] = run_sanitizer(deadline)
-        elif stage in ("bench", "crossover", "tune"):
-            key = "benchmarks" if stage == "bench" else stage
-            triton_step.run_all(dry_run=args.dry_run, mode=stage, on_result=save_results(key))
-        elif stage == "memory":
-            report["memory"] = run_memory(args.out)
-        elif stage == "micro":
-            report["micro"] = run_micro(args.out, args.dry_run, deadline)
+        try:
+            if stage == "tests":
+                report["tests"] = run_tests(on_change=save_tests)
+            elif stage == "sanitizer":
+                report["sanitizer"] = run_sanitizer(deadline)
+            elif stage in ("bench", "crossover", "tune"):
+                key = "benchmarks" if stage == "bench" else stage
+                triton_step.run_all(dry_run=args.dry_run, mode=stage, on_result=save_results(key), deadline=deadline)
+            elif stage == "memory":
+                report["memory"] = run_memory(args.out, deadline, on_change=save_memory)
+            elif stage == "micro":
+                report["micro"] = run_micro(args.out, args.dry_run, deadline)
+        except Exception as err:  # noqa: BLE001 — recorded in the report; the later stages still run
+            report["stage_errors"][stage] = f"{type(err).__name__}: {err}"
+            print(f"== {stage} failed: {report['stage_errors'][stage]}", flush=True)
         report["stages_run"] = sorted(set(report["stages_run"]) | {stage}, key=STAGES.index)
         report["stage_seconds"][stage] = round(time.time() - started, 1)  # to plan a time-limited machine's calls
         save()

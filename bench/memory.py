@@ -163,7 +163,9 @@ def _parse(argv):
     return parser.parse_args(argv)
 
 
-def main(argv=None) -> dict:
+def main(argv=None, *, deadline=None, on_depth=None) -> dict:
+    """`deadline`: a Unix time after which no further depth starts (a GPU call's time limit; the
+    depths measured keep their tables, plot and ratios). `on_depth(results)`: after every depth."""
     args = _parse(argv)
     device = torch.device(args.device)
     defaults = DEFAULT_SIZES[device.type]
@@ -189,9 +191,14 @@ def main(argv=None) -> dict:
 
     stem = output_stem("memory", device, args.out)
     results = {"config": config, "environment": env, "torchdiffeq": _torchdiffeq_version(),
-               "torchdiffeq_check": torchdiffeq_check, "skipped": skipped}  # fmt: skip
+               "torchdiffeq_check": torchdiffeq_check, "skipped": skipped, "complete": False, "ratios": {},
+               "measurements": []}  # fmt: skip
     measured = {}
     for done, depth in enumerate(depths, 1):
+        if deadline is not None and time.time() >= deadline:
+            print(f"  L={depth}: not started, the time budget is spent", flush=True)
+            depths = depths[: done - 1]
+            break
         peaks = {name: measure_peak_bytes(name, sizes, depth, device, args.backend) for name in contenders}
         steps = {name: make_step(name, sizes, depth, device, args.backend)[0] for name in contenders}
         times = steps_ms(steps, device, args.reps)
@@ -205,6 +212,10 @@ def main(argv=None) -> dict:
         results.update(complete=done == len(depths), ratios=ratios,
                        measurements=[dict(contender=n, depth=L, **v) for (n, L), v in measured.items()])  # fmt: skip
         write_json(stem.with_suffix(".json"), results)
+        if on_depth is not None:
+            on_depth(results)
+    if not depths:
+        return results
     _plot(stem.with_suffix(".png"), measured, contenders, depths,
           f"{env['device']}, torch {env['torch']}, odenets_fast backend {backend_name}, B={sizes.batch}, "
           f"q={sizes.dim}, m={sizes.hidden}")  # fmt: skip

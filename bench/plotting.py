@@ -25,7 +25,8 @@ def save_loglog_panels(path: Path, panels: list, title: str) -> None:
         ax.set_xlabel(panel["xlabel"])
         ax.set_ylabel(panel["ylabel"])
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize="small")
+        if ax.get_legend_handles_labels()[0]:  # a panel whose every value was left out has no series
+            ax.legend(fontsize="small")
     fig.suptitle(title, fontsize="medium")
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)

@@ -34,6 +34,7 @@ import contextlib
 import functools
 import json
 import os
+import time
 
 import torch
 import triton
@@ -306,9 +307,21 @@ def forward_roofline_ms(config: dict, device: torch.device) -> float:
 MODES = ("bench", "crossover", "tune")
 
 
-def run_all(dry_run: bool = False, mode: str = "bench", on_result=None) -> list:
+def cuda_usable() -> bool:
+    """Whether the CUDA context still works: an illegal memory access is sticky, every later CUDA
+    call in the process fails with it, so later configurations could only record that error again."""
+    try:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        return True
+    except RuntimeError:
+        return False
+
+
+def run_all(dry_run: bool = False, mode: str = "bench", on_result=None, deadline=None) -> list:
     """Every configuration of `mode` in turn; one that fails is recorded with its error and the others
-    still run (a GPU session has little device time). `on_result(results_so_far)` after each one."""
+    still run (a GPU session has little device time), unless the error left the CUDA context unusable.
+    No configuration starts after `deadline` (a Unix time). `on_result(results_so_far)` after each one."""
     device = torch.device("cpu" if dry_run else "cuda")
     if mode == "tune":
         configs = DRY_RUN_TUNE_CONFIGS if dry_run else TUNE_CONFIGS
@@ -316,18 +329,21 @@ def run_all(dry_run: bool = False, mode: str = "bench", on_result=None) -> list:
         configs = DRY_RUN_CROSSOVER_CONFIGS if dry_run else CROSSOVER_CONFIGS
     else:
         configs = DRY_RUN_CONFIGS if dry_run else CONFIGS
-    results = []
+    results, unusable = [], None
     for config in configs:
-        try:
-            if mode == "tune":
-                results.append(tune_config(config, device, _tune_candidates(config, dry_run)))
-            else:
-                results.append(run_config(config, device, CROSSOVER_CONTENDERS if mode == "crossover" else None))
-        except Exception as err:  # noqa: BLE001 — recorded in the results file, not hidden
-            results.append({"name": config["name"], "config": config, "error": f"{type(err).__name__}: {err}"})
-        finally:
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+        if unusable is not None or (deadline is not None and time.time() >= deadline):
+            reason = unusable or "the time budget (--budget-s) was spent"
+            results.append({"name": config["name"], "config": config, "error": f"not started: {reason}"})
+        else:
+            try:
+                if mode == "tune":
+                    results.append(tune_config(config, device, _tune_candidates(config, dry_run)))
+                else:
+                    results.append(run_config(config, device, CROSSOVER_CONTENDERS if mode == "crossover" else None))
+            except Exception as err:  # noqa: BLE001 — recorded in the results file, not hidden
+                results.append({"name": config["name"], "config": config, "error": f"{type(err).__name__}: {err}"})
+            if device.type == "cuda" and not cuda_usable():
+                unusable = f"the CUDA context is unusable after {config['name']}"
         if on_result is not None:
             on_result(results)
     return results

@@ -3,6 +3,7 @@ and PNG files. (The full-size runs are in the README's Benchmarks section.)"""
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -113,6 +114,26 @@ def test_memory_keeps_the_depths_measured_before_a_failure(tmp_path, monkeypatch
     results = json.loads(json_file.read_text())
     assert results["complete"] is False
     assert {(m["contender"], m["depth"]) for m in results["measurements"]} == {("eager_backprop", 2), ("odenets_adjoint", 2)}
+
+
+def test_memory_starts_no_depth_after_its_deadline(tmp_path):
+    """The GPU memory stage inside a time-limited call: the depths measured before the deadline keep
+    their JSON (reported after each depth), plot and ratios; later depths do not start."""
+    import time
+
+    deadline = time.time() + 3.0
+    seen = []
+
+    def on_depth(results):  # the first depth ends past the deadline
+        seen.append([m["depth"] for m in results["measurements"]])
+        time.sleep(max(0.0, deadline - time.time()))
+
+    args = ["--depths", "2", "3", "--batch", "8", "--dim", "4", "--hidden", "8", "--device", "cpu", "--reps", "1",
+            "--backend", "reference", "--out", str(tmp_path), "--contenders", "eager_backprop", "odenets_adjoint"]
+    results = memory.main(args, deadline=deadline, on_depth=on_depth)
+    assert seen == [[2, 2]] and results["complete"] is False
+    assert {m["depth"] for m in results["measurements"]} == {2} and "eager_backprop_over_adjoint_peak_L2" in results["ratios"]
+    assert len(list(tmp_path.glob("memory-cpu-*.png"))) == 1
 
 
 def test_gpu_suite_dry_run(tmp_path):
@@ -236,3 +257,77 @@ def test_gpu_suite_starts_no_stage_after_its_budget(tmp_path):
 
     report = gpu_suite.main(["--dry-run", "--stages", "bench,micro", "--budget-s", "0", "--out", str(tmp_path)])
     assert report["stages_run"] == [] and report["benchmarks"] == [] and not report["micro"]["ran"]
+
+
+def test_a_test_module_that_fails_to_import_counts_as_failed(tmp_path):
+    from bench import gpu_suite
+
+    (tmp_path / "test_fine.py").write_text("def test_a():\n    pass\n")
+    (tmp_path / "test_broken.py").write_text("import module_that_does_not_exist\n")
+    final = gpu_suite.run_tests(path=tmp_path)
+    assert final["passed"] == 1 and final["failed"] == 1 and final["pytest_exit_code"] != 0
+    assert final["failures"] == ["test_broken.py (collection error)"]
+    markdown = gpu_suite.markdown({**gpu_suite._start_report(gpu_suite._parse(["--dry-run"])), "tests": final})
+    assert "1 passed, 1 failed, 0 skipped (pytest exit code" in markdown
+    assert "failed: `test_broken.py (collection error)`" in markdown
+
+
+def test_configurations_past_the_deadline_are_not_started():
+    import time
+
+    from bench import triton_step
+
+    (result,) = triton_step.run_all(dry_run=True, deadline=time.time() - 1)
+    assert result["error"] == "not started: the time budget (--budget-s) was spent" and "median_ms" not in result
+
+
+def test_a_failing_stage_is_recorded_and_the_next_stage_runs(tmp_path, monkeypatch):
+    from bench import gpu_suite, triton_step
+
+    real = triton_step.run_all
+
+    def bench_fails(dry_run=False, mode="bench", **kwargs):
+        if mode == "bench":
+            raise KeyError("a bug in the bench stage")
+        return real(dry_run=dry_run, mode=mode, **kwargs)
+
+    monkeypatch.setattr(triton_step, "run_all", bench_fails)
+    report = gpu_suite.main(["--dry-run", "--stages", "bench,crossover", "--out", str(tmp_path)])
+    assert report["stage_errors"] == {"bench": "KeyError: 'a bug in the bench stage'"}
+    assert report["stages_run"] == ["bench", "crossover"] and len(report["crossover"]) == 1
+    assert "**bench stage error**: KeyError" in next(tmp_path.glob("gpu-suite-*.md")).read_text()
+
+
+def test_a_subprocess_past_its_limit_is_killed_with_its_children():
+    """compute-sanitizer's Python child must not outlive the sanitizer stage's time limit."""
+    import sys
+    import time
+
+    from bench import gpu_suite
+
+    spawn = ("import subprocess, sys, time; child = subprocess.Popen([sys.executable, '-c', 'import time; "
+             "time.sleep(60)']); print(child.pid, flush=True); time.sleep(60)")  # fmt: skip
+    exit_code, output = gpu_suite._run_limited([sys.executable, "-c", spawn], timeout=3, env=dict(os.environ))
+    assert exit_code is None
+    child = int(output.split()[0])
+    for _ in range(50):  # killed with its process group; reaped by init shortly after
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"process {child} outlived the limit")
+
+
+def test_sanitizer_runs_without_the_caching_allocator(tmp_path, monkeypatch):
+    """Inside a cached 2 MiB segment a small overrun is not an access fault: memcheck must see the
+    kernels' real allocations."""
+    from bench import gpu_suite
+
+    tool = tmp_path / "compute-sanitizer"
+    tool.write_text("#!/bin/sh\necho caching=$PYTORCH_NO_CUDA_MEMORY_CACHING\necho '========= ERROR SUMMARY: 0 errors'\n")
+    tool.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    result = gpu_suite.run_sanitizer()
+    assert result["ran"] and result["errors"] == 0 and "caching=1" in result["tail"]
