@@ -331,6 +331,11 @@ def reverse_layers_kernel(
                 y = tl.where(mask, x + step * k1, 0.0)
             W1, V1, b1, c1 = _layer_params(W_ptr, V_ptr, b_ptr, c_ptr, n + 1, q, m)
             u2 = (0.5 * step) * g
+            if GRADS == "partials":
+                # θ_{n+1}'s db/dc are read back (i > 0) from the partial row where the previous layer
+                # stored them, by other threads of this program than those that stored them (the loads'
+                # layout replicates what the stores' layout splits): order them with a CTA barrier
+                tl.debug_barrier()
             ws_stage = wsn + (layer_stop - layer_start) * ws_block
             gy = _residual_vjp(y, u2, W1, V1, b1, dWn + m * q, dVn + q * m, dbn + m, dcn + q, ws_stage, i > 0,
                                q, m, scale_in, scale_out, offs_b, mask_b, offs_q, mask_q,
@@ -357,12 +362,16 @@ def sum_partials_kernel(
     length,  # floats of the section
     BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """out[i] += Σ_p partials[p, i] for i < length, summed in the order p = 0, 1, … (reproducible)."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    """out[i] += Σ_p partials[p, i] for i < length, summed in the order p = 0, 1, … (reproducible).
+    The partial rows are walked by advancing a pointer: p · row in 32 bits would pass 2^31 on a large
+    buffer (16384 programs × 135184 floats at B = 2^20, q = 16, m = 4096)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < length
     acc = tl.load(out_ptr + offs, mask=mask, other=0.0)
-    for p in range(0, num_partials):
-        acc += tl.load(partials_ptr + p * row + offs, mask=mask, other=0.0)
+    partial = partials_ptr + offs
+    for _ in range(0, num_partials):
+        acc += tl.load(partial, mask=mask, other=0.0)
+        partial += row
     tl.store(out_ptr + offs, acc, mask=mask)
 
 
@@ -378,7 +387,9 @@ def workspace_grads_kernel(
     HAS_BIAS: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """For the VJP in slot s and the rows of split k (program axis 2 = s · splits + k):
+    """For the VJP in slot s and the rows of split k, output tile (i, j) (one program axis, i fastest,
+    then j, then s · splits + k: CUDA allows 2^31 − 1 programs on axis 0 but 65535 on the others, and
+    slots · splits passes that for deep narrow stacks, e.g. L = 65536 layers of B = 1 in one launch):
 
         out[k, s] = scale Σ_b left[s, b]ᵀ right[s, b],   sums[k, s] = Σ_b left[s, b]
 
@@ -391,11 +402,15 @@ def workspace_grads_kernel(
 
     Operands are cast to the parameter dtype as in the reverse kernel's own products, so both
     reductions round alike; the sums are float32."""
-    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    slot = tl.program_id(2) // splits
-    split = tl.program_id(2) % splits
-    slots = tl.num_programs(2) // splits
+    tiles_r = tl.cdiv(R, BLOCK_R)
+    tiles = tiles_r * tl.cdiv(C, BLOCK_C)
+    pid = tl.program_id(0)
+    tile_c = (pid % tiles) // tiles_r
+    offs_r = (pid % tiles_r) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_c = tile_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    slot = pid // tiles // splits
+    split = pid // tiles % splits
+    slots = tl.num_programs(0) // tiles // splits
     mask_r = offs_r < R
     mask_c = offs_c < C
     row_width = 2 * m + 2 * q
@@ -414,11 +429,11 @@ def workspace_grads_kernel(
         acc = tl.dot(tl.trans(left.to(operand)), right.to(operand), acc, input_precision=PRECISION)
         if HAS_BIAS:
             bias += tl.sum(left, axis=0)
-    split_row = out_ptr + split.to(tl.int64) * slots * (R * C + R)
+    split_row = out_ptr + split.to(tl.int64) * slots * R * (C + 1)
     out = split_row + slot * R * C + offs_r[:, None] * C + offs_c[None, :]
     tl.store(out, acc * scale, mask=mask_r[:, None] & mask_c[None, :])
     if HAS_BIAS:
-        if tl.program_id(1) == 0:
+        if tile_c == 0:
             tl.store(split_row + slots * R * C + slot * R + offs_r, bias, mask=mask_r)
 
 
@@ -607,7 +622,7 @@ def workspace_grads(
         for out, bias, left_col, right_col, R, C, scale in ((dW, db, 0, 2 * m, m, q, scale_in),
                                                            (dV, dc, 2 * m + q, m, q, m, scale_out)):  # fmt: skip
             partial = buffer[: splits * slots * (R * C + R)].view(splits, -1)
-            grid = (triton.cdiv(R, config.block_r), triton.cdiv(C, config.block_c), slots * splits)
+            grid = (triton.cdiv(R, config.block_r) * triton.cdiv(C, config.block_c) * slots * splits,)
             workspace_grads_kernel[grid](
                 workspace[s], partial, operand_like, left_col, right_col, B, R, C, m, q, splits, rows_per_split,
                 scale, HAS_BIAS=bias is not None, BLOCK_R=config.block_r, BLOCK_C=config.block_c,

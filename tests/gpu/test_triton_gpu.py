@@ -9,7 +9,8 @@ import naive
 from helpers import make_stack
 from odenets_fast import ode_mlp
 from odenets_fast.activations import ACTIVATIONS
-from odenets_fast.triton_backend import WEIGHT_GRADS_ENV
+from odenets_fast.triton_backend import WEIGHT_GRADS_ENV, kernel_configs
+from odenets_fast.triton_kernels.mlp_step import GradSections
 
 CUDA = torch.device("cuda")
 
@@ -103,6 +104,26 @@ def test_odd_and_limit_shapes(shape, grads, monkeypatch):
     got = _grads(lambda *t: ode_mlp(*t, method="heun", backend="triton", **kw), tensors, grad_out)
     want = _grads(lambda *t: ode_mlp(*t, method="heun", backend="reference"), [t.double() for t in tensors],
                   grad_out.double())  # fmt: skip
+    for g, w in zip(got, want):
+        assert _rel(g, w) < 1e-5
+
+
+@pytest.mark.parametrize("grads, shape", [
+    ("partials", dict(B=2**20, q=16, m=4096, L=1)),  # one partials buffer of more than 2^31 floats (8.9 GB)
+    ("workspace", dict(B=1, q=16, m=16, L=70000)),  # more than 65535 layers in one product launch
+])  # fmt: skip
+def test_past_32_bit_offsets_and_grid_axis_limits(grads, shape, monkeypatch):
+    """Sizes where a 32-bit offset or a grid axis limited to 65535 programs would break; judged against
+    the atomic reduction, which keeps no buffer (a reference run would not fit in memory here)."""
+    B, q, m, L = shape["B"], shape["q"], shape["m"], shape["L"]
+    if grads == "partials":
+        programs = -(-B // kernel_configs(q, m, 4).reverse.block_b)
+        assert programs * GradSections(q, m).row(1) > 2**31  # the premise of the case
+    tensors = _stack("euler", B=B, q=q, m=m, L=L)
+    grad_out = torch.randn(B, q, device=CUDA)
+    run = lambda **kw: _grads(lambda *t: ode_mlp(*t, backend="triton", **kw), tensors, grad_out)  # noqa: E731
+    want = run(**_use_reduction("atomic", monkeypatch))
+    got = run(**_use_reduction(grads, monkeypatch))
     for g, w in zip(got, want):
         assert _rel(g, w) < 1e-5
 
