@@ -57,11 +57,12 @@ def check_supported(x: Tensor, W: Tensor) -> None:
             f"backend 'triton' keeps the state width on-chip up to q = {MAX_STATE_WIDTH}; got q = {q}. "
             f"Use backend='reference' (or 'cpp' on CPU) for wider states"
         )
-    # the kernels index with int32: the largest buffers are the stacked weights and the stored states
-    if P * m * q > _INT32_MAX or (P + 1) * x.shape[0] * q > _INT32_MAX:
+    # offsets within the stacked weights and within one state are int32 (those between stored states,
+    # partial rows and workspace rows are int64)
+    if P * m * q > _INT32_MAX or x.shape[0] * q > _INT32_MAX:
         raise ValueError(
-            f"backend 'triton' indexes with int32: P·m·q = {P * m * q} and (L + 1)·B·q = {(P + 1) * x.shape[0] * q} "
-            f"must stay below 2^31; split the batch or use backend='reference'"
+            f"backend 'triton' indexes the stacked weights and one state with int32: P·m·q = {P * m * q} and "
+            f"B·q = {x.shape[0] * q} must stay below 2^31; split the batch or use backend='reference'"
         )
 
 

@@ -333,6 +333,19 @@ def test_wide_state_is_a_clear_error():
         ode_mlp(x.to(DEVICE), W.to(DEVICE), V.to(DEVICE), backend="triton")
 
 
+@pytest.mark.parametrize("B, P, message", [(2**25, 1, "B·q = 2147483648"), (1, 2**25, "P·m·q = 2147483648")])
+def test_32_bit_index_limits_are_a_clear_error(B, P, message):
+    """One state (B·q) and the stacked weights (P·m·q) are indexed in 32 bits; the many stored states
+    of a deep stack are not, so only these two bound the sizes (expanded views: no memory)."""
+    x = torch.zeros(1, 64, device=DEVICE).expand(B, 64)
+    W = torch.zeros(1, 1, 64, device=DEVICE).expand(P, 1, 64)
+    V = torch.zeros(1, 64, 1, device=DEVICE).expand(P, 64, 1)
+    with pytest.raises(ValueError, match=f"indexes the stacked weights and one state with int32: .*{message}"):
+        triton_backend.check_supported(x, W)
+    triton_backend.check_supported(x[: 2**25 - 1], W[: 2**25 - 1])  # just below: accepted
+    triton_backend.check_supported(x[: 2**20], W[:64])  # (L + 1)·B·q = 65 · 2^26 stored floats: fine
+
+
 def test_float64_is_a_clear_error():
     x, W, V, b, c = make_stack()
     with pytest.raises(TypeError, match="float64"):

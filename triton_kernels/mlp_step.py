@@ -215,18 +215,19 @@ def forward_layers_kernel(
     mask_q = offs_q < q
     mask = (offs_b < B)[:, None] & mask_q[None, :]
     rows = offs_b[:, None] * q + offs_q[None, :]
+    state_size = tl.full((), B, tl.int64) * q  # one stored state: L of them may pass 2^31 floats
     x = tl.load(state_ptr + rows, mask=mask, other=0.0)
     for n in range(layer_start, layer_stop):
         if SAVE_ANCHORS:
             if n % anchor_every == 0:
-                tl.store(anchors_ptr + (n // anchor_every) * B * q + rows, x, mask=mask)
+                tl.store(anchors_ptr + (n // anchor_every) * state_size + rows, x, mask=mask)
         Wn, Vn, bn, cn = _layer_params(W_ptr, V_ptr, b_ptr, c_ptr, n, q, m)
         k1 = _residual(x, Wn, Vn, bn, cn, q, m, scale_in, scale_out, offs_q, mask_q,
                        HAS_B, HAS_C, ACT, BLOCK_B, BLOCK_M, BLOCK_Q, PRECISION)  # fmt: skip
         if HEUN:
             y = tl.where(mask, x + step * k1, 0.0)
             if SAVE_STAGES:
-                tl.store(stages_ptr + n * B * q + rows, y, mask=mask)
+                tl.store(stages_ptr + n * state_size + rows, y, mask=mask)
             W1, V1, b1, c1 = _layer_params(W_ptr, V_ptr, b_ptr, c_ptr, n + 1, q, m)
             k2 = _residual(y, W1, V1, b1, c1, q, m, scale_in, scale_out, offs_q, mask_q,
                            HAS_B, HAS_C, ACT, BLOCK_B, BLOCK_M, BLOCK_Q, PRECISION)  # fmt: skip
@@ -296,6 +297,7 @@ def reverse_layers_kernel(
     mask_q = offs_q < q
     mask = mask_b[:, None] & mask_q[None, :]
     rows = offs_b[:, None] * q + offs_q[None, :]
+    state_size = tl.full((), B, tl.int64) * q  # one stored state: L of them may pass 2^31 floats
     row = pid.to(tl.int64) * program_stride
     g = tl.load(grad_ptr + rows, mask=mask, other=0.0)
     x_next = tl.load(state_ptr + rows, mask=mask, other=0.0)
@@ -312,7 +314,7 @@ def reverse_layers_kernel(
                     tl.store(drift_state_ptr + rows, x, mask=mask)
         if USE_ANCHORS:
             if n % anchor_every == 0:
-                x = tl.load(anchors_ptr + (n // anchor_every) * B * q + rows, mask=mask, other=0.0)
+                x = tl.load(anchors_ptr + (n // anchor_every) * state_size + rows, mask=mask, other=0.0)
 
         Wn, Vn, bn, cn = _layer_params(W_ptr, V_ptr, b_ptr, c_ptr, n, q, m)
         slot = n - slot_origin
@@ -324,7 +326,7 @@ def reverse_layers_kernel(
         wsn = ws_ptr + slot * ws_block
         if HEUN:
             if USE_STAGES:
-                y = tl.load(stages_ptr + n * B * q + rows, mask=mask, other=0.0)
+                y = tl.load(stages_ptr + n * state_size + rows, mask=mask, other=0.0)
             else:
                 k1 = _residual(x, Wn, Vn, bn, cn, q, m, scale_in, scale_out, offs_q, mask_q,
                                HAS_B, HAS_C, ACT, BLOCK_B, BLOCK_M, BLOCK_Q, PRECISION)  # fmt: skip
