@@ -184,6 +184,27 @@ def weight_grad_reduction(deterministic: bool, B: int, q: int, m: int, block_b: 
     return "workspace" if B * sections.workspace_row < partial_floats else "partials"
 
 
+def backward_layers_per_launch(grads: str, depth: int, sets: int, B: int, q: int, m: int, programs: int) -> int:
+    """Layers per backward launch: `layers_per_launch(depth)`, cut (to at least one) so that one
+    launch's gradient buffers fit in `grad_buffer_bytes()`. Per layer, and per Heun set of θ_n / θ_{n+1}
+    gradients: partial rows, programs × (2mq + m + q) floats (and Heun's θ_stop one slot more);
+    workspace, B × (2m + 2q) floats of factors plus the mq + max(m, q) of its products' partial buffer
+    (times the batch ranges, used only while a launch has fewer output tiles than two per streaming
+    processor) — without the latter, a small batch would fit thousands of layers into the factors,
+    and the products' buffer would grow like the weight gradients with depth. The partial rows also
+    stay below 2^31 floats in all."""
+    size = layers_per_launch(depth)
+    if grads == "atomic":
+        return size
+    sections = mlp_step.GradSections(q, m)
+    extra = sets - 1 if grads == "partials" else 0
+    if grads == "partials":
+        layer_floats = programs * sum(sections.sizes)
+    else:
+        layer_floats = sets * max(B, 1) * sections.workspace_row + m * q + max(m, q)
+    return max(1, min(size, grad_buffer_bytes() // (4 * layer_floats) - extra, _INT32_MAX // layer_floats - extra))
+
+
 def backward(grad_out: Tensor, saved: tuple, W, V, b, c, spec: StackSpec) -> Gradients:
     """Layers L−1 … 0 with the same anchor and drift rules as `reference.backward`."""
     final, anchors, stages = _Saved(*saved)
@@ -201,10 +222,7 @@ def backward(grad_out: Tensor, saved: tuple, W, V, b, c, spec: StackSpec) -> Gra
     ws_row = sections.workspace_row
     # partial rows: a launch over n layers also writes Heun's θ_stop, one slot more
     extra = sets - 1 if grads == "partials" else 0
-    size = layers_per_launch(spec.depth)
-    if grads != "atomic":  # the gradient buffer bounds the layers per launch (at least one)
-        layer_floats = programs * sum(sections.sizes) if grads == "partials" else sets * max(B, 1) * ws_row
-        size = max(1, min(size, grad_buffer_bytes() // (4 * layer_floats) - extra, _INT32_MAX // layer_floats - extra))
+    size = backward_layers_per_launch(grads, spec.depth, sets, B, q, m, programs)
     if grads == "partials":
         # zeros, not empty: without biases the kernels never write the db/dc entries
         partials = torch.zeros((programs, sections.row(size + extra)), dtype=torch.float32, device=final.device)

@@ -350,3 +350,20 @@ def test_float64_is_a_clear_error():
     x, W, V, b, c = make_stack()
     with pytest.raises(TypeError, match="float64"):
         ode_mlp(x.to(DEVICE), W.to(DEVICE), V.to(DEVICE), backend="triton")
+
+
+@pytest.mark.parametrize("grads, sets, B, q, m, programs", [
+    ("workspace", 1, 1, 16, 16, 1),  # a tiny batch: thousands of layers' factors fit in the buffer
+    ("workspace", 2, 4096, 256, 512, 256),  # wide Heun: the factors dominate
+    ("partials", 2, 16384, 64, 128, 256),  # narrow Heun, with its extra θ_stop slot
+])  # fmt: skip
+def test_backward_buffers_fit_the_gradient_buffer(grads, sets, B, q, m, programs):
+    """One backward launch's buffers — partial rows, or workspace factors and their products' partial
+    buffer — stay within ODENETS_FAST_TRITON_GRAD_BUFFER_MIB whatever the depth (memory flat in L)."""
+    size = triton_backend.backward_layers_per_launch(grads, 100_000, sets, B, q, m, programs)
+    sections = mlp_step.GradSections(q, m)
+    if grads == "partials":
+        floats = programs * sections.row(size + sets - 1)
+    else:
+        floats = sets * size * B * sections.workspace_row + size * (m * q + max(m, q))
+    assert size >= 1 and 4 * floats <= triton_backend.grad_buffer_bytes()
