@@ -39,13 +39,13 @@ clean:
 # On a GPU machine (no venv, no internet: the machine's own torch and triton): install the package
 # in place (without the CPU extension, which no GPU stage uses: it would cost a fresh machine a
 # build), run the GPU tests, compute-sanitizer, the kernel benchmarks, the memory comparison and the
-# micro-benchmarks, write bench/results/. STAGES=tests,sanitizer picks stages; BUDGET=<seconds> ends
-# the run's subprocesses by then and starts no stage, configuration or depth after it (a device
-# call's time limit). Reports
-# of stages run in separate calls become one with `python -m bench.gpu_suite --combine` (README).
+# micro-benchmarks and tile candidates, write bench/results/. STAGES=tests,bench picks stages;
+# BUDGET=<seconds> ends the run's subprocesses by then and starts no stage, test, configuration or
+# depth after it (a device call's time limit), each stage but the last capped (CAPS=tests=300,… replaces
+# some caps). Reports of stages run in separate calls become one with `python -m bench.gpu_suite --combine` (README).
 GPU_PYTHON ?= python3
 RESULTS ?= bench/results
 
 gpu:
 	ODENETS_FAST_SKIP_EXT=1 $(GPU_PYTHON) -m pip install -q --no-deps --no-build-isolation -e .
-	$(GPU_PYTHON) -m bench.gpu_suite --out $(RESULTS) $(if $(STAGES),--stages $(STAGES)) $(if $(BUDGET),--budget-s $(BUDGET))
+	$(GPU_PYTHON) -m bench.gpu_suite --out $(RESULTS) $(if $(STAGES),--stages $(STAGES)) $(if $(BUDGET),--budget-s $(BUDGET)) $(if $(CAPS),--stage-caps $(CAPS))

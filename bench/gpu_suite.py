@@ -1,27 +1,29 @@
 """`make gpu`: the GPU evidence of the project, written to bench/results/.
 
-Stages (all by default; `--stages` picks some, in this order):
+Stages (all by default; `--stages` picks some; they run in this order, most needed evidence first):
     tests      the GPU tests (tests/gpu) — passed / failed counts;
-    sanitizer  `compute-sanitizer --tool memcheck` on a small forward + backward (tests/gpu/sanitize_case.py);
     bench      the kernel benchmarks and the issues' ratios (bench.triton_step);
-    crossover  whole-depth against per-layer launches over q and L (bench.triton_step --mode crossover);
-    tune       tile candidates of each kernel at the benchmark shapes (bench.triton_step --mode tune),
-               for the tile table of triton_kernels/mlp_step.py;
+    sanitizer  `compute-sanitizer --tool memcheck` on a small forward + backward (tests/gpu/sanitize_case.py);
     memory     peak memory and time against depth against eager, checkpointing (and torchdiffeq when
                installed) at B = 4096, q = 256, m = 512 (bench.memory, its own JSON and PNG);
+    crossover  whole-depth against per-layer launches over q and L (bench.triton_step --mode crossover);
     micro      the micro-benchmarks of bench/test_micro.py for the eager loop and the Triton backend
-               (pytest-benchmark's JSON, micro-<device>-<yyyymmdd>.json).
+               (pytest-benchmark's JSON, micro-<device>-<yyyymmdd>.json);
+    tune       tile candidates of each kernel at the benchmark shapes (bench.triton_step --mode tune),
+               for the tile table of triton_kernels/mlp_step.py.
 Writes `gpu-suite-<device>-<yyyymmdd>.json/.md` under --out with the device name, torch and triton
 versions, git commit and date — after every stage, benchmark configuration and memory depth, so
-that a run cut short by a time limit still leaves what it measured. --budget-s: no stage,
-configuration or depth starts after it, and the subprocesses end by then. A configuration that
+that a run cut short by a time limit still leaves what it measured. --budget-s: no stage, test,
+configuration or depth starts after it, and the subprocesses end by then; within it each stage but
+the last one selected is capped (STAGE_CAPS_S, or --stage-caps), so that one slow stage cannot
+starve the others, and time a stage leaves unused passes on. A configuration that
 fails is recorded with its error and the others still run; a stage that raises is recorded under
 `stage_errors` and the next one runs. The stages can be spread over several calls of a time-limited
 GPU machine, each writing its own report; `--combine` then makes them one report, here, without a
 GPU — so no file has to travel back to the machine between calls, and the calls can follow each
 other at once, while the machine is still warm.
 
-    python -m bench.gpu_suite [--out DIR] [--stages tests,bench] [--budget-s S] [--dry-run]
+    python -m bench.gpu_suite [--out DIR] [--stages tests,bench] [--budget-s S] [--stage-caps tests=300,…] [--dry-run]
     python -m bench.gpu_suite --combine REPORT.json [REPORT.json …] [--out DIR]
 
 The commit comes from `git rev-parse HEAD`, or from ODENETS_FAST_COMMIT where the tree travelled
@@ -48,7 +50,7 @@ import triton
 
 from bench import memory, triton_step
 from bench.report import git_commit, output_stem, write_json
-from bench.timing import DEADLINE_ENV
+from bench.timing import DEADLINE_ENV, DEADLINE_SKIP_REASON
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_TIMEOUT_S = 300  # per GPU test, with pytest-timeout: a hang must not use up a session's device time
@@ -65,16 +67,18 @@ MICRO_MARGIN_S = 60
 
 class _Outcomes:
     """pytest plugin: counts test outcomes (setup/teardown errors and modules that fail to collect
-    count as failures: a GPU test file that no longer imports must not read as a clean run) and hands
-    the counts so far to `on_change` after every test, so that a run cut off by a time limit leaves them."""
+    count as failures: a GPU test file that no longer imports must not read as a clean run; tests
+    skipped by bench.deadline_plugin count as not started, not as skipped) and hands the counts so
+    far to `on_change` after every test, so that a run cut off by a time limit leaves them."""
 
     def __init__(self, on_change=None):
-        self.passed, self.failed, self.skipped, self.failures = 0, 0, 0, []
+        self.passed, self.failed, self.skipped, self.not_started, self.failures = 0, 0, 0, 0, []
         self.on_change = on_change
 
     def summary(self, complete: bool) -> dict:
         return {"passed": self.passed, "failed": self.failed, "skipped": self.skipped,
-                "failures": list(self.failures), "complete": complete}  # fmt: skip
+                "not_started": self.not_started, "failures": list(self.failures),
+                "complete": complete and self.not_started == 0}  # fmt: skip
 
     def pytest_runtest_logreport(self, report):
         if report.when == "call" and report.passed:
@@ -83,7 +87,11 @@ class _Outcomes:
             self.failed += 1
             self.failures.append(report.nodeid)
         elif report.skipped and report.when in ("setup", "call"):
-            self.skipped += 1
+            reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+            if DEADLINE_SKIP_REASON in reason:
+                self.not_started += 1
+            else:
+                self.skipped += 1
         if self.on_change is not None and report.when == "teardown":
             self.on_change(self.summary(complete=False))
 
@@ -93,23 +101,29 @@ class _Outcomes:
             self.failures.append(f"{report.nodeid or 'collection'} (collection error)")
 
 
-def run_tests(on_change=None, path: Path = ROOT / "tests" / "gpu", workers: int = GPU_TEST_WORKERS) -> dict:
+def run_tests(on_change=None, path: Path = ROOT / "tests" / "gpu", workers: int = GPU_TEST_WORKERS,
+              deadline=None, run_deadline=None) -> dict:
+    """pytest on `path`: no test starts after `deadline` (a Unix time; bench.deadline_plugin, in the
+    xdist workers too), and a hung test is ended after TEST_TIMEOUT_S, or at `run_deadline` if that
+    comes first (a test that started in time may finish after `deadline`)."""
     import pytest
 
     outcomes = _Outcomes(on_change)
-    args = ["-q", "--continue-on-collection-errors", str(path)]  # one broken module must not cost the others
+    # one broken module must not cost the others
+    args = ["-q", "--continue-on-collection-errors", "-p", "bench.deadline_plugin", str(path)]
     if importlib.util.find_spec("pytest_timeout") is not None:  # on the GPU image: a hung kernel fails one test
         # the thread method: a signal cannot interrupt a worker blocked in a CUDA synchronisation
-        args += [f"--timeout={TEST_TIMEOUT_S}", "--timeout-method=thread"]
+        args += [f"--timeout={_timeout_s(run_deadline, TEST_TIMEOUT_S):.0f}", "--timeout-method=thread"]
     if workers > 1 and importlib.util.find_spec("xdist") is not None:  # on the GPU image too
         args += ["-n", str(workers)]
-    exit_code = pytest.main(args, plugins=[outcomes])
+    with triton_step.environment_variable(DEADLINE_ENV, deadline):  # read by the xdist workers too
+        exit_code = pytest.main(args, plugins=[outcomes])
     return {**outcomes.summary(complete=True), "pytest_exit_code": int(exit_code)}
 
 
-def _timeout_s(deadline) -> float:
-    """A subprocess's time limit: SUBPROCESS_TIMEOUT_S, or less when the run's deadline comes sooner."""
-    return SUBPROCESS_TIMEOUT_S if deadline is None else max(1.0, min(SUBPROCESS_TIMEOUT_S, deadline - time.time()))
+def _timeout_s(deadline, limit: float = SUBPROCESS_TIMEOUT_S) -> float:
+    """A time limit of `limit` seconds, or less when `deadline` (a Unix time) comes sooner."""
+    return limit if deadline is None else max(1.0, min(limit, deadline - time.time()))
 
 
 def _run_limited(cmd: list, timeout: float, env: dict) -> tuple:
@@ -136,8 +150,8 @@ def run_micro(out_dir: str, dry_run: bool = False, deadline=None) -> dict:
     device = torch.device("cpu" if dry_run else "cuda")
     path = output_stem("micro", device, out_dir).with_suffix(".json")
     selection = "eager and step and L16 and q16" if dry_run else "eager or triton"
-    cmd = [sys.executable, "-m", "pytest", "-q", "-rs", str(ROOT / "bench" / "test_micro.py"), "--benchmark-only",
-           "-k", selection, f"--benchmark-json={path}"]  # fmt: skip
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "bench.deadline_plugin", str(ROOT / "bench" / "test_micro.py"),
+           "--benchmark-only", "-k", selection, f"--benchmark-json={path}"]  # fmt: skip
     timeout = _timeout_s(deadline)
     env = dict(os.environ, **{DEADLINE_ENV: str(time.time() + timeout - MICRO_MARGIN_S)})
     exit_code, output = _run_limited(cmd, timeout, env)
@@ -165,7 +179,12 @@ def run_sanitizer(deadline=None) -> dict:
             "tail": output[-2000:]}  # fmt: skip
 
 
-STAGES = ("tests", "sanitizer", "bench", "crossover", "tune", "memory", "micro")
+STAGES = ("tests", "bench", "sanitizer", "memory", "crossover", "micro", "tune")
+# Under --budget-s, the most seconds a stage may start work in (tests, configurations, depths) when
+# later stages are selected; the last stage selected has no cap. Sized for a device lease of 15
+# minutes in all (two calls), from counts, not timings: tests ≈ 120 tests compiling a few hundred
+# kernel variants on 8 workers; the sanitizer (killed at its cap) compiles its kernels under memcheck.
+STAGE_CAPS_S = {"tests": 240, "bench": 150, "sanitizer": 120, "memory": 120, "crossover": 90, "micro": 150, "tune": 240}
 NOT_RUN = {
     "tests": {"passed": 0, "failed": 0, "skipped": 0, "failures": [], "not_run": True},
     "sanitizer": {"ran": False, "reason": "stage not run"},
@@ -198,10 +217,37 @@ def run_memory(out_dir: str, deadline=None, on_change=None) -> dict:
     return section(memory.main(argv, deadline=deadline, on_depth=on_depth))
 
 
+def unfinished_stages(report: dict, selected: list) -> list:
+    """The stages of `selected` that did not start or left work undone (tests, configurations,
+    memory depths or micro-benchmarks not started, the sanitizer killed at its limit): what a next
+    call of a time-limited machine should run again."""
+    started = set(report["stages_run"])
+    left = {
+        "tests": not report["tests"].get("complete", False),
+        "bench": any(r.get("error", "").startswith("not started") for r in report["benchmarks"]),
+        "sanitizer": str(report["sanitizer"].get("reason", "")).startswith("timed out"),
+        "memory": not report["memory"].get("complete", False),
+        "crossover": any(r.get("error", "").startswith("not started") for r in report["crossover"]),
+        "micro": not report["micro"].get("ran") or DEADLINE_SKIP_REASON in report["micro"].get("tail", ""),
+        "tune": any(r.get("error", "").startswith("not started") for r in report["tune"]),
+    }
+    return [stage for stage in selected if stage not in started or left[stage]]
+
+
+def stage_deadline(stage: str, selected: list, started: float, deadline, caps: dict):
+    """The Unix time after which `stage` starts no more work: the run's deadline (None: no limit),
+    or `caps[stage]` seconds after it started if that comes sooner — unless it is the last stage
+    selected, which has the rest of the run to itself."""
+    if deadline is None or stage == selected[-1]:
+        return deadline
+    return min(deadline, started + caps[stage])
+
+
 def markdown(report: dict) -> str:
     tests, san, mem, micro = report["tests"], report["sanitizer"], report["memory"], report["micro"]
     tests_line = "not run" if tests.get("not_run") else (
         f"{tests['passed']} passed, {tests['failed']} failed, {tests['skipped']} skipped"
+        + (f", {tests['not_started']} not started (time budget)" if tests.get("not_started") else "")
         + ("" if tests.get("complete", True) else " (cut off before the end)")
         + (f" (pytest exit code {tests['pytest_exit_code']})" if "pytest_exit_code" in tests else ""))
     san_line = (f"{san['errors']} errors (exit code {san['exit_code']})" if san.get("ran")
@@ -222,6 +268,8 @@ def markdown(report: dict) -> str:
                                        else f"not run ({mem.get('reason')})"),
         "- micro-benchmarks: " + (f"`{micro['file'] or 'no benchmark ran'}` (pytest exit code {micro['exit_code']})"
                                    if micro.get("ran") else f"not run ({micro.get('reason')})"),
+        *([f"- left undone: {', '.join(report['unfinished'])} (run again with `--stages "
+           f"{','.join(report['unfinished'])}`)"] if report.get("unfinished") else []),
         "- stage times: " + (", ".join(f"{stage} {s:.0f} s" for stage, s in report.get("stage_seconds", {}).items())
                              or "none complete"),
         *(f"- **{stage} stage error**: {error}" for stage, error in report.get("stage_errors", {}).items()),
@@ -250,11 +298,23 @@ def _parse(argv):
     parser.add_argument("--budget-s", type=float, default=None,
                         help="seconds this run may take (a device call's limit): the sanitizer and micro "
                              "subprocesses end by then, and no stage starts after it")  # fmt: skip
+    parser.add_argument("--stage-caps", default="", metavar="STAGE=S,…",
+                        help=f"with --budget-s: replace some caps of STAGE_CAPS_S {STAGE_CAPS_S}")
     args = parser.parse_args(argv)
     args.stages = [stage for stage in args.stages.split(",") if stage]
     unknown = sorted(set(args.stages) - set(STAGES))
     if unknown:
         parser.error(f"--stages: unknown {unknown}; expected some of {list(STAGES)}")
+    caps = dict(STAGE_CAPS_S)
+    for item in filter(None, args.stage_caps.split(",")):
+        stage, _, seconds = item.partition("=")
+        try:
+            if stage not in STAGES:
+                raise ValueError
+            caps[stage] = float(seconds)
+        except ValueError:
+            parser.error(f"--stage-caps: expected STAGE=SECONDS with STAGE one of {list(STAGES)}; got {item!r}")
+    args.stage_caps = caps
     return args
 
 
@@ -279,6 +339,16 @@ def _write(stem: Path, report: dict) -> None:
 
 
 SAME_RUN_KEYS = ("commit", "device", "torch", "triton", "dry_run")
+CONFIG_SECTIONS = {"benchmarks", "crossover", "tune"}  # lists of one result per configuration
+
+
+def _merge_configs(earlier: list, later: list) -> list:
+    """Per configuration name, the later result, unless the later call did not start it."""
+    merged = {r["name"]: r for r in earlier}
+    for r in later:
+        if r["name"] not in merged or not r.get("error", "").startswith("not started"):
+            merged[r["name"]] = r
+    return list(merged.values())
 
 
 def combine(paths: list, out_dir: str) -> dict:
@@ -297,6 +367,8 @@ def combine(paths: list, out_dir: str) -> dict:
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     for path, report in zip(paths, reports):
         ran = {key: report[key] for key in NOT_RUN if report.get(key, NOT_RUN[key]) != NOT_RUN[key]}
+        for key in CONFIG_SECTIONS.intersection(ran):  # a later call's rerun keeps what an earlier one measured
+            ran[key] = _merge_configs(combined[key], ran[key])
         combined.update(ran)
         for key in ("memory", "micro"):  # their own files (JSON, the memory plot) lie beside the report
             name = ran.get(key, {}).get("file")
@@ -311,6 +383,8 @@ def combine(paths: list, out_dir: str) -> dict:
         combined["stage_errors"].update(report.get("stage_errors", {}))
     combined["combined_from"] = [{"file": Path(path).name, "date": report.get("date"),
                                   "stages_run": report.get("stages_run", [])} for path, report in zip(paths, reports)]  # fmt: skip
+    suite = [stage for stage in STAGES if not (combined["dry_run"] and stage in DRY_RUN_SKIPS)]
+    combined["unfinished"] = unfinished_stages(combined, suite)  # what the calls together still lack
     stem = Path(out_dir) / Path(paths[0]).name.removesuffix(".json")
     _write(stem, combined)
     print(f"wrote {stem}.json and .md from {len(paths)} reports")
@@ -322,9 +396,11 @@ def main(argv=None) -> dict:
     if args.combine:
         return combine(args.combine, args.out)
     report = _start_report(args)
+    selected = [stage for stage in STAGES if stage in args.stages and not (args.dry_run and stage in DRY_RUN_SKIPS)]
     stem = output_stem("gpu-suite", torch.device("cpu" if args.dry_run else "cuda"), args.out)
 
     def save():
+        report["unfinished"] = unfinished_stages(report, selected)
         _write(stem, report)
 
     def save_tests(counts):
@@ -343,9 +419,7 @@ def main(argv=None) -> dict:
         save()
 
     deadline = None if args.budget_s is None else time.time() + args.budget_s
-    for stage in STAGES:
-        if stage not in args.stages or (args.dry_run and stage in DRY_RUN_SKIPS):
-            continue
+    for stage in selected:
         if deadline is not None and time.time() >= deadline:
             print(f"== {stage}: not started, the time budget (--budget-s) is spent", flush=True)
             continue
@@ -353,20 +427,21 @@ def main(argv=None) -> dict:
             print(f"== {stage}: not started, this process's CUDA context is unusable", flush=True)
             report["stage_errors"][stage] = "not started: this process's CUDA context is unusable"
             continue
-        print(f"== {stage}", flush=True)
         started = time.time()
+        ends = stage_deadline(stage, selected, started, deadline, args.stage_caps)
+        print(f"== {stage}" + ("" if ends is None else f" (starts no work after {ends - started:.0f} s)"), flush=True)
         try:
             if stage == "tests":
-                report["tests"] = run_tests(on_change=save_tests)
+                report["tests"] = run_tests(on_change=save_tests, deadline=ends, run_deadline=deadline)
             elif stage == "sanitizer":
-                report["sanitizer"] = run_sanitizer(deadline)
+                report["sanitizer"] = run_sanitizer(ends)
             elif stage in ("bench", "crossover", "tune"):
                 key = "benchmarks" if stage == "bench" else stage
-                triton_step.run_all(dry_run=args.dry_run, mode=stage, on_result=save_results(key), deadline=deadline)
+                triton_step.run_all(dry_run=args.dry_run, mode=stage, on_result=save_results(key), deadline=ends)
             elif stage == "memory":
-                report["memory"] = run_memory(args.out, deadline, on_change=save_memory)
+                report["memory"] = run_memory(args.out, ends, on_change=save_memory)
             elif stage == "micro":
-                report["micro"] = run_micro(args.out, args.dry_run, deadline)
+                report["micro"] = run_micro(args.out, args.dry_run, ends)
         except Exception as err:  # noqa: BLE001 — recorded in the report; the later stages still run
             report["stage_errors"][stage] = f"{type(err).__name__}: {err}"
             print(f"== {stage} failed: {report['stage_errors'][stage]}", flush=True)

@@ -17,14 +17,11 @@ pytest-benchmark's table compares the implementations side by side. `make test` 
 it runs pytest on tests/ only.
 """
 
-import os
-import time
-
 import pytest
 import torch
 
 from bench.contenders import Sizes, eager_backprop, problem_tensors, sqrt_depth, training_loss
-from bench.timing import DEADLINE_ENV, median_ms
+from bench.timing import median_ms
 from odenets_fast import available_backends, ode_mlp
 from odenets_fast.backends import BACKEND_NAMES
 
@@ -36,15 +33,6 @@ MODES = ("backprop", "adjoint", "anchored")
 IMPLEMENTATIONS = ["eager"] + [f"{backend}-{mode}" for backend in BACKEND_NAMES for mode in MODES]
 PHASES = ("forward", "backward", "step")
 BACKEND_STATUS = available_backends()
-
-
-@pytest.fixture(autouse=True)
-def _before_deadline():
-    """Past the deadline, skip instead of starting: the session then ends normally and
-    pytest-benchmark still writes the JSON of the benchmarks that ran."""
-    deadline = os.environ.get(DEADLINE_ENV)
-    if deadline and time.time() > float(deadline):
-        pytest.skip(f"not started: the run's time budget is spent ({DEADLINE_ENV})")
 
 
 def _rounds(depth: int) -> int:

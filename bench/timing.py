@@ -7,9 +7,10 @@ import time
 
 import torch
 
-# A Unix time after which the micro-benchmarks (bench/test_micro.py) skip instead of starting;
-# bench.gpu_suite sets it from a device call's time limit.
-DEADLINE_ENV = "ODENETS_FAST_MICRO_DEADLINE"
+# A Unix time after which the GPU tests and the micro-benchmarks skip instead of starting
+# (bench/deadline_plugin.py); bench.gpu_suite sets it from a device call's time limit.
+DEADLINE_ENV = "ODENETS_FAST_DEADLINE"
+DEADLINE_SKIP_REASON = f"not started: the run's time budget is spent ({DEADLINE_ENV})"
 
 
 def median_ms(fn, device: torch.device, *, warmup: int = 3, reps: int = 10) -> float:

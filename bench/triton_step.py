@@ -201,7 +201,7 @@ def tune_config(config: dict, device: torch.device, candidates: dict) -> dict:
         torch.autograd.grad(ode_mlp(x, W, V, backward="adjoint", backend="triton"), (W, V), grad_out)
 
     def workspace_step():
-        with _env(WEIGHT_GRADS_ENV, "workspace"):
+        with environment_variable(WEIGHT_GRADS_ENV, "workspace"):
             adjoint_step()
 
     itemsize = torch.empty(0, dtype=getattr(torch, config["dtype"])).element_size()
@@ -216,7 +216,7 @@ def tune_config(config: dict, device: torch.device, candidates: dict) -> dict:
         for tiles in candidates[kind]:
             full = tiles if kind == "product" else (*tiles, tables[kind][-1])  # the table's num_stages
             value = ",".join(str(v) for v in full)
-            with _env(env, value):
+            with environment_variable(env, value):
                 try:
                     tiles_ms[kind][value] = median_ms(fn, device)
                 except Exception as err:  # noqa: BLE001 — e.g. out of shared memory: recorded, not fatal
@@ -235,7 +235,7 @@ def _tune_candidates(config: dict, dry_run: bool) -> dict:
 
 
 @contextlib.contextmanager
-def _env(name: str, value):
+def environment_variable(name: str, value):
     """Run with the environment variable `name` set to `value` (None: unset)."""
     saved = os.environ.pop(name, None)
     if value is not None:
@@ -276,7 +276,7 @@ def _environment(settings: dict):
     when the kernels launch, so a training step keeps them through its backward)."""
     stack = contextlib.ExitStack()
     for name, value in settings.items():
-        stack.enter_context(_env(name, value))
+        stack.enter_context(environment_variable(name, value))
     return stack
 
 
@@ -332,7 +332,7 @@ def run_all(dry_run: bool = False, mode: str = "bench", on_result=None, deadline
     results, unusable = [], None
     for config in configs:
         if unusable is not None or (deadline is not None and time.time() >= deadline):
-            reason = unusable or "the time budget (--budget-s) was spent"
+            reason = unusable or "the time budget (--budget-s, --stage-caps) was spent"
             results.append({"name": config["name"], "config": config, "error": f"not started: {reason}"})
         else:
             try:

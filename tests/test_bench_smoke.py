@@ -150,10 +150,10 @@ def test_gpu_suite_dry_run(tmp_path):
     gpu_suite.main(["--combine", str(first), str(second), "--out", str(tmp_path)])
     (json_file,) = tmp_path.glob("gpu-suite-cpu-*.json")
     results = json.loads(json_file.read_text())
-    assert [part["stages_run"] for part in results["combined_from"]] == [["bench"], ["crossover", "tune", "micro"]]
+    assert [part["stages_run"] for part in results["combined_from"]] == [["bench"], ["crossover", "micro", "tune"]]
     assert {"device", "commit", "torch", "triton", "date", "tests", "benchmarks"} <= set(results)
     assert results["dry_run"] is True and {"passed", "failed"} <= set(results["tests"])
-    assert results["stages_run"] == ["bench", "crossover", "tune", "micro"]
+    assert results["stages_run"] == ["bench", "crossover", "micro", "tune"]
     assert list(results["stage_seconds"]) == results["stages_run"] and all(results["stage_seconds"].values())
     micro = results["micro"]
     assert micro["ran"] and micro["exit_code"] == 0, micro
@@ -191,6 +191,30 @@ def test_gpu_suite_combines_only_reports_of_one_commit_and_device(tmp_path):
     assert "Combined from 2 calls" in (tmp_path / "out" / "first.md").read_text()
     with pytest.raises(SystemExit, match="has commit"):
         gpu_suite.main(["--combine", str(first), str(other), "--out", str(tmp_path)])
+
+
+def test_combined_calls_keep_each_configuration_measured_and_say_what_is_left(tmp_path):
+    """Call 1 ran out of budget after one bench configuration; call 2 ran bench again and was cut
+    off after another: the combined report has both, and lists the stages still to run."""
+    from bench import gpu_suite
+
+    base = {"commit": "a" * 40, "device": "NVIDIA H200", "torch": "2.11", "triton": "3.6", "dry_run": False,
+            "date": "2026-11-30T12:00:00+00:00", **gpu_suite.NOT_RUN}
+    config = dict(B=8, q=4, m=8, L=2)
+    done = lambda name: {"name": name, "config": config, "median_ms": {"eager_forward": 1.0}, "ratios": {}}  # noqa: E731
+    late = lambda name: {"name": name, "config": config, "error": "not started: the time budget was spent"}  # noqa: E731
+    tests = {"passed": 118, "failed": 0, "skipped": 0, "not_started": 0, "failures": [], "complete": True}
+    first, second = tmp_path / "first.json", tmp_path / "second.json"
+    first.write_text(json.dumps({**base, "stages_run": ["tests", "bench"], "tests": tests,
+                                 "benchmarks": [done("wide"), late("narrow"), late("deep")]}))  # fmt: skip
+    second.write_text(json.dumps({**base, "stages_run": ["bench"], "benchmarks": [late("wide"), done("narrow"), late("deep")]}))
+    combined = gpu_suite.main(["--combine", str(first), str(second), "--out", str(tmp_path / "out")])
+    assert combined["benchmarks"] == [done("wide"), done("narrow"), late("deep")]
+    assert combined["unfinished"] == ["bench", "sanitizer", "memory", "crossover", "micro", "tune"]
+    assert "left undone: bench, sanitizer" in (tmp_path / "out" / "first.md").read_text()
+    report = {**base, "stages_run": ["tests", "bench"], "tests": tests, "benchmarks": [done("wide")]}
+    assert gpu_suite.unfinished_stages(report, ["tests", "bench", "memory"]) == ["memory"]
+    assert gpu_suite.unfinished_stages({**report, "tests": {**tests, "complete": False}}, ["tests"]) == ["tests"]
 
 
 def test_benchmark_configuration_errors_are_recorded_not_raised(monkeypatch):
@@ -259,6 +283,49 @@ def test_gpu_suite_starts_no_stage_after_its_budget(tmp_path):
     assert report["stages_run"] == [] and report["benchmarks"] == [] and not report["micro"]["ran"]
 
 
+def test_gpu_tests_past_the_stage_deadline_are_not_started(tmp_path):
+    """The tests stage inside a time-limited call: a test not started by its deadline is skipped by
+    bench.deadline_plugin and counted as not started, and the stage reads as cut off."""
+    import time
+
+    from bench import gpu_suite
+
+    (tmp_path / "test_deadline_sample.py").write_text("import time\n\ndef test_slow():\n    time.sleep(1.5)\n\n"
+                                                      "def test_late():\n    pass\n")  # fmt: skip
+    final = gpu_suite.run_tests(path=tmp_path, deadline=time.time() + 1.0)
+    assert (final["passed"], final["failed"], final["skipped"], final["not_started"]) == (1, 0, 0, 1)
+    assert final["complete"] is False and final["pytest_exit_code"] == 0
+    assert gpu_suite.DEADLINE_ENV not in os.environ  # set for the run only
+    markdown = gpu_suite.markdown({**gpu_suite._start_report(gpu_suite._parse(["--dry-run"])), "tests": final})
+    assert "1 passed, 0 failed, 0 skipped, 1 not started (time budget) (cut off before the end)" in markdown
+
+
+def test_each_stage_but_the_last_is_capped_within_the_budget():
+    from bench import gpu_suite
+
+    caps = gpu_suite._parse(["--stage-caps", "tests=100,tune=7"]).stage_caps
+    assert caps == {**gpu_suite.STAGE_CAPS_S, "tests": 100.0, "tune": 7.0}
+    selected = ["tests", "bench", "memory"]
+    assert gpu_suite.stage_deadline("tests", selected, 1000.0, 5000.0, caps) == 1100.0
+    assert gpu_suite.stage_deadline("tests", selected, 1000.0, 1050.0, caps) == 1050.0  # the run's end comes first
+    assert gpu_suite.stage_deadline("memory", selected, 1000.0, 5000.0, caps) == 5000.0  # the last: the rest
+    assert gpu_suite.stage_deadline("tests", selected, 1000.0, None, caps) is None  # no budget, no caps
+    with pytest.raises(SystemExit):
+        gpu_suite._parse(["--stage-caps", "tset=100"])
+
+
+def test_a_capped_stage_leaves_time_to_the_next(tmp_path):
+    """With a budget, a stage past its cap starts no more configurations, and the next stage runs."""
+    from bench import gpu_suite
+
+    argv = ["--dry-run", "--stages", "bench,crossover", "--budget-s", "600", "--stage-caps", "bench=0"]
+    report = gpu_suite.main([*argv, "--out", str(tmp_path)])
+    (bench,) = report["benchmarks"]
+    assert bench["error"] == "not started: the time budget (--budget-s, --stage-caps) was spent"
+    (crossover,) = report["crossover"]
+    assert "error" not in crossover and report["stages_run"] == ["bench", "crossover"]
+
+
 def test_a_test_module_that_fails_to_import_counts_as_failed(tmp_path):
     from bench import gpu_suite
 
@@ -280,7 +347,7 @@ def test_configurations_past_the_deadline_are_not_started():
     from bench import triton_step
 
     (result,) = triton_step.run_all(dry_run=True, deadline=time.time() - 1)
-    assert result["error"] == "not started: the time budget (--budget-s) was spent" and "median_ms" not in result
+    assert result["error"] == "not started: the time budget (--budget-s, --stage-caps) was spent" and "median_ms" not in result
 
 
 def test_a_failing_stage_is_recorded_and_the_next_stage_runs(tmp_path, monkeypatch):
