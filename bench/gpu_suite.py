@@ -217,6 +217,11 @@ def run_memory(out_dir: str, deadline=None, on_change=None) -> dict:
     return section(memory.main(argv, deadline=deadline, on_depth=on_depth))
 
 
+def _not_started(result: dict) -> bool:
+    """Whether a configuration's result (bench, crossover, tune) says triton_step.run_all did not start it."""
+    return result.get("error", "").startswith("not started")
+
+
 def unfinished_stages(report: dict, selected: list) -> list:
     """The stages of `selected` that did not start or left work undone (tests, configurations,
     memory depths or micro-benchmarks not started, the sanitizer killed at its limit): what a next
@@ -224,12 +229,12 @@ def unfinished_stages(report: dict, selected: list) -> list:
     started = set(report["stages_run"])
     left = {
         "tests": not report["tests"].get("complete", False),
-        "bench": any(r.get("error", "").startswith("not started") for r in report["benchmarks"]),
+        "bench": any(map(_not_started, report["benchmarks"])),
         "sanitizer": str(report["sanitizer"].get("reason", "")).startswith("timed out"),
         "memory": not report["memory"].get("complete", False),
-        "crossover": any(r.get("error", "").startswith("not started") for r in report["crossover"]),
+        "crossover": any(map(_not_started, report["crossover"])),
         "micro": not report["micro"].get("ran") or DEADLINE_SKIP_REASON in report["micro"].get("tail", ""),
-        "tune": any(r.get("error", "").startswith("not started") for r in report["tune"]),
+        "tune": any(map(_not_started, report["tune"])),
     }
     return [stage for stage in selected if stage not in started or left[stage]]
 
@@ -346,7 +351,7 @@ def _merge_configs(earlier: list, later: list) -> list:
     """Per configuration name, the later result, unless the later call did not start it."""
     merged = {r["name"]: r for r in earlier}
     for r in later:
-        if r["name"] not in merged or not r.get("error", "").startswith("not started"):
+        if r["name"] not in merged or not _not_started(r):
             merged[r["name"]] = r
     return list(merged.values())
 
