@@ -12,8 +12,8 @@ import torch
 from torch import Tensor
 
 from . import _C  # noqa: F401  (registers torch.ops.odenets_fast.*)
-from .reference import Gradients, compute_dtype
-from .spec import StackSpec
+from .reference import Gradients
+from .spec import StackSpec, compute_dtype
 
 
 @torch.library.register_fake("odenets_fast::mlp_stack_forward")

@@ -30,8 +30,8 @@ import torch
 from torch import Tensor
 
 from .backends import load_backend
-from .reference import anchor_interval, compute_dtype
-from .spec import StackSpec
+from .reference import anchor_interval
+from .spec import StackSpec, compute_dtype
 
 
 AUTOCAST_DEVICE_TYPES = ("cpu", "cuda")  # torch.autocast raises for other device types (meta, …)
@@ -57,8 +57,14 @@ def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
     return like.new_empty(0) if t is None else t
 
 
+def is_absent(t: Tensor) -> bool:
+    """Whether `t` stands for an absent tensor: shape (0,), which no stored state has (those are
+    (B, q) or (S, B, q), empty too when B = 0)."""
+    return t.dim() == 1 and t.numel() == 0
+
+
 def _or_none(t: Tensor) -> Optional[Tensor]:
-    return None if t.numel() == 0 and t.dim() == 1 else t
+    return None if is_absent(t) else t
 
 
 def forward_impl(

@@ -19,6 +19,7 @@ from .spec import (
     check_choice,
     check_positive_int,
     check_real,
+    torchscript_unsupported,
 )
 
 INITS = ("tied", "iid", "smooth")
@@ -125,6 +126,9 @@ class ODEMLP(nn.Module):
         for bias in (self.b, self.c):
             if bias is not None:
                 bias.zero_()
+
+    def __prepare_scriptable__(self):
+        raise RuntimeError(torchscript_unsupported("ODEMLP"))
 
     @property
     def last_drift(self) -> Optional[float]:

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from . import library, reference
 from .backends import resolve_backend
-from .spec import check_stack
+from .spec import check_not_torchscript, check_stack
 
 
 def _setup_context(ctx, inputs, output):
@@ -19,7 +19,7 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(final, anchors, stages)
     # x_L doubles as the reconstruction's start when it is already in the compute dtype
     # x itself only for a double backward, which backprop mode supports by re-running the stack
-    ctx.save_for_backward(out if final.numel() == 0 else final, anchors, stages, x if backward == "backprop" else None,
+    ctx.save_for_backward(out if library.is_absent(final) else final, anchors, stages, x if backward == "backprop" else None,
                           W, V, b, c)  # fmt: skip
     ctx.drift_out = drift_out  # written, not read: an attribute, so that its version is not checked
     ctx.scalars = (method, activation, T, scale_in, scale_out, backward, anchor_every, precision, deterministic, backend)
@@ -125,6 +125,7 @@ def ode_mlp(
     Returns:
         x_L with the shape of x, in the dtype of x (of the parameters under autocast).
     """
+    check_not_torchscript("ode_mlp")
     if (isinstance(x, Tensor) and isinstance(W, Tensor) and x.device.type in library.AUTOCAST_DEVICE_TYPES
             and torch.is_autocast_enabled(x.device.type)):  # fmt: skip
         # an autocast region hands the stack low-precision activations: like autocast's float32 ops,

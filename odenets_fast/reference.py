@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .activations import ACTIVATIONS
-from .spec import StackSpec
+from .spec import StackSpec, compute_dtype
 
 
 class Gradients(NamedTuple):
@@ -43,10 +43,6 @@ class _Saved(NamedTuple):
     final: Tensor  # x_L in the compute dtype: where reverse reconstruction starts
     anchors: Tensor  # (S, B, q): x_n for n in range(0, L, anchor_interval(spec))
     heun_stages: Optional[Tensor]  # (L, B, q): y_n, Heun backprop only
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def anchor_interval(spec: StackSpec) -> int:

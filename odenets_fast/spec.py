@@ -48,6 +48,23 @@ class StackSpec:
         return self.depth + (1 if self.method == "heun" else 0)
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a stack with tensors of `dtype` computes in (DESIGN.md §6)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_not_torchscript(what: str) -> None:
+    """TorchScript cannot hold these ops (Python custom ops with a hand-written backward): a clear error
+    instead of the tracer's or the compiler's own, which do not say what to use instead."""
+    if torch.jit.is_tracing() or torch.jit.is_scripting():
+        raise RuntimeError(torchscript_unsupported(what))
+
+
+def torchscript_unsupported(what: str) -> str:
+    return (f"{what} does not support TorchScript (torch.jit.trace / torch.jit.script); use torch.compile "
+            f"(fullgraph=True works) or torch.export instead")  # fmt: skip
+
+
 def check_choice(name: str, value, choices) -> str:
     if not isinstance(value, str):
         raise TypeError(f"{name} must be a string, one of {list(choices)}; got {type(value).__name__}")
@@ -60,10 +77,26 @@ def check_real(name: str, value, *, positive: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number; got {type(value).__name__}")
     value = float(value)
-    if not math.isfinite(value):
+    # comparisons, not math.isfinite: under torch.compile(dynamic=True) a float attribute is a SymFloat,
+    # which comparisons guard on and math.isfinite breaks the graph on (False for NaN too)
+    if not -math.inf < value < math.inf:
         raise ValueError(f"{name} must be finite; got {value}")
     if positive and value <= 0:
         raise ValueError(f"{name} must be > 0; got {value}")
+    return value
+
+
+def check_representable(name: str, value: float, dtype: torch.dtype, *, nonzero: bool = False) -> float:
+    """`value` (a scale or the step, which the kernels multiply by) must be finite in the compute dtype
+    `dtype` and not flush to 0 there: every backend then computes with the same number (a float32
+    kernel would otherwise see inf or 0 where the float64 Python reference does not)."""
+    info = torch.finfo(dtype)
+    if abs(value) > info.max:
+        raise ValueError(f"{name} must be at most {info.max:.4g} in magnitude for a stack computed in {dtype}; "
+                         f"got {value}")  # fmt: skip
+    if (nonzero or value != 0) and abs(value) < info.tiny:
+        raise ValueError(f"{name} must be {'' if nonzero else '0 or '}at least {info.tiny:.4g} in magnitude for a "
+                         f"stack computed in {dtype}; got {value}")  # fmt: skip
     return value
 
 
@@ -167,17 +200,27 @@ def check_stack(
         needed = "L + 1 >= 2 (θ_0 … θ_L)" if method == "heun" else "L >= 1"
         raise ValueError(f"W has P = {P} layers but method={method!r} needs P = {needed}")
     T = check_real("T", T, positive=True)
+    # the one check of the scalars every backend shares, in the dtype the stack computes in
+    dtype = compute_dtype(x.dtype)
+    step = check_representable(f"T / L (the step, L = {depth})", T / depth, dtype, nonzero=True)
+    scale_in = 1.0 / math.sqrt(q) if scale_in is None else check_representable(
+        "scale_in", check_real("scale_in", scale_in), dtype)  # fmt: skip
+    scale_out = 1.0 / math.sqrt(m) if scale_out is None else check_representable(
+        "scale_out", check_real("scale_out", scale_out), dtype)  # fmt: skip
+    anchor_every = check_anchor_every(anchor_every, backward)
     check_choice("input_precision", input_precision, INPUT_PRECISIONS)
     check_bool("deterministic", deterministic)
     return StackSpec(
         method=method,
         activation=activation,
         depth=depth,
-        step=T / depth,
-        scale_in=1.0 / math.sqrt(q) if scale_in is None else check_real("scale_in", scale_in),
-        scale_out=1.0 / math.sqrt(m) if scale_out is None else check_real("scale_out", scale_out),
+        step=step,
+        scale_in=scale_in,
+        scale_out=scale_out,
         backward=backward,
-        anchor_every=check_anchor_every(anchor_every, backward),
+        # every k >= L stores x_0 alone: one value for all of them keeps the backends' integer types
+        # (int64 in C++, Triton's kernel arguments) out of reach of a huge k
+        anchor_every=None if anchor_every is None else min(anchor_every, depth),
         input_precision=input_precision,
         deterministic=deterministic,
     )

@@ -12,9 +12,11 @@ in adjoint mode, the stored x_n at anchors and in backprop mode — identical to
 there); every buffer of the blocks (running_mean, running_var, num_batches_tracked, …) is restored
 when the backward pass ends, so the running statistics are updated exactly once per forward.
 
-Randomness (dropout): with `preserve_rng_state=True` (default) the RNG state before each layer's
-forward is kept (a few KB per layer) and restored when that layer is re-run, so reconstruction and
-recompute use the forward's random numbers — as `torch.utils.checkpoint` does.
+Randomness (dropout): with `preserve_rng_state=True` (default) the RNG state before each block call
+of the forward that draws random numbers is kept (5 KB for the CPU generator, 16 B for a CUDA one;
+nothing for calls that draw none) and restored when that call is re-run, so reconstruction and
+recompute use the forward's random numbers — as `torch.utils.checkpoint` does, per call rather than
+per segment, because Heun's reconstruction calls f_{n+1} before f_n.
 
 Tensors the blocks read besides x and their own parameters (a conditioning embedding, another
 module's weight): the adjoint backward differentiates each layer with respect to x, that layer's
@@ -27,34 +29,81 @@ keeps the dtype of x (float32 for a float32 input) while the blocks compute in t
 """
 
 import contextlib
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .reference import relative_drift
-from .spec import BACKWARD_MODES, METHODS, check_anchor_every, check_bool, check_choice, check_real
+from .spec import (
+    BACKWARD_MODES,
+    METHODS,
+    check_anchor_every,
+    check_bool,
+    check_choice,
+    check_not_torchscript,
+    check_real,
+    torchscript_unsupported,
+)
 
 
-class _RngStates:
-    """The CPU (and, for CUDA tensors, current-device CUDA) RNG state before each layer."""
+class _RngRecorder:
+    """Records, in the forward, the RNG state each block call started from — only for the calls that
+    drew random numbers: a stack whose blocks draw nothing keeps nothing.
+
+    A call is keyed by (layer n, stage): stage 0 is f_n's call in step n, stage 1 Heun's f_{n+1}
+    call in step n. Per call rather than per step, because Heun's reconstruction calls f_{n+1}
+    before f_n, the reverse of the forward's order: each must start from its own state. The states
+    (CPU generator, and the current CUDA device's for CUDA tensors) end up among the stack's saved
+    tensors, so saved-tensor hooks see them and `diagnostics.saved_tensor_bytes` counts them.
+    """
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
-        self.states: list = []
+        self.slots: dict[tuple, tuple] = {}  # call key → (CPU state index or None, CUDA state index or None)
+        self.tensors: list[Tensor] = []
 
-    def capture(self) -> None:
-        self.states.append((torch.get_rng_state(), torch.cuda.get_rng_state() if self.cuda else None))
+    def _current(self) -> tuple:
+        return torch.get_rng_state(), torch.cuda.get_rng_state() if self.cuda else None
+
+    def _keep(self, before: Optional[Tensor], after: Optional[Tensor]) -> Optional[int]:
+        if before is None or torch.equal(before, after):
+            return None
+        self.tensors.append(before)
+        return len(self.tensors) - 1
 
     @contextlib.contextmanager
-    def replay(self, layer: int):
-        devices = [torch.cuda.current_device()] if self.cuda else []
-        with torch.random.fork_rng(devices=devices, enabled=True):
-            cpu, cuda = self.states[layer]
-            torch.set_rng_state(cpu)
-            if self.cuda:
-                torch.cuda.set_rng_state(cuda)
+    def __call__(self, key: tuple):
+        before = self._current()
+        yield
+        slot = tuple(self._keep(b, a) for b, a in zip(before, self._current()))
+        if slot != (None, None):
+            self.slots[key] = slot
+
+
+class _RngReplay:
+    """Gives each recorded block call, when it is re-run, the RNG state it started from in the forward."""
+
+    def __init__(self, slots: dict, tensors: Sequence[Tensor]):
+        self.slots, self.tensors = slots, tensors
+
+    @contextlib.contextmanager
+    def __call__(self, key: tuple):
+        slot = self.slots.get(key)
+        if slot is None:
             yield
+            return
+        cpu, cuda = slot
+        devices = [torch.cuda.current_device()] if cuda is not None else []
+        with torch.random.fork_rng(devices=devices, enabled=True):
+            if cpu is not None:
+                torch.set_rng_state(self.tensors[cpu])
+            if cuda is not None:
+                torch.cuda.set_rng_state(self.tensors[cuda])
+            yield
+
+
+RngContext = Callable[[tuple], contextlib.AbstractContextManager]  # an _RngRecorder or _RngReplay
 
 
 class _AutocastState:
@@ -110,19 +159,20 @@ class _AdjointStackFunction(torch.autograd.Function):
         inputs that are not among them; `listed_params`: the positions of those parameters that the
         caller listed as extra inputs too (read by other layers than their own)."""
         L, every = stack.depth, stack.anchor_every or stack.depth
-        rng = _RngStates(x.device) if stack.preserve_rng_state else None
+        rng = _RngRecorder(x.device) if stack.preserve_rng_state else None
         anchors = []
         state = x.detach()
         with torch.no_grad():
             for n in range(L):
                 if n % every == 0:
                     anchors.append(state)
-                if rng is not None:
-                    rng.capture()
-                state = stack.step(state, n)
-        ctx.stack, ctx.rng, ctx.autocast = stack, rng, _AutocastState(x.device)
-        ctx.num_params, ctx.listed_params, ctx.num_anchors = num_params, listed_params, len(anchors)
-        ctx.save_for_backward(state, *anchors, *inputs)
+                state = stack.step(state, n, rng)
+        rng_states = [] if rng is None else rng.tensors
+        ctx.stack, ctx.autocast = stack, _AutocastState(x.device)
+        ctx.rng_slots = None if rng is None else rng.slots
+        ctx.num_params, ctx.listed_params = num_params, listed_params
+        ctx.num_anchors, ctx.num_rng_states = len(anchors), len(rng_states)
+        ctx.save_for_backward(state, *anchors, *rng_states, *inputs)
         return state
 
     @staticmethod
@@ -132,9 +182,11 @@ class _AdjointStackFunction(torch.autograd.Function):
                 "double backward (create_graph=True) through an adjoint-mode stack is not supported: its backward "
                 "reconstructs states instead of recording them. Use backward='backprop' for higher-order gradients."
             )
-        stack, rng, autocast = ctx.stack, ctx.rng, ctx.autocast
+        stack, autocast = ctx.stack, ctx.autocast
         final, *saved = ctx.saved_tensors
-        anchors, inputs = saved[: ctx.num_anchors], saved[ctx.num_anchors :]
+        anchors, saved = saved[: ctx.num_anchors], saved[ctx.num_anchors :]
+        rng_states, inputs = saved[: ctx.num_rng_states], saved[ctx.num_rng_states :]
+        replay = None if ctx.rng_slots is None else _RngReplay(ctx.rng_slots, rng_states)
         extras = [inputs[i] for i in ctx.listed_params] + [t for t in inputs[ctx.num_params :] if t.requires_grad]
         grads = dict.fromkeys(inputs)
         every = stack.anchor_every or stack.depth
@@ -143,15 +195,15 @@ class _AdjointStackFunction(torch.autograd.Function):
             for n in reversed(range(stack.depth)):
                 anchored = stack.anchor_every is not None and n % every == 0
                 if not anchored or n == 0:
-                    with torch.no_grad(), autocast(), _replay(rng, n):
-                        reconstructed = stack.reverse_step(x_next, n)
+                    with torch.no_grad(), autocast():
+                        reconstructed = stack.reverse_step(x_next, n, replay)
                     if n == 0:
                         stack._drift = relative_drift(reconstructed.detach(), anchors[0])
                 x = anchors[n // every] if anchored else reconstructed
                 wrt = list(dict.fromkeys([p for p in stack.layer_parameters(n) if p.requires_grad] + extras))
-                with torch.enable_grad(), autocast(), _replay(rng, n):
+                with torch.enable_grad(), autocast():
                     x_in = x.detach().requires_grad_(True)
-                    out = stack.step(x_in, n)
+                    out = stack.step(x_in, n, replay)
                     unlisted = _unlisted_leaves(out, [x_in] + wrt)
                     if unlisted:
                         raise RuntimeError(
@@ -168,10 +220,6 @@ class _AdjointStackFunction(torch.autograd.Function):
         return (g, None, None, None) + tuple(grads[t] for t in inputs)
 
 
-def _replay(rng: Optional[_RngStates], layer: int):
-    return contextlib.nullcontext() if rng is None else rng.replay(layer)
-
-
 class AdjointResidualStack(nn.Module):
     """x_{n+1} = x_n + (T/L) f_n(x_n) over a list of blocks f_n (same-shape in and out).
 
@@ -181,7 +229,7 @@ class AdjointResidualStack(nn.Module):
         method, T, backward, anchor_every: as in `odenets_fast.ode_mlp`. ``"backprop"`` runs the
             plain loop under autograd (exact, stores every activation); ``"adjoint"`` keeps x_0 and
             x_L (and the anchors) and reconstructs the rest in backward.
-        preserve_rng_state: re-run each layer with the RNG state of its forward (dropout).
+        preserve_rng_state: re-run each block call with the RNG state of its forward (dropout).
 
     ``last_drift``: ‖x̃_0 − x_0‖ / ‖x_0‖ of the latest adjoint backward (None before one).
     """
@@ -219,21 +267,31 @@ class AdjointResidualStack(nn.Module):
         # dict: a block reused at several depths (weight tying) must be differentiated once per call
         return list(dict.fromkeys(p for block in blocks for p in block.parameters()))
 
-    def step(self, x: Tensor, n: int) -> Tensor:
-        """Forward layer n (DESIGN.md §3)."""
+    def step(self, x: Tensor, n: int, rng: Optional[RngContext] = None) -> Tensor:
+        """Forward layer n (DESIGN.md §3). `rng(key)`, if given, surrounds each block call (see `_RngRecorder`)."""
         h = self.step_size
-        k1 = self.blocks[n](x)
+        k1 = self._call(n, x, rng, (n, 0))
         if self.method == "euler":
             return x + h * k1
-        return x + (0.5 * h) * (k1 + self.blocks[n + 1](x + h * k1))
+        return x + (0.5 * h) * (k1 + self._call(n + 1, x + h * k1, rng, (n, 1)))
 
-    def reverse_step(self, x_next: Tensor, n: int) -> Tensor:
-        """x̃_n from x̃_{n+1} by the forward rule run backwards (DESIGN.md §4)."""
+    def reverse_step(self, x_next: Tensor, n: int, rng: Optional[RngContext] = None) -> Tensor:
+        """x̃_n from x̃_{n+1} by the forward rule run backwards (DESIGN.md §4); each block call keyed as
+        the same call of `step(·, n)`, so that a replay gives it the random numbers it drew there."""
         h = self.step_size
         if self.method == "euler":
-            return x_next - h * self.blocks[n](x_next)
-        k_next = self.blocks[n + 1](x_next)
-        return x_next - (0.5 * h) * (k_next + self.blocks[n](x_next - h * k_next))
+            return x_next - h * self._call(n, x_next, rng, (n, 0))
+        k_next = self._call(n + 1, x_next, rng, (n, 1))
+        return x_next - (0.5 * h) * (k_next + self._call(n, x_next - h * k_next, rng, (n, 0)))
+
+    def _call(self, block: int, x: Tensor, rng: Optional[RngContext], key: tuple) -> Tensor:
+        if rng is None:
+            return self.blocks[block](x)
+        with rng(key):
+            return self.blocks[block](x)
+
+    def __prepare_scriptable__(self):
+        raise RuntimeError(torchscript_unsupported("AdjointResidualStack"))
 
     @property
     def last_drift(self) -> Optional[float]:
@@ -247,10 +305,11 @@ class AdjointResidualStack(nn.Module):
         extra_inputs = list(extra_inputs)
         if not all(isinstance(t, Tensor) for t in extra_inputs):
             raise TypeError("extra_inputs must be a sequence of torch.Tensor")
-        if self.backward_mode == "backprop" or not torch.is_grad_enabled():
+        if self.backward_mode == "backprop" or not torch.is_grad_enabled():  # a plain loop: traceable
             for n in range(self.depth):
                 x = self.step(x, n)
             return x
+        check_not_torchscript("An adjoint-mode AdjointResidualStack")
         params = [p for p in self.parameters() if p.requires_grad]
         position = {id(p): i for i, p in enumerate(params)}
         listed = dict.fromkeys(extra_inputs)

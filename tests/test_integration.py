@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from helpers import make_stack
-from odenets_fast import ODEMLP, available_backends, ode_mlp
-from odenets_fast.library import ode_mlp_backward, ode_mlp_forward
+from odenets_fast import ODEMLP, AdjointResidualStack, available_backends, ode_mlp
+from odenets_fast.library import is_absent, ode_mlp_backward, ode_mlp_forward
 
 CPU_BACKENDS = [name for name in ("reference", "cpp") if available_backends()[name] == "available"]
 
@@ -32,7 +32,7 @@ def test_opcheck_forward_and_backward(backend, method, backward, anchor_every, b
     torch.library.opcheck(ode_mlp_forward, args)
     out, final, anchors, stages = ode_mlp_forward(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
     _, W, V, b, c = args[:5]
-    backward_args = (torch.randn_like(out), out if final.numel() == 0 else final, anchors, stages,
+    backward_args = (torch.randn_like(out), out if is_absent(final) else final, anchors, stages,
                      *[None if t is None else t.detach() for t in (W, V, b, c)], *args[5:15])  # fmt: skip
     torch.library.opcheck(ode_mlp_backward, backward_args)
 
@@ -75,6 +75,54 @@ def test_torch_compile_fullgraph(backend, method):
     for g, w in zip(grads, want_grads):
         torch.testing.assert_close(g, w)
     assert model.last_drift == pytest.approx(want_drift, rel=1e-6)  # the backward's side effect survives
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backward, anchor_every", [("adjoint", None), ("adjoint", 2), ("backprop", None)])
+def test_torch_compile_dynamic_fullgraph(backend, backward, anchor_every):
+    """dynamic=True makes float attributes (T) and arguments SymFloats: the argument checks must
+    not break the graph on them (math.isfinite did). Several batch sizes, a changed T, and a compiled
+    function that takes T as an argument, all against eager."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = ODEMLP(4, 8, 3, init="smooth", bias=True, backend=backend, backward=backward, anchor_every=anchor_every)
+    compiled = torch.compile(model, fullgraph=True, dynamic=True)
+    for batch, T in ((5, 1.0), (7, 1.0), (9, 0.5)):
+        model.T = T
+        x, y = torch.randn(batch, 4), torch.randn(batch, 4)
+        want_loss, want_grads = _train_step(model, x, y)
+        loss, grads = _train_step(compiled, x, y)
+        torch.testing.assert_close(loss, want_loss)
+        for g, w in zip(grads, want_grads):
+            torch.testing.assert_close(g, w)
+
+    def fn(x, W, V, T):
+        return ode_mlp(x, W, V, T=T, backward=backward, anchor_every=anchor_every, backend=backend)
+
+    x, W, V = make_stack(B=6, q=4, m=8, L=3, dtype=torch.float32)[:3]
+    compiled_fn = torch.compile(fn, fullgraph=True, dynamic=True)
+    for T in (1.0, 2.5):
+        torch.testing.assert_close(compiled_fn(x, W, V, T), fn(x, W, V, T))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: ODEMLP(4, 8, 3),
+    lambda: nn.Sequential(nn.Linear(4, 4), ODEMLP(4, 8, 3)),
+    lambda: AdjointResidualStack([nn.Linear(4, 4) for _ in range(3)]),
+])  # fmt: skip
+@pytest.mark.parametrize("convert", [lambda m: torch.jit.trace(m, torch.randn(2, 4, requires_grad=True)),
+                                     torch.jit.script])  # fmt: skip
+def test_torchscript_is_a_clear_error(make, convert):
+    with pytest.raises(RuntimeError, match="does not support TorchScript .* use torch.compile .* or torch.export"):
+        convert(make())
+
+
+def test_torch_export_still_works():
+    torch.manual_seed(0)
+    model = ODEMLP(4, 8, 3, init="smooth")
+    x = torch.randn(5, 4)
+    exported = torch.export.export(model, (x,))
+    torch.testing.assert_close(exported.module()(x), model(x))
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

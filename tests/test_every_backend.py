@@ -1,0 +1,98 @@
+"""What every backend must do alike, checked on each one that runs here (triton interpreted on CPU
+tensors, float32/float16 only): empty batches in every dtype and backward mode, and the checks of
+the scalar arguments, made once before dispatch so that each backend raises the same error."""
+
+import pytest
+import torch
+
+from helpers import make_stack
+from odenets_fast import ODEMLP, ode_mlp
+
+BACKENDS = ("reference", "cpp", "triton")
+MODES = [("backprop", None), ("adjoint", None), ("adjoint", 2)]
+INTERPRETER_DTYPES = (torch.float16, torch.float32)  # what Triton's interpreter runs
+
+
+def _dtypes(backend):
+    if backend == "triton" and not torch.cuda.is_available():
+        return INTERPRETER_DTYPES
+    return (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _device(backend):
+    return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("backward, anchor_every", MODES)
+@pytest.mark.parametrize("method", ["euler", "heun"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch_in_every_dtype(backend, method, backward, anchor_every):
+    """B = 0: an empty output and zero gradients, in the input dtype. (A saved x_L with no rows
+    used to be taken for "x_L is the output itself", handing a float16 x_L to a float32 backward.)"""
+    for dtype in _dtypes(backend):
+        tensors = make_stack(B=0, q=4, m=6, L=3, method=method, bias=True, dtype=dtype)
+        leaves = [t.to(_device(backend)).requires_grad_(True) for t in tensors]
+        out = ode_mlp(*leaves, method=method, backward=backward, anchor_every=anchor_every, backend=backend)
+        assert out.shape == (0, 4) and out.dtype == dtype
+        grads = torch.autograd.grad(out.sum(), leaves)
+        for leaf, grad in zip(leaves, grads):
+            assert grad.dtype == dtype and grad.shape == leaf.shape
+            assert not grad.any(), (dtype, grad)
+
+
+def test_empty_batch_through_a_low_precision_module():
+    model = ODEMLP(4, 6, 3, anchor_every=2, bias=True, dtype=torch.bfloat16)
+    model(torch.zeros(0, 4, dtype=torch.bfloat16)).sum().backward()
+    assert not model.W.grad.any()
+
+
+def _call(backend, dtype, **kwargs):
+    tensors = [t.to(_device(backend)) for t in make_stack(B=3, q=4, m=5, L=2, dtype=dtype)[:3]]
+    return ode_mlp(*tensors, backend=backend, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"T": 1e308}, r"T / L \(the step, L = 2\) must be at most 3\.403e\+38 in magnitude for a stack computed "
+                       r"in torch\.float32; got 5e\+307"),
+        ({"T": 5e-324}, r"T / L \(the step, L = 2\) must be at least 1\.175e-38 in magnitude .*; got 0\.0"),
+        ({"T": 1e-38}, r"T / L \(the step, L = 2\) must be at least 1\.175e-38 in magnitude .*; got 5e-39"),
+        ({"scale_out": 1e300}, r"scale_out must be at most 3\.403e\+38 in magnitude for a stack computed in "
+                               r"torch\.float32; got 1e\+300"),
+        ({"scale_in": -1e39}, r"scale_in must be at most 3\.403e\+38 in magnitude"),
+        ({"scale_in": 1e-300}, r"scale_in must be 0 or at least 1\.175e-38 in magnitude"),
+    ],
+)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_extreme_scalars_are_one_error_for_every_backend(backend, kwargs, message):
+    """A scale or step that is inf or flushes to 0 in the compute dtype: the same ValueError naming
+    the argument everywhere (the float32 C++ and Triton kernels used to overflow, round the step to
+    0 or run with a different number than the float64 Python reference)."""
+    for dtype in INTERPRETER_DTYPES:  # both compute in float32
+        with pytest.raises(ValueError, match=message):
+            _call(backend, dtype, **kwargs)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_float64_stacks_take_the_float64_range(backend):
+    out = _call(backend, torch.float64, T=1e-300, scale_out=1e300)  # representable in float64: runs
+    assert out.shape == (3, 4)
+    with pytest.raises(ValueError, match=r"T / L \(the step, L = 2\) must be at least 2\.225e-308"):
+        _call(backend, torch.float64, T=1e-310)
+
+
+@pytest.mark.parametrize("anchor_every", [2**63 - 1, 2**63, 2**70])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_anchor_every_beyond_int64_is_anchor_every_L(backend, anchor_every):
+    """Every k >= L stores x_0 alone: the backends get k = L, so no integer type overflows."""
+    tensors = make_stack(B=3, q=4, m=5, L=3, dtype=torch.float32)[:3]
+    grad_out = torch.randn(3, 4)
+
+    def run(k):
+        leaves = [t.to(_device(backend)).requires_grad_(True) for t in tensors]
+        out = ode_mlp(*leaves, anchor_every=k, backend=backend)
+        return [out] + list(torch.autograd.grad(out, leaves, grad_out.to(out.device)))
+
+    for got, want in zip(run(anchor_every), run(3)):
+        assert torch.equal(got, want)
