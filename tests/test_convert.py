@@ -1,7 +1,13 @@
 """convert: existing residual stages become AdjointResidualStacks computing the same function."""
 
+import copy
+import warnings
+from collections import OrderedDict
+
 import pytest
 import torch
+import torch.fx
+import torch.nn.functional as F
 from torch import nn
 
 from odenets_fast import AdjointResidualStack, convert
@@ -119,3 +125,130 @@ def test_bad_arguments():
         convert(nn.Sequential(Residual(3)), method="heun")
     with pytest.raises(ValueError, match="step must be > 0"):
         convert(nn.Sequential(Residual(3)), step=0.0)
+
+
+class ModeDependent(Residual):
+    """Residual in both modes, computing something else in each: dropout on the increment, and extra
+    noise in training mode only."""
+
+    def forward(self, x):
+        g = F.dropout(self.net(x), p=0.3, training=self.training)
+        if self.training:
+            g = g + 0.1 * torch.randn_like(g)
+        return x + g
+
+
+def test_mode_switches_after_conversion_keep_the_original_function():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), ModeDependent(8), ModeDependent(8), Residual(8)).train()
+    original = copy.deepcopy(model)
+    x = torch.randn(16, 5)
+    model = convert(model)
+    assert isinstance(model[1], AdjointResidualStack)
+    for training in (False, True, False, True, False):
+        model.train(training), original.train(training)
+        for seed in (1, 2):
+            torch.manual_seed(seed)
+            want = original(x)
+            torch.manual_seed(seed)
+            got = model(x)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        if not training:  # no dropout mask or noise left from the training-mode conversion
+            torch.testing.assert_close(model(x), model(x), rtol=0, atol=0)
+
+
+class SideEffects(Residual):
+    """Counts its calls (in an attribute and in a buffer) and keeps its latest output, as
+    instrumentation would."""
+
+    def __init__(self, dim):
+        super().__init__(dim)
+        self.calls, self.last = 0, None
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        self.calls += 1
+        self.steps.add_(1)  # a buffer: tracing runs this on the real tensor
+        self.last = x + self.net(x)
+        return self.last
+
+
+def _proxies(model):
+    return [
+        (name, attr) for name, module in model.named_modules() for attr, value in vars(module).items()
+        if isinstance(value, torch.fx.Proxy)
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("backward", ["backprop", "adjoint"])
+def test_side_effects_of_a_block_run_on_every_call(backward):
+    torch.manual_seed(0)
+    block = SideEffects(6)
+    model = nn.Sequential(block, Residual(6))
+    x = torch.randn(4, 6)
+    convert(model, backward=backward)
+    assert block.calls == 0 and block.steps == 0 and block.last is None and not _proxies(model)  # untouched
+    for calls in (1, 2, 3):
+        with torch.no_grad():
+            out = model(x)
+        assert block.calls == calls and block.steps == calls
+        torch.testing.assert_close(block.last, x + block.net(x))
+    assert isinstance(model[0], AdjointResidualStack) and out.shape == x.shape
+
+
+class DataDependent(Residual):
+    def forward(self, x):
+        return x + self.net(x) if x.sum() > 0 else x - self.net(x)
+
+
+class ResidualInTrainingOnly(Residual):
+    def forward(self, x):
+        return x + self.net(x) if self.training else self.net(x)
+
+
+@pytest.mark.parametrize(
+    "block, reason",
+    [(DataDependent, "torch.fx cannot trace its forward"), (ResidualInTrainingOnly, "x \\+ g\\(x\\) in training mode only")],
+)
+def test_unrecognisable_block_stays_with_a_warning(block, reason):
+    torch.manual_seed(0)
+    odd = block(4)
+    model = nn.Sequential(Residual(4), odd, Residual(4)).train()
+    x = torch.randn(3, 4)
+    want = model(x)
+    with pytest.warns(UserWarning, match=f"'1' \\({block.__name__}\\) left unconverted: .*{reason}") as caught:
+        convert(model)
+    assert caught[0].filename == __file__  # points at the caller's line
+    assert model[1] is odd and [s.depth for s in _stacks(model)] == [1, 1]
+    torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_top_level_sequential_is_converted_in_place_keeping_modes(training):
+    torch.manual_seed(0)
+    inner = nn.Sequential(Residual(4), Residual(4))
+    model = nn.Sequential(nn.Linear(4, 4), Residual(4), Residual(4), inner, nn.BatchNorm1d(4)).train(training)
+    frozen = model[2].net[0].train(not training)  # a submodule in the other mode keeps it
+    blocks = [model[1], model[2], inner[0], inner[1]]
+    modes = {module: module.training for module in model.modules()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        converted = convert(model)
+    new = [m for m in converted.modules() if m not in modes]
+    assert new and all(m.training == training for m in new)  # the inserted stacks and wrappers
+    assert converted is model
+    assert isinstance(model[1], AdjointResidualStack) and model[2] is inner and isinstance(inner[0], AdjointResidualStack)
+    assert [s.blocks[k].increment.block for s in _stacks(model) for k in range(s.depth)] == blocks
+    assert all(module.training == mode for module, mode in modes.items())  # every original module
+    assert frozen.training != training
+    structure = [(m, m.training) for m in model.modules()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        convert(model)  # converting again changes nothing, quietly
+    assert [(m, m.training) for m in model.modules()] == structure
+
+
+def test_named_sequential_keeps_its_names():
+    model = nn.Sequential(OrderedDict(embed=nn.Linear(3, 4), first=Residual(4), second=Residual(4), head=nn.Linear(4, 2)))
+    convert(model)
+    assert list(model._modules) == ["embed", "first", "head"] and model.first.depth == 2
