@@ -1,6 +1,9 @@
 """`make gpu`: the GPU evidence of the project, written to bench/results/.
 
 Stages (all by default; `--stages` picks some; they run in this order, most needed evidence first):
+    quick      what a first short run must show (`make gpu-quick`): both paths' accuracy against the
+               float64 reference on the GPU (tests/gpu/test_paths_gpu.py, as the tests' counts), then
+               the goal configurations of the GPU issues (bench.triton_step --mode goals);
     tests      the GPU tests (tests/gpu) — passed / failed counts;
     bench      the kernel benchmarks and the issues' ratios (bench.triton_step);
     sanitizer  `compute-sanitizer --tool memcheck` on a small forward + backward (tests/gpu/sanitize_case.py);
@@ -108,7 +111,8 @@ def run_tests(on_change=None, path: Path = ROOT / "tests" / "gpu", workers: int 
     comes first (a test that started in time may finish after `deadline`)."""
     import pytest
 
-    outcomes = _Outcomes(on_change)
+    suite = os.path.relpath(path, ROOT)  # which tests the counts are of: the quick stage runs a part
+    outcomes = _Outcomes(None if on_change is None else lambda counts: on_change({**counts, "suite": suite}))
     # one broken module must not cost the others
     args = ["-q", "--continue-on-collection-errors", "-p", "bench.deadline_plugin", str(path)]
     if importlib.util.find_spec("pytest_timeout") is not None:  # on the GPU image: a hung kernel fails one test
@@ -118,7 +122,7 @@ def run_tests(on_change=None, path: Path = ROOT / "tests" / "gpu", workers: int 
         args += ["-n", str(workers)]
     with triton_step.environment_variable(DEADLINE_ENV, deadline):  # read by the xdist workers too
         exit_code = pytest.main(args, plugins=[outcomes])
-    return {**outcomes.summary(complete=True), "pytest_exit_code": int(exit_code)}
+    return {**outcomes.summary(complete=True), "suite": suite, "pytest_exit_code": int(exit_code)}
 
 
 def _timeout_s(deadline, limit: float = SUBPROCESS_TIMEOUT_S) -> float:
@@ -179,12 +183,18 @@ def run_sanitizer(deadline=None) -> dict:
             "tail": output[-2000:]}  # fmt: skip
 
 
-STAGES = ("tests", "bench", "sanitizer", "memory", "crossover", "micro", "tune")
+STAGES = ("quick", "tests", "bench", "sanitizer", "memory", "crossover", "micro", "tune")
 # Under --budget-s, the most seconds a stage may start work in (tests, configurations, depths) when
 # later stages are selected; the last stage selected has no cap. Sized for a device lease of 15
 # minutes in all (two calls), from counts, not timings: tests ≈ 120 tests compiling a few hundred
 # kernel variants on 8 workers; the sanitizer (killed at its cap) compiles its kernels under memcheck.
-STAGE_CAPS_S = {"tests": 240, "bench": 150, "sanitizer": 120, "memory": 120, "crossover": 90, "micro": 150, "tune": 240}
+STAGE_CAPS_S = {"quick": 300, "tests": 240, "bench": 150, "sanitizer": 120, "memory": 120, "crossover": 90,
+                "micro": 150, "tune": 240}  # fmt: skip
+# Within the quick stage: the accuracy tests (32 tests compiling both paths' kernels on 8 workers) get
+# this much of it, the goal configurations the rest.
+QUICK_TESTS_CAP_S = 150
+QUICK_TESTS = ROOT / "tests" / "gpu" / "test_paths_gpu.py"
+FULL_TESTS = os.path.join("tests", "gpu")
 NOT_RUN = {
     "tests": {"passed": 0, "failed": 0, "skipped": 0, "failures": [], "not_run": True},
     "sanitizer": {"ran": False, "reason": "stage not run"},
@@ -197,7 +207,7 @@ NOT_RUN = {
 DRY_RUN_SKIPS = ("tests", "sanitizer", "memory")  # need a GPU; the other stages run tiny on the CPU
 # Stages that use this process's CUDA context (the others run in subprocesses or xdist workers): after
 # a sticky CUDA error (an illegal memory access) they cannot run here.
-IN_PROCESS_STAGES = ("bench", "crossover", "tune", "memory")
+IN_PROCESS_STAGES = ("quick", "bench", "crossover", "tune", "memory")
 
 
 def run_memory(out_dir: str, deadline=None, on_change=None) -> dict:
@@ -217,6 +227,15 @@ def run_memory(out_dir: str, deadline=None, on_change=None) -> dict:
     return section(memory.main(argv, deadline=deadline, on_depth=on_depth))
 
 
+def run_quick(dry_run: bool, deadline, started: float, on_tests, on_benchmarks) -> None:
+    """The quick stage: the accuracy of both paths (not on a dry run: it needs a GPU), then the goal
+    configurations, each part reporting through its callback as it goes."""
+    if not dry_run:
+        tests_deadline = started + QUICK_TESTS_CAP_S if deadline is None else min(deadline, started + QUICK_TESTS_CAP_S)
+        on_tests(run_tests(on_change=on_tests, path=QUICK_TESTS, deadline=tests_deadline, run_deadline=deadline))
+    triton_step.run_all(dry_run=dry_run, mode="goals", on_result=on_benchmarks, deadline=deadline)
+
+
 def _not_started(result: dict) -> bool:
     """Whether a configuration's result (bench, crossover, tune) says triton_step.run_all did not start it."""
     return result.get("error", "").startswith("not started")
@@ -227,8 +246,16 @@ def unfinished_stages(report: dict, selected: list) -> list:
     memory depths or micro-benchmarks not started, the sanitizer killed at its limit): what a next
     call of a time-limited machine should run again."""
     started = set(report["stages_run"])
+    measured = {r["name"] for r in report["benchmarks"] if "median_ms" in r}
+    goals = {config["name"] for config in triton_step.goal_configs(report["dry_run"])}
+    tests_done = report["tests"].get("complete", False)
+    all_tests_done = tests_done and report["tests"].get("suite", FULL_TESTS) == FULL_TESTS
+    tested = report["dry_run"] or tests_done  # quick's tests, or the full ones, which include them
+    if tested and goals <= measured:  # done, by the quick stage or by the tests and bench stages
+        started.add("quick")
     left = {
-        "tests": not report["tests"].get("complete", False),
+        "quick": not (tested and goals <= measured),
+        "tests": not all_tests_done,
         "bench": any(map(_not_started, report["benchmarks"])),
         "sanitizer": str(report["sanitizer"].get("reason", "")).startswith("timed out"),
         "memory": not report["memory"].get("complete", False),
@@ -254,7 +281,8 @@ def markdown(report: dict) -> str:
         f"{tests['passed']} passed, {tests['failed']} failed, {tests['skipped']} skipped"
         + (f", {tests['not_started']} not started (time budget)" if tests.get("not_started") else "")
         + ("" if tests.get("complete", True) else " (cut off before the end)")
-        + (f" (pytest exit code {tests['pytest_exit_code']})" if "pytest_exit_code" in tests else ""))
+        + (f" (pytest exit code {tests['pytest_exit_code']})" if "pytest_exit_code" in tests else "")
+        + (f", `{tests['suite']}`" if "suite" in tests else ""))
     san_line = (f"{san['errors']} errors (exit code {san['exit_code']})" if san.get("ran")
                 else f"not run ({san.get('reason')})")  # fmt: skip
     lines = [
@@ -413,8 +441,10 @@ def main(argv=None) -> dict:
         save()
 
     def save_results(key):
+        earlier = list(report[key])  # from an earlier stage of this run (quick's goal configurations)
+
         def on_result(results):
-            report[key] = list(results)
+            report[key] = _merge_configs(earlier, list(results))
             save()
 
         return on_result
@@ -436,7 +466,9 @@ def main(argv=None) -> dict:
         ends = stage_deadline(stage, selected, started, deadline, args.stage_caps)
         print(f"== {stage}" + ("" if ends is None else f" (starts no work after {ends - started:.0f} s)"), flush=True)
         try:
-            if stage == "tests":
+            if stage == "quick":
+                run_quick(args.dry_run, ends, started, save_tests, save_results("benchmarks"))
+            elif stage == "tests":
                 report["tests"] = run_tests(on_change=save_tests, deadline=ends, run_deadline=deadline)
             elif stage == "sanitizer":
                 report["sanitizer"] = run_sanitizer(ends)

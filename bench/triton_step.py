@@ -1,32 +1,34 @@
-"""Per-layer Triton kernels against eager PyTorch on the GPU (the speed goals of the Triton issue).
+"""The Triton backend's two paths against eager PyTorch on the GPU (the speed goals of the GPU issues).
 
-For each configuration, on the same data in one process:
+For each configuration, on the same data in one process, under the configuration's float32 matmul
+precision (eager and ode_mlp's default alike):
     eager_forward          the plain loop, no autograd (the fastest eager forward)
     eager_backprop_step    the plain loop forward + backward (every activation stored)
-    fused_forward          ode_mlp forward (adjoint mode: nothing stored)
-    fused_adjoint_step     ode_mlp forward + adjoint backward
-    fused_backprop_step    ode_mlp forward + backprop-mode backward
-    per_layer_*            the forward and adjoint step again with one launch per layer
-    *_graphed              (CUDA) the whole-depth and per-layer adjoint steps captured once in a CUDA
-                           graph and replayed: no launch overhead per layer
+    layered_*              the layered path (cuBLAS products, Triton epilogues): forward, adjoint and
+                           backprop steps
+    fused_forward          the fused whole-depth kernels: ode_mlp forward (adjoint mode: nothing stored)
+    fused_adjoint_step     forward + adjoint backward
+    fused_backprop_step    forward + backprop-mode backward
+    per_layer_*            the fused forward and adjoint step again with one launch per layer
+    *_graphed              (CUDA) adjoint steps captured once in a CUDA graph and replayed: no launch
+                           overhead per layer
     fused_adjoint_step_{partials,workspace,atomic}
                            the adjoint step with each weight-gradient reduction (the backend picks
                            between the first two by bytes moved: triton_backend.weight_grad_reduction)
-    (float32 only) the two fused steps again with TF32 products, the adjoint step with TF32x3
-The fused contenders use the default whole-depth launches (ratios also recorded as whole_depth_*);
-per_layer_* give the crossover. On CUDA, forward_fraction_of_roofline = roofline floor / fused
-forward time (see forward_roofline_ms).
-Ratios: forward_vs_eager_forward = fused_forward / eager_forward and
-adjoint_step_vs_eager_backprop = fused_adjoint_step / eager_backprop_step (goals: ≤ 0.5 and ≤ 1.0
-on an H100 at B = 4096, q = 256, m = 512, L = 64, float32).
+    (float32 IEEE only) the two fused steps again with TF32 products, the adjoint step with TF32x3
+Ratios: X_vs_Y = median(X) / median(Y), e.g. layered_adjoint_step_vs_eager_backprop and
+whole_depth_forward_vs_eager_forward (= fused_forward / eager_forward); on CUDA,
+forward_fraction_of_roofline and layered_forward_fraction_of_roofline = roofline floor / forward time
+(forward_roofline_ms). The goal ratios of bfloat16 and TF32 configurations are also recorded with the
+suffix the issues give them (_bf16, _tf32). Each result carries `predicted`: odenets_fast.plan's
+predicted times for the same configuration, beside the measured ones.
 
-The crossover sweep (CROSSOVER_CONFIGS: q ∈ {64, 128, 256}, m = 2q, L ∈ {4, 16, 64}) times only the
-whole-depth and per-layer contenders, for the backend's choice between them.
+Modes: bench (every configuration and contender), goals (GOAL_CONFIGS, GOAL_CONTENDERS only: the
+first thing a short GPU run measures), crossover (whole-depth against per-layer launches over
+q ∈ {64, 128, 256}, m = 2q, L ∈ {4, 16, 64}), tune (the tile candidates of TUNE_CANDIDATES for each
+fused kernel at the benchmark shapes, for the tile table of mlp_step.kernel_configs).
 
-The tune mode times the tile candidates of TUNE_CANDIDATES for each kernel at the benchmark shapes,
-for the tile table of mlp_step.kernel_configs.
-
-    python -m bench.triton_step [--dry-run] [--mode bench|crossover|tune]   (--dry-run: tiny, on the interpreter)
+    python -m bench.triton_step [--dry-run] [--mode bench|goals|crossover|tune]   (--dry-run: tiny, on the interpreter)
 """
 
 import argparse
@@ -41,7 +43,9 @@ import triton
 
 from bench.baselines import eager_forward
 from bench.timing import median_ms
-from odenets_fast import ode_mlp
+from odenets_fast import ode_mlp, plan
+from odenets_fast.planner import PATH_ENV
+from odenets_fast.triton_layered import tf32_context
 from odenets_fast.triton_backend import (
     LAYERS_PER_LAUNCH_ENV,
     PRODUCT_TILES_ENV,
@@ -51,12 +55,22 @@ from odenets_fast.triton_backend import (
     product_config,
 )
 
-CONFIGS = [
-    dict(name="wide-float32", B=4096, q=256, m=512, L=64, dtype="float32"),
-    dict(name="wide-bfloat16", B=4096, q=256, m=512, L=64, dtype="bfloat16"),
-    dict(name="narrow-float32", B=16384, q=64, m=128, L=64, dtype="float32"),
-    dict(name="narrow-float32-L256", B=16384, q=64, m=128, L=256, dtype="float32"),  # the whole-depth goals
+# "precision": PyTorch's float32 matmul setting for the whole configuration — eager and ode_mlp's default
+# (input_precision=None) alike — "ieee" (torch's default) or "tf32". The goal configurations come first:
+# a time-limited run measures them before the others.
+GOAL_CONFIGS = [
+    dict(name="wide-float32", B=4096, q=256, m=512, L=64, dtype="float32"),  # layered path (part 1)
+    dict(name="wide-bfloat16", B=4096, q=256, m=512, L=64, dtype="bfloat16"),  # layered path (part 1)
+    dict(name="narrow-bfloat16-L256", B=16384, q=64, m=128, L=256, dtype="bfloat16"),  # whole-depth (part 2)
+    dict(name="narrow-tf32-L256", B=16384, q=64, m=128, L=256, dtype="float32", precision="tf32"),  # (part 2)
 ]
+CONFIGS = GOAL_CONFIGS + [
+    dict(name="narrow-float32", B=16384, q=64, m=128, L=64, dtype="float32"),
+    dict(name="narrow-float32-L256", B=16384, q=64, m=128, L=256, dtype="float32"),
+]
+# The contenders the goal ratios need (the quick stage times only these).
+GOAL_CONTENDERS = ("eager_forward", "eager_backprop_step", "layered_forward", "layered_adjoint_step",
+                   "fused_forward", "fused_adjoint_step")  # fmt: skip
 DRY_RUN_CONFIGS = [dict(name="dry-run-float32", B=40, q=24, m=40, L=3, dtype="float32")]
 CROSSOVER_CONFIGS = [dict(name=f"crossover-q{q}-L{L}", B=4096, q=q, m=2 * q, L=L, dtype="float32")
                      for q in (64, 128, 256) for L in (4, 16, 64)]  # fmt: skip
@@ -102,6 +116,10 @@ RATIOS = {
     "per_layer_adjoint_step_vs_eager_backprop": ("per_layer_adjoint_step", "eager_backprop_step"),
     "adjoint_step_tf32_vs_eager_backprop": ("fused_adjoint_step_tf32", "eager_backprop_step"),
     "adjoint_step_tf32x3_vs_eager_backprop": ("fused_adjoint_step_tf32x3", "eager_backprop_step"),
+    "layered_forward_vs_eager_forward": ("layered_forward", "eager_forward"),
+    "layered_adjoint_step_vs_eager_backprop": ("layered_adjoint_step", "eager_backprop_step"),
+    "layered_backprop_step_vs_eager_backprop": ("layered_backprop_step", "eager_backprop_step"),
+    "layered_graphed_vs_layered": ("layered_adjoint_step_graphed", "layered_adjoint_step"),
     "weight_grads_workspace_vs_partials": ("fused_adjoint_step_workspace", "fused_adjoint_step_partials"),
     "weight_grads_atomic_vs_partials": ("fused_adjoint_step_atomic", "fused_adjoint_step_partials"),
     "per_layer_graphed_vs_per_layer": ("per_layer_adjoint_step_graphed", "per_layer_adjoint_step"),
@@ -123,8 +141,47 @@ def _problem(config: dict, device: torch.device) -> tuple:
     return x, W, V, grad_out
 
 
+def goal_configs(dry_run: bool) -> list:
+    return DRY_RUN_CONFIGS if dry_run else GOAL_CONFIGS
+
+
+GOAL_RATIOS = ("layered_forward_vs_eager_forward", "layered_adjoint_step_vs_eager_backprop",
+               "whole_depth_forward_vs_eager_forward", "whole_depth_adjoint_step_vs_eager_backprop",
+               "forward_fraction_of_roofline", "layered_forward_fraction_of_roofline")  # fmt: skip
+
+
+def goal_suffix(config: dict) -> str:
+    """The suffix of a configuration's goal ratios in the issues: "_bf16", "_tf32" or none (float32 IEEE)."""
+    if config["dtype"] == "bfloat16":
+        return "_bf16"
+    return "_tf32" if config.get("precision") == "tf32" else ""
+
+
+def predicted_ms(config: dict, device: torch.device) -> dict:
+    """odenets_fast.plan's predictions for the contenders it models (H100 figures off a GPU)."""
+    result = plan(config["B"], config["q"], config["m"], config["L"], dtype=getattr(torch, config["dtype"]),
+                  input_precision=config.get("precision", "ieee"), device=device if device.type == "cuda" else "H100")  # fmt: skip
+    names = {"layered": "layered", "fused": "fused", "eager": "eager"}
+    times = {}
+    for path, est in result.estimates.items():
+        times[f"{names[path]}_forward"] = est.forward_ms
+        times[f"{names[path]}_{'backprop' if path == 'eager' else 'adjoint'}_step"] = est.step_ms
+    return {"device": result.device, "path": result.path, "median_ms": times}
+
+
 def run_config(config: dict, device: torch.device, only=None) -> dict:
-    """Median times of the contenders (`only`: a subset of their names) and the ratios among them."""
+    """Median times of the contenders (`only`: a subset of their names) and the ratios among them, under
+    the configuration's float32 matmul precision; with the planner's predictions beside them."""
+    with tf32_context(config.get("precision", "ieee"), device):
+        result = _run_config(config, device, only)
+    result["predicted"] = predicted_ms(config, device)
+    suffix = goal_suffix(config)
+    if suffix:  # the names the issues give these ratios for this precision
+        result["ratios"].update({name + suffix: result["ratios"][name] for name in GOAL_RATIOS if name in result["ratios"]})
+    return result
+
+
+def _run_config(config: dict, device: torch.device, only) -> dict:
     dtype = getattr(torch, config["dtype"])
     x, W, V, grad_out = _problem(config, device)
 
@@ -144,34 +201,40 @@ def run_config(config: dict, device: torch.device, only=None) -> dict:
 
         return run
 
-    def fused(backward, precision="ieee", deterministic=True):
+    def triton(backward, precision=None, deterministic=True):
         return lambda: ode_mlp(x, W, V, backward=backward, backend="triton", input_precision=precision,
                                deterministic=deterministic)  # fmt: skip
 
-    per_layer = {LAYERS_PER_LAUNCH_ENV: 1}
+    fused = {PATH_ENV: "fused"}
+    layered = {PATH_ENV: "layered"}
+    per_layer = {**fused, LAYERS_PER_LAUNCH_ENV: 1}
     contenders = {
         "eager_forward": forward_only(lambda: eager_forward(x, W, V)),
         "eager_backprop_step": step(lambda: eager_forward(x, W, V)),
-        "fused_forward": forward_only(fused("adjoint")),
-        "fused_adjoint_step": step(fused("adjoint")),
-        "fused_backprop_step": step(fused("backprop")),
-        "per_layer_forward": forward_only(fused("adjoint"), **per_layer),
-        "per_layer_adjoint_step": step(fused("adjoint"), **per_layer),
-        "fused_adjoint_step_partials": step(fused("adjoint"), **{WEIGHT_GRADS_ENV: "partials"}),
-        "fused_adjoint_step_workspace": step(fused("adjoint"), **{WEIGHT_GRADS_ENV: "workspace"}),
-        "fused_adjoint_step_atomic": step(fused("adjoint", deterministic=False)),
+        "layered_forward": forward_only(triton("adjoint"), **layered),
+        "layered_adjoint_step": step(triton("adjoint"), **layered),
+        "layered_backprop_step": step(triton("backprop"), **layered),
+        "fused_forward": forward_only(triton("adjoint"), **fused),
+        "fused_adjoint_step": step(triton("adjoint"), **fused),
+        "fused_backprop_step": step(triton("backprop"), **fused),
+        "per_layer_forward": forward_only(triton("adjoint"), **per_layer),
+        "per_layer_adjoint_step": step(triton("adjoint"), **per_layer),
+        "fused_adjoint_step_partials": step(triton("adjoint"), **fused, **{WEIGHT_GRADS_ENV: "partials"}),
+        "fused_adjoint_step_workspace": step(triton("adjoint"), **fused, **{WEIGHT_GRADS_ENV: "workspace"}),
+        "fused_adjoint_step_atomic": step(triton("adjoint", deterministic=False), **fused),
     }
     if device.type == "cuda":
         contenders["fused_adjoint_step_graphed"] = _graphed(contenders["fused_adjoint_step"], device)
         contenders["per_layer_adjoint_step_graphed"] = _graphed(contenders["per_layer_adjoint_step"], device)
-    if dtype == torch.float32:
-        contenders["fused_adjoint_step_tf32"] = step(fused("adjoint", "tf32"))
-        contenders["fused_backprop_step_tf32"] = step(fused("backprop", "tf32"))
-        contenders["fused_adjoint_step_tf32x3"] = step(fused("adjoint", "tf32x3"))
+        contenders["layered_adjoint_step_graphed"] = _graphed(contenders["layered_adjoint_step"], device)
+    if dtype == torch.float32 and config.get("precision", "ieee") == "ieee":
+        contenders["fused_adjoint_step_tf32"] = step(triton("adjoint", "tf32"), **fused)
+        contenders["fused_backprop_step_tf32"] = step(triton("backprop", "tf32"), **fused)
+        contenders["fused_adjoint_step_tf32x3"] = step(triton("adjoint", "tf32x3"), **fused)
     if only is not None:
         contenders = {name: contenders[name] for name in only if name in contenders}
     measures = {name: functools.partial(median_ms, fn, device) for name, fn in contenders.items()}
-    if device.type == "cuda" and "fused_forward" in contenders:
+    if device.type == "cuda" and {"fused_forward", "layered_forward"} & set(contenders):
         measures["forward_roofline_floor"] = functools.partial(forward_roofline_ms, config, device)
     # A contender that fails (a precision that does not compile, out of memory) is recorded with its
     # error; the others keep their times and ratios.
@@ -182,8 +245,9 @@ def run_config(config: dict, device: torch.device, only=None) -> dict:
         except Exception as err:  # noqa: BLE001
             errors[name] = f"{type(err).__name__}: {err}"[:300]
     ratios = {name: times[num] / times[den] for name, (num, den) in RATIOS.items() if num in times and den in times}
-    if "forward_roofline_floor" in times and "fused_forward" in times:
-        ratios["forward_fraction_of_roofline"] = times["forward_roofline_floor"] / times["fused_forward"]
+    for path, ratio in (("fused", "forward_fraction_of_roofline"), ("layered", "layered_forward_fraction_of_roofline")):
+        if "forward_roofline_floor" in times and f"{path}_forward" in times:
+            ratios[ratio] = times["forward_roofline_floor"] / times[f"{path}_forward"]
     return {"name": config["name"], "config": config, "median_ms": times, "ratios": ratios, "errors": errors}
 
 
@@ -281,19 +345,15 @@ def _environment(settings: dict):
 
 
 def forward_roofline_ms(config: dict, device: torch.device) -> float:
-    """max(FLOPs / peak rate, bytes / bandwidth) of the fused forward, rates measured here: an
-    8192³ matrix product in the config's dtype (float32 without TF32) and a 1 GiB device copy.
+    """max(FLOPs / peak rate, bytes / bandwidth) of the forward (the same floor for both paths), rates
+    measured here: an 8192³ matrix product in the config's dtype and precision and a 1 GiB device copy.
     Bytes: the weights once per wave of programs (resident programs share them through L2), plus
     the input read and the output written."""
     B, q, m, L = config["B"], config["q"], config["m"], config["L"]
     dtype = getattr(torch, config["dtype"])
     a = torch.randn(8192, 8192, device=device, dtype=dtype)
-    allow_tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
+    with tf32_context(config.get("precision", "ieee"), device):
         flops_per_ms = 2 * 8192**3 / median_ms(lambda: a @ a, device)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = allow_tf32
     buffer = torch.empty(2**28, device=device)
     bytes_per_ms = 2 * buffer.numel() * 4 / median_ms(lambda: buffer.clone(), device)
     itemsize = torch.empty(0, dtype=dtype).element_size()
@@ -304,7 +364,7 @@ def forward_roofline_ms(config: dict, device: torch.device) -> float:
     return max(flops / flops_per_ms, moved / bytes_per_ms)
 
 
-MODES = ("bench", "crossover", "tune")
+MODES = ("bench", "goals", "crossover", "tune")
 
 
 def cuda_usable() -> bool:
@@ -327,8 +387,11 @@ def run_all(dry_run: bool = False, mode: str = "bench", on_result=None, deadline
         configs = DRY_RUN_TUNE_CONFIGS if dry_run else TUNE_CONFIGS
     elif mode == "crossover":
         configs = DRY_RUN_CROSSOVER_CONFIGS if dry_run else CROSSOVER_CONFIGS
+    elif mode == "goals":
+        configs = goal_configs(dry_run)
     else:
         configs = DRY_RUN_CONFIGS if dry_run else CONFIGS
+    only = {"crossover": CROSSOVER_CONTENDERS, "goals": GOAL_CONTENDERS}.get(mode)
     results, unusable = [], None
     for config in configs:
         if unusable is not None or (deadline is not None and time.time() >= deadline):
@@ -339,7 +402,7 @@ def run_all(dry_run: bool = False, mode: str = "bench", on_result=None, deadline
                 if mode == "tune":
                     results.append(tune_config(config, device, _tune_candidates(config, dry_run)))
                 else:
-                    results.append(run_config(config, device, CROSSOVER_CONTENDERS if mode == "crossover" else None))
+                    results.append(run_config(config, device, only))
             except Exception as err:  # noqa: BLE001 — recorded in the results file, not hidden
                 results.append({"name": config["name"], "config": config, "error": f"{type(err).__name__}: {err}"})
             if device.type == "cuda" and not cuda_usable():
@@ -370,20 +433,34 @@ def _describe(r: dict) -> str:
 
 def markdown_table(results: list) -> str:
     columns = [
-        ("eager fwd ms", "eager_forward", None), ("fused fwd ms", "fused_forward", None),
-        ("fwd ratio", None, "forward_vs_eager_forward"),
-        ("per-layer fwd ratio", None, "per_layer_forward_vs_eager_forward"),
-        ("fwd / roofline", None, "forward_fraction_of_roofline"),
-        ("eager backprop step ms", "eager_backprop_step", None), ("fused adjoint step ms", "fused_adjoint_step", None),
-        ("adjoint/eager", None, "adjoint_step_vs_eager_backprop"),
+        ("eager fwd ms", "eager_forward", None), ("layered fwd ms", "layered_forward", None),
+        ("fused fwd ms", "fused_forward", None),
+        ("layered fwd/eager", None, "layered_forward_vs_eager_forward"),
+        ("fused fwd/eager", None, "forward_vs_eager_forward"),
+        ("layered fwd/roofline", None, "layered_forward_fraction_of_roofline"),
+        ("fused fwd/roofline", None, "forward_fraction_of_roofline"),
+        ("eager backprop step ms", "eager_backprop_step", None),
+        ("layered adjoint step ms", "layered_adjoint_step", None), ("fused adjoint step ms", "fused_adjoint_step", None),
+        ("layered adjoint/eager", None, "layered_adjoint_step_vs_eager_backprop"),
+        ("fused adjoint/eager", None, "adjoint_step_vs_eager_backprop"),
         ("per-layer adjoint/eager", None, "per_layer_adjoint_step_vs_eager_backprop"),
-        ("fused backprop step ms", "fused_backprop_step", None),
-        ("adjoint TF32/eager", None, "adjoint_step_tf32_vs_eager_backprop"),
-        ("adjoint TF32x3/eager", None, "adjoint_step_tf32x3_vs_eager_backprop"),
+        ("fused adjoint TF32/eager", None, "adjoint_step_tf32_vs_eager_backprop"),
         ("dW workspace/partials", None, "weight_grads_workspace_vs_partials"),
         ("dW atomic/partials", None, "weight_grads_atomic_vs_partials"),
     ]  # fmt: skip
     return _table(results, columns)
+
+
+def predicted_table(results: list) -> str:
+    """The planner's predictions (ms) next to the measured medians, per configuration and contender."""
+    lines = ["| config | contender | predicted ms | measured ms |", "|" + " --- |" * 4]
+    for r in results:
+        predicted = r.get("predicted", {})
+        for name, ms in predicted.get("median_ms", {}).items():
+            measured = r.get("median_ms", {}).get(name)
+            cell = "-" if measured is None else f"{measured:.3f}"
+            lines.append(f"| {_describe(r)} ({predicted['device']}) | {name} | {ms:.3f} | {cell} |")
+    return "\n".join(lines)
 
 
 def crossover_table(results: list) -> str:
@@ -418,8 +495,10 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU (TRITON_INTERPRET=1)")
     parser.add_argument("--mode", choices=MODES, default="bench",
-                        help="bench: the issues' ratios; crossover: whole-depth vs per-layer; tune: tile candidates")  # fmt: skip
+                        help="bench: the issues' ratios; goals: only the goal configurations and contenders; "
+                             "crossover: whole-depth vs per-layer; tune: tile candidates")  # fmt: skip
     args = parser.parse_args()
     results = run_all(args.dry_run, args.mode)
-    print({"bench": markdown_table, "crossover": crossover_table, "tune": tune_table}[args.mode](results))
+    tables = {"bench": markdown_table, "goals": markdown_table, "crossover": crossover_table, "tune": tune_table}
+    print(tables[args.mode](results))
     print(json.dumps(results, indent=1))

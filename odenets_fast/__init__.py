@@ -8,6 +8,7 @@ from .backends import BackendUnavailableError, available_backends
 from .convert import convert
 from .nn import ODEMLP
 from .ops import ode_mlp
+from .planner import plan
 from .stack import AdjointResidualStack
 
 __version__ = "0.1.0"
@@ -21,4 +22,5 @@ __all__ = [
     "diagnostics",
     "functional",
     "ode_mlp",
+    "plan",
 ]

@@ -76,7 +76,7 @@ class ODEMLP(nn.Module):
         init: str = "tied",
         smooth_lengthscale: float = 0.2,
         backend: Optional[str] = None,
-        input_precision: str = "ieee",
+        input_precision: Optional[str] = None,
         deterministic: bool = True,
         device=None,
         dtype=None,
@@ -93,7 +93,8 @@ class ODEMLP(nn.Module):
         self.init = check_choice("init", init, INITS)
         self.smooth_lengthscale = check_real("smooth_lengthscale", smooth_lengthscale, positive=True)
         self.backend = None if backend is None else check_choice("backend", backend, BACKEND_NAMES)
-        self.input_precision = check_choice("input_precision", input_precision, INPUT_PRECISIONS)
+        self.input_precision = (None if input_precision is None
+                                else check_choice("input_precision", input_precision, INPUT_PRECISIONS))  # fmt: skip
         self.deterministic = check_bool("deterministic", deterministic)
         check_bool("bias", bias)
         if dtype is not None and dtype not in FLOAT_DTYPES:

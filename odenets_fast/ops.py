@@ -90,7 +90,7 @@ def ode_mlp(
     scale_in: Optional[float] = None,
     scale_out: Optional[float] = None,
     backend: Optional[str] = None,
-    input_precision: str = "ieee",
+    input_precision: Optional[str] = None,
     deterministic: bool = True,
     drift_out: Optional[Tensor] = None,
 ) -> Tensor:
@@ -109,12 +109,16 @@ def ode_mlp(
             from the stored state there (k = 1 gives exact gradients).
         scale_in, scale_out: a_in and a_out; default 1/sqrt(q) and 1/sqrt(m).
         backend: "reference", "triton" or "cpp"; None picks by device (or ODENETS_FAST_BACKEND).
-        input_precision: float32 matrix products of the Triton backend: "ieee" (default, CUDA
-            cores), "tf32" (tensor cores, 10-bit mantissa) or "tf32x3" (tensor cores, three TF32
-            products per product: close to float32 accuracy). The reference and C++ backends always
-            use full float32/float64 products.
+        input_precision: float32 matrix products of the Triton backend: None (default) does what
+            eager PyTorch does on the device — TF32 on CUDA exactly when
+            `torch.set_float32_matmul_precision` / `torch.backends.cuda.matmul` enable it there,
+            full float32 otherwise; "ieee" (full float32), "tf32" (tensor cores, 10-bit mantissa) or
+            "tf32x3" (three TF32 products per product in the fused kernels: close to float32
+            accuracy; full float32 in cuBLAS, which has no such mode) force one. The reference and
+            C++ backends always use full float32/float64 products.
         deterministic: Triton backend — True (default) reduces weight gradients over the batch in
-            a fixed order (bitwise reproducible); False uses atomics (faster, last bits vary).
+            a fixed order (bitwise reproducible); False lets the fused kernels use atomics (faster,
+            last bits vary; the layered path is reproducible either way).
         drift_out: a 0-dim floating tensor on x's device; an adjoint backward writes
             ‖x̃_0 − x_0‖ / ‖x_0‖ into it (works under torch.compile; ODEMLP keeps one as a buffer).
 

@@ -65,6 +65,27 @@ def torchscript_unsupported(what: str) -> str:
             f"(fullgraph=True works) or torch.export instead")  # fmt: skip
 
 
+@torch.compiler.assume_constant_result  # a compiled graph holds the setting it was traced under
+def torch_uses_tf32() -> bool:
+    """Whether eager PyTorch's float32 matrix products on CUDA use TF32 now
+    (`torch.set_float32_matmul_precision`, `torch.backends.cuda.matmul`)."""
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):  # torch < 2.9: the legacy flag only
+        return bool(matmul.allow_tf32)
+    setting = matmul.fp32_precision
+    if setting == "none":  # not set for matmul: the backend-wide setting applies
+        setting = getattr(torch.backends, "fp32_precision", "none")
+    return setting == "tf32"
+
+
+def resolve_precision(input_precision: Optional[str], device: torch.device) -> str:
+    """The precision of float32 products: `input_precision` when given, else what eager PyTorch uses on
+    `device` — "tf32" on CUDA when TF32 is enabled there, "ieee" otherwise (CPU products never use TF32)."""
+    if input_precision is not None:
+        return check_choice("input_precision", input_precision, INPUT_PRECISIONS)
+    return "tf32" if device.type == "cuda" and torch_uses_tf32() else "ieee"
+
+
 def check_choice(name: str, value, choices) -> str:
     if not isinstance(value, str):
         raise TypeError(f"{name} must be a string, one of {list(choices)}; got {type(value).__name__}")
@@ -160,7 +181,7 @@ def check_stack(
     anchor_every,
     scale_in,
     scale_out,
-    input_precision: str = "ieee",
+    input_precision: Optional[str] = None,
     deterministic: bool = True,
 ) -> StackSpec:
     """Validate the arguments of `ode_mlp`; return the stack's `StackSpec`."""
@@ -208,7 +229,7 @@ def check_stack(
     scale_out = 1.0 / math.sqrt(m) if scale_out is None else check_representable(
         "scale_out", check_real("scale_out", scale_out), dtype)  # fmt: skip
     anchor_every = check_anchor_every(anchor_every, backward)
-    check_choice("input_precision", input_precision, INPUT_PRECISIONS)
+    input_precision = resolve_precision(input_precision, x.device)
     check_bool("deterministic", deterministic)
     return StackSpec(
         method=method,

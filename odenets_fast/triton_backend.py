@@ -1,5 +1,10 @@
-"""The "triton" backend: launch plan and buffers around the fused kernels of
-`odenets_fast.triton_kernels.mlp_step`.
+"""The "triton" backend: which of its two paths a call takes, and the launch plan and buffers of the
+fused path around the kernels of `odenets_fast.triton_kernels.mlp_step`.
+
+Paths (DESIGN.md §7): `odenets_fast.planner.choose_path` picks the layered path
+(`triton_layered`: cuBLAS products, Triton epilogues) or the fused one described below, by the cost
+model's predicted step time on the device (`ODENETS_FAST_TRITON_PATH` overrides); both save the same
+states, so a backward may follow either forward.
 
 Each launch walks a range of layers with every program's rows of x (and g) on-chip in float32:
 the whole depth in one launch by default ("whole-depth"), or `ODENETS_FAST_TRITON_LAYERS_PER_LAUNCH`
@@ -24,6 +29,7 @@ import torch
 import triton
 from torch import Tensor
 
+from . import planner, triton_layered
 from .reference import Gradients, _Saved, anchor_interval, relative_drift
 from .spec import StackSpec
 from .triton_kernels import mlp_step
@@ -40,8 +46,8 @@ WEIGHT_GRADS_ENV = "ODENETS_FAST_TRITON_WEIGHT_GRADS"
 _INT32_MAX = 2**31 - 1
 
 
-def check_supported(x: Tensor, W: Tensor) -> None:
-    """Raise a clear error for inputs the kernels cannot run; never compute a wrong answer."""
+def check_supported(x: Tensor, W: Tensor, path: str) -> None:
+    """Raise a clear error for inputs the kernels of `path` cannot run; never compute a wrong answer."""
     if x.device.type != "cuda" and not (INTERPRETED and x.device.type == "cpu"):
         raise ValueError(
             f"backend 'triton' runs on CUDA tensors (or on CPU tensors when TRITON_INTERPRET=1 was set before "
@@ -51,11 +57,13 @@ def check_supported(x: Tensor, W: Tensor) -> None:
         raise TypeError(f"the Triton interpreter does not support {x.dtype}; use float32 or float16")
     if x.dtype == torch.float64:
         raise TypeError("backend 'triton' supports float32, float16 and bfloat16; use 'reference' or 'cpp' for float64")
+    if path == "layered":  # cuBLAS products and int64-indexed elementwise kernels: no further limit
+        return
     P, m, q = W.shape
     if q > MAX_STATE_WIDTH:
         raise ValueError(
-            f"backend 'triton' keeps the state width on-chip up to q = {MAX_STATE_WIDTH}; got q = {q}. "
-            f"Use backend='reference' (or 'cpp' on CPU) for wider states"
+            f"the fused kernels of backend 'triton' keep the state width on-chip up to q = {MAX_STATE_WIDTH}; "
+            f"got q = {q} with {planner.PATH_ENV}=fused. Unset it: wider states take the layered path"
         )
     # offsets within the stacked weights and within one state are int32 (those between stored states,
     # partial rows and workspace rows are int64)
@@ -144,8 +152,18 @@ def _setup(spec: StackSpec, W, V, b, c, q: int) -> tuple:
     return params, args, configs
 
 
+def _path(x: Tensor, W: Tensor, spec: StackSpec) -> str:
+    """The planner's choice (odenets_fast.planner); forward and backward of a call agree on it, and
+    both paths save the same states, so either backward can follow either forward."""
+    P, m, q = W.shape
+    path = planner.choose_path(x.shape[0], q, m, spec, W.dtype, x.device)
+    check_supported(x, W, path)
+    return path
+
+
 def forward(x: Tensor, W, V, b, c, spec: StackSpec) -> tuple[Tensor, tuple]:
-    check_supported(x, W)
+    if _path(x, W, spec) == "layered":
+        return triton_layered.forward(x, W, V, b, c, spec)
     B, q = x.shape
     params, args, configs = _setup(spec, W, V, b, c, q)
     state = x.to(torch.float32, copy=True).contiguous()
@@ -207,6 +225,8 @@ def backward_layers_per_launch(grads: str, depth: int, sets: int, B: int, q: int
 
 def backward(grad_out: Tensor, saved: tuple, W, V, b, c, spec: StackSpec) -> Gradients:
     """Layers L−1 … 0 with the same anchor and drift rules as `reference.backward`."""
+    if _path(grad_out, W, spec) == "layered":
+        return triton_layered.backward(grad_out, saved, W, V, b, c, spec)
     final, anchors, stages = _Saved(*saved)
     B, q = final.shape
     P, m, _ = W.shape

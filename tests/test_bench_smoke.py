@@ -4,6 +4,8 @@ and PNG files. (The full-size runs are in the README's Benchmarks section.)"""
 import json
 import math
 import os
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -174,6 +176,37 @@ def test_gpu_suite_dry_run(tmp_path):
     assert "Whole-depth against per-layer" in report and "Tile candidates" in report
 
 
+def test_gpu_suite_quick_stage_dry_run(tmp_path):
+    """`make gpu-quick`'s stages on the interpreter: the goal configurations with the goal contenders
+    only (both paths and eager), the planner's predictions beside them, then the bench stage adds
+    the other contenders; nothing left undone of what was selected."""
+    from bench import gpu_suite
+
+    report = gpu_suite.main(["--dry-run", "--stages", "quick", "--out", str(tmp_path / "quick")])
+    (goal,) = report["benchmarks"]
+    assert set(goal["median_ms"]) == set(gpu_suite.triton_step.GOAL_CONTENDERS) and not goal["errors"]
+    assert {"layered_adjoint_step_vs_eager_backprop", "whole_depth_adjoint_step_vs_eager_backprop"} <= set(goal["ratios"])
+    assert set(goal["predicted"]["median_ms"]) == set(gpu_suite.triton_step.GOAL_CONTENDERS)
+    assert report["stages_run"] == ["quick"] and "quick" not in report["unfinished"]
+    report = gpu_suite.main(["--dry-run", "--stages", "quick,bench", "--out", str(tmp_path / "both")])
+    (bench,) = report["benchmarks"]  # one configuration: bench's fuller result replaces quick's
+    assert set(gpu_suite.triton_step.GOAL_CONTENDERS) < set(bench["median_ms"]) and report["unfinished"] == []
+    assert "layered adjoint/eager" in next((tmp_path / "both").glob("*.md")).read_text()
+
+
+def test_gpu_quick_fits_one_device_call():
+    """The schedule of `make gpu-quick`: the quick stage (its accuracy tests capped inside it) ends
+    within the run's budget with time left for other benchmarks, and the budget leaves room in a
+    420 s call for the install and CUDA start-up."""
+    from bench import gpu_suite
+
+    makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    budget = float(re.search(r"^QUICK_BUDGET \?= (\d+)$", makefile, re.M).group(1))
+    assert "gpu-quick:\n\t$(MAKE) gpu STAGES=quick,bench BUDGET=$(QUICK_BUDGET)" in makefile
+    assert gpu_suite.QUICK_TESTS_CAP_S < gpu_suite.STAGE_CAPS_S["quick"] < budget <= 420 - 60
+    assert gpu_suite.STAGES[0] == "quick"
+
+
 def test_gpu_suite_combines_only_reports_of_one_commit_and_device(tmp_path):
     from bench import gpu_suite
 
@@ -210,8 +243,9 @@ def test_combined_calls_keep_each_configuration_measured_and_say_what_is_left(tm
     second.write_text(json.dumps({**base, "stages_run": ["bench"], "benchmarks": [late("wide"), done("narrow"), late("deep")]}))
     combined = gpu_suite.main(["--combine", str(first), str(second), "--out", str(tmp_path / "out")])
     assert combined["benchmarks"] == [done("wide"), done("narrow"), late("deep")]
-    assert combined["unfinished"] == ["bench", "sanitizer", "memory", "crossover", "micro", "tune"]
-    assert "left undone: bench, sanitizer" in (tmp_path / "out" / "first.md").read_text()
+    # quick: its goal configurations (wide-float32, …) are not among those measured
+    assert combined["unfinished"] == ["quick", "bench", "sanitizer", "memory", "crossover", "micro", "tune"]
+    assert "left undone: quick, bench, sanitizer" in (tmp_path / "out" / "first.md").read_text()
     report = {**base, "stages_run": ["tests", "bench"], "tests": tests, "benchmarks": [done("wide")]}
     assert gpu_suite.unfinished_stages(report, ["tests", "bench", "memory"]) == ["memory"]
     assert gpu_suite.unfinished_stages({**report, "tests": {**tests, "complete": False}}, ["tests"]) == ["tests"]

@@ -6,11 +6,20 @@ import pytest
 import torch
 
 from helpers import make_stack
-from odenets_fast import ODEMLP, ode_mlp
+from odenets_fast import ODEMLP, ode_mlp, planner
 
-BACKENDS = ("reference", "cpp", "triton")
+BACKENDS = ("reference", "cpp", "triton", "triton/layered")  # the Triton backend's two paths
 MODES = [("backprop", None), ("adjoint", None), ("adjoint", 2)]
 INTERPRETER_DTYPES = (torch.float16, torch.float32)  # what Triton's interpreter runs
+
+
+@pytest.fixture
+def backend(request, monkeypatch):
+    """The backend name to pass; "triton/layered" is "triton" with the layered path forced."""
+    name, _, path = request.param.partition("/")
+    if path:
+        monkeypatch.setenv(planner.PATH_ENV, path)
+    return name
 
 
 def _dtypes(backend):
@@ -25,7 +34,7 @@ def _device(backend):
 
 @pytest.mark.parametrize("backward, anchor_every", MODES)
 @pytest.mark.parametrize("method", ["euler", "heun"])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_empty_batch_in_every_dtype(backend, method, backward, anchor_every):
     """B = 0: an empty output and zero gradients, in the input dtype. (A saved x_L with no rows
     used to be taken for "x_L is the output itself", handing a float16 x_L to a float32 backward.)"""
@@ -64,7 +73,7 @@ def _call(backend, dtype, **kwargs):
         ({"scale_in": 1e-300}, r"scale_in must be 0 or at least 1\.175e-38 in magnitude"),
     ],
 )
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_extreme_scalars_are_one_error_for_every_backend(backend, kwargs, message):
     """A scale or step that is inf or flushes to 0 in the compute dtype: the same ValueError naming
     the argument everywhere (the float32 C++ and Triton kernels used to overflow, round the step to
@@ -83,7 +92,7 @@ def test_float64_stacks_take_the_float64_range(backend):
 
 
 @pytest.mark.parametrize("anchor_every", [2**63 - 1, 2**63, 2**70])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_anchor_every_beyond_int64_is_anchor_every_L(backend, anchor_every):
     """Every k >= L stores x_0 alone: the backends get k = L, so no integer type overflows."""
     tensors = make_stack(B=3, q=4, m=5, L=3, dtype=torch.float32)[:3]

@@ -5,8 +5,10 @@ import pytest
 import torch
 
 import naive
+from backend_runs import DEVICE, run
+from backend_runs import assert_match as _assert_match
 from helpers import make_stack
-from odenets_fast import available_backends, ode_mlp, reference
+from odenets_fast import available_backends, ode_mlp, planner, reference
 from odenets_fast.activations import ACTIVATIONS
 from odenets_fast.spec import check_stack
 
@@ -17,22 +19,11 @@ from odenets_fast import triton_backend  # noqa: E402
 from odenets_fast.triton_kernels import mlp_step  # noqa: E402
 from odenets_fast.triton_kernels.activations import ACTIVATION_CODES  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ODD = dict(B=37, q=24, m=40)  # B over 2 row blocks with a tail, q padded to 32, m over 2 chunks with a tail
 
 
 def _run(backend, tensors, grad_out, **kwargs):
-    leaves = [None if t is None else t.detach().clone().to(DEVICE).requires_grad_(True) for t in tensors]
-    out = ode_mlp(*leaves, backend=backend, **kwargs)
-    grads = torch.autograd.grad(out, [t for t in leaves if t is not None], grad_out.to(DEVICE, out.dtype))
-    return [out] + list(grads)
-
-
-def _assert_match(got, want, rtol=2e-5, atol=2e-6):
-    for a, b in zip(got, want):
-        a, b = a.detach(), b.detach()
-        assert a.dtype == b.dtype and a.shape == b.shape
-        torch.testing.assert_close(a.cpu(), b.cpu(), rtol=rtol, atol=atol * max(1.0, float(b.abs().max())))
+    return run(backend, tensors, grad_out, DEVICE, **kwargs)  # the reference too, on the same device
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -327,7 +318,9 @@ def test_gpu_tile_table_covers_every_width(q, m, operand_bytes):
         assert config.num_stages == (2 if config.block_q >= 256 else 3)
 
 
-def test_wide_state_is_a_clear_error():
+def test_wide_state_is_a_clear_error_on_the_fused_path(monkeypatch):
+    """(The automatic choice runs such states on the layered path: tests/test_triton_layered.py.)"""
+    monkeypatch.setenv(planner.PATH_ENV, "fused")
     x, W, V, b, c = make_stack(B=2, q=257, m=16, L=1, dtype=torch.float32)
     with pytest.raises(ValueError, match="on-chip up to q = 256; got q = 257"):
         ode_mlp(x.to(DEVICE), W.to(DEVICE), V.to(DEVICE), backend="triton")
@@ -341,9 +334,10 @@ def test_32_bit_index_limits_are_a_clear_error(B, P, message):
     W = torch.zeros(1, 1, 64, device=DEVICE).expand(P, 1, 64)
     V = torch.zeros(1, 64, 1, device=DEVICE).expand(P, 64, 1)
     with pytest.raises(ValueError, match=f"indexes the stacked weights and one state with int32: .*{message}"):
-        triton_backend.check_supported(x, W)
-    triton_backend.check_supported(x[: 2**25 - 1], W[: 2**25 - 1])  # just below: accepted
-    triton_backend.check_supported(x[: 2**20], W[:64])  # (L + 1)·B·q = 65 · 2^26 stored floats: fine
+        triton_backend.check_supported(x, W, "fused")
+    triton_backend.check_supported(x[: 2**25 - 1], W[: 2**25 - 1], "fused")  # just below: accepted
+    triton_backend.check_supported(x[: 2**20], W[:64], "fused")  # (L + 1)·B·q = 65 · 2^26 stored floats: fine
+    triton_backend.check_supported(x, W, "layered")  # int64 offsets and cuBLAS: no such limit
 
 
 def test_float64_is_a_clear_error():

@@ -8,9 +8,11 @@ Run as a script (TRITON_INTERPRET must be unset):
     python tests/triton_aot.py [--all]   → one line per specialisation, exit code 1 on any failure
 
 Each line gives the shared memory, registers and stack (register spill) per thread of the
-specialisation, and its products' instructions: "wgmma" (Hopper's warpgroup tensor-core products,
+specialisation (the fused step kernels, the workspace products and the layered path's elementwise
+kernels), and its products' instructions: "wgmma" (Hopper's warpgroup tensor-core products,
 which need 64 rows per warpgroup), "mma" (the older per-warp tensor-core products) or "fma" (CUDA
-cores: float32 at input_precision="ieee"); a failure is a compile error, shared memory beyond the H100's 227 KiB, or a stack
+cores: float32 at input_precision="ieee"), which must be what odenets_fast.planner's cost model of the
+fused step kernels assumes; a failure is a compile error, shared memory beyond the H100's 227 KiB, a mismatch with the planner, or a stack
 beyond MAX_STACK_BYTES (the tile table of mlp_step.kernel_configs keeps spills small; a larger
 stack means a kernel change made it spill, which costs far more than the interpreter shows).
 Without --all, a representative subset (every kernel and branch at the widest benchmark shape, in
@@ -31,7 +33,8 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from odenets_fast.triton_kernels import mlp_step  # noqa: E402
+from odenets_fast.planner import fused_product_instruction  # noqa: E402
+from odenets_fast.triton_kernels import layered, mlp_step  # noqa: E402
 
 H100 = GPUTarget("cuda", 90, 32)
 H100_SHARED_MEMORY = 232448  # bytes per block (227 KiB)
@@ -40,8 +43,11 @@ MAX_STACK_BYTES = 4096  # per thread; the table's tiles stay below 3 KiB (triton
 # under triton 3.6 (2.3 KiB under 3.9) with each of the tiles tried; the README says so.
 MAX_STACK_BYTES_TF32X3_WIDE = 8192
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-FLOAT_ARGS = {"step", "scale_in", "scale_out", "scale"}
-WEIGHT_PTRS = {"W_ptr", "V_ptr", "b_ptr", "c_ptr", "W1_ptr", "V1_ptr", "b1_ptr", "c1_ptr", "operand_like_ptr"}
+FLOAT_ARGS = {"step", "scale_in", "scale_out", "scale", "grad_scale", "alpha", "k_scale"}
+# pointers in the parameter dtype: the weights, and the layered path's operands and biases
+WEIGHT_PTRS = {"W_ptr", "V_ptr", "b_ptr", "c_ptr", "W1_ptr", "V1_ptr", "b1_ptr", "c1_ptr", "operand_like_ptr",
+               "bias_ptr", "out_ptr", "act_out_ptr", "dz_out_ptr", "out_op_ptr", "u1_ptr"}  # fmt: skip
+FLOAT32_OUT_PTRS = {"combine_kernel": {"out_ptr"}}  # kernels whose `out_ptr` is a float32 state
 
 
 def compile_kernel(kernel, weight_dtype: str, constexprs: dict, num_warps: int, num_stages: int):
@@ -51,7 +57,8 @@ def compile_kernel(kernel, weight_dtype: str, constexprs: dict, num_warps: int, 
         if name in constexprs:
             signature[name] = "constexpr"
         elif name.endswith("_ptr"):
-            signature[name] = f"*{weight_dtype}" if name in WEIGHT_PTRS else "*fp32"
+            float32_out = name in FLOAT32_OUT_PTRS.get(kernel.__name__, ())
+            signature[name] = f"*{weight_dtype}" if name in WEIGHT_PTRS and not float32_out else "*fp32"
         else:
             signature[name] = "fp32" if name in FLOAT_ARGS else "i32"
     indexed = {(kernel.arg_names.index(name),): value for name, value in constexprs.items()}
@@ -115,10 +122,36 @@ def specialisations(everything: bool):
                dict(HAS_BIAS=True, BLOCK_R=product.block_r, BLOCK_C=product.block_c, BLOCK_K=product.block_k,
                     PRECISION=precision), (product.num_warps, product.num_stages))  # fmt: skip
     yield "sum_partials", mlp_step.sum_partials_kernel, "fp32", dict(BLOCK=1024), (4, 3)
+    yield from _layered_specialisations(("fp32", "bf16") if everything else ("bf16",))
+
+
+def _layered_specialisations(dtypes):
+    """The layered path's elementwise kernels, every branch on, at its tiles (triton_layered)."""
+    from odenets_fast.triton_layered import BLOCK_C, BLOCK_R, NUM_WARPS
+
+    tiles = dict(BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
+    for dtype in dtypes:
+        for label, kernel, flags in (
+            ("activation", layered.activation_kernel, dict(HAS_BIAS=True, ACT=3, WRITE_SLOPE=True)),
+            ("hidden_grad recompute", layered.hidden_grad_kernel, dict(RECOMPUTE=True, HAS_BIAS=True, ACT=4)),
+            ("hidden_grad slope", layered.hidden_grad_kernel, dict(RECOMPUTE=False, HAS_BIAS=True, ACT=1)),
+            ("combine", layered.combine_kernel, dict(HAS_K=True, HAS_BIAS=True, HAS_EXTRA=True, WRITE_OPERAND=True,
+                                                     WRITE_INCREMENT=True, SUMS=True)),
+            ("heun_cotangent", layered.heun_cotangent_kernel, dict(SUMS=True)),
+        ):  # fmt: skip
+            yield f"layered {label} {dtype}", kernel, dtype, dict(**flags, **tiles), (NUM_WARPS, 1)
 
 
 def _tiles(config, precision: str) -> dict:
     return dict(BLOCK_B=config.block_b, BLOCK_M=config.block_m, BLOCK_Q=config.block_q, PRECISION=precision)
+
+
+def _modelled_instruction(constexprs: dict, dtype: str):
+    """What odenets_fast.planner assumes the products of a fused step kernel compile to (None for the
+    kernels it does not model that way): its cost model of the fused path rests on this."""
+    if "BLOCK_B" not in constexprs:
+        return None
+    return fused_product_instruction(constexprs["BLOCK_B"], 4 if dtype == "fp32" else 2, constexprs["PRECISION"])
 
 
 def main(argv: list) -> int:
@@ -129,9 +162,12 @@ def main(argv: list) -> int:
         try:
             compiled = compile_kernel(kernel, dtype, constexprs, num_warps, num_stages)
             shared, (registers, stack) = compiled.metadata.shared, resource_usage(compiled)
-            ok = shared <= H100_SHARED_MEMORY and stack <= max_stack
+            instructions = product_instructions(compiled)
+            modelled = _modelled_instruction(constexprs, dtype)
+            ok = shared <= H100_SHARED_MEMORY and stack <= max_stack and modelled in (None, instructions)
+            mismatch = "" if modelled in (None, instructions) else f" (the planner models {modelled})"
             print(f"{'ok ' if ok else 'BIG'} {label}: {shared} bytes of shared memory, {registers} registers, "
-                  f"{stack} bytes of stack per thread, products {product_instructions(compiled)}", flush=True)  # fmt: skip
+                  f"{stack} bytes of stack per thread, products {instructions}{mismatch}", flush=True)  # fmt: skip
         except Exception as err:  # report every failing specialisation, not just the first
             ok = False
             print(f"ERR {label}: {type(err).__name__}: {str(err).splitlines()[-1] if str(err) else ''}", flush=True)

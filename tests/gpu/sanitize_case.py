@@ -1,4 +1,4 @@
-"""A small forward + backward through every Triton kernel specialisation family, for
+"""A small forward + backward through every Triton kernel specialisation family, on both paths, for
 `compute-sanitizer --tool memcheck` (run by bench.gpu_suite): odd sizes so that every mask is hit."""
 
 import os
@@ -11,11 +11,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from helpers import make_stack  # noqa: E402
 
 from odenets_fast import ode_mlp  # noqa: E402
+from odenets_fast.planner import PATH_ENV, PATHS  # noqa: E402
 from odenets_fast.triton_backend import WEIGHT_GRADS_ENV  # noqa: E402
 
 
 def main() -> None:
-    for method in ("euler", "heun"):
+    for path, method in ((path, method) for path in PATHS for method in ("euler", "heun")):
+        os.environ[PATH_ENV] = path
         for backward, anchor_every, grads in (("backprop", None, "partials"), ("adjoint", None, "partials"),
                                               ("adjoint", None, "workspace"), ("adjoint", 2, "atomic")):  # fmt: skip
             deterministic = grads != "atomic"

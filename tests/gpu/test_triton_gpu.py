@@ -1,18 +1,25 @@
-"""GPU tests of the Triton backend (run by `make gpu`; `make test` covers the same kernels under
-the interpreter). Low-precision results are judged against a same-dtype PyTorch run: the kernel's
-error against a float64 oracle may be at most twice that of the plain eager loop in that dtype."""
+"""GPU tests of the Triton backend's fused kernels (run by `make gpu`; `make test` covers the same
+kernels under the interpreter; tests/gpu/test_paths_gpu.py the layered path and both paths' accuracy).
+Low-precision results are judged against a same-dtype PyTorch run: the kernel's error against a
+float64 oracle may be at most twice that of the plain eager loop in that dtype."""
 
 import pytest
 import torch
 
 import naive
+from gpu_helpers import CUDA, assert_graph_replays_bitwise, grads, peak_step_bytes, rel
 from helpers import make_stack
 from odenets_fast import ode_mlp
 from odenets_fast.activations import ACTIVATIONS
+from odenets_fast.planner import PATH_ENV
 from odenets_fast.triton_backend import WEIGHT_GRADS_ENV, kernel_configs
+from odenets_fast.triton_layered import tf32_context
 from odenets_fast.triton_kernels.mlp_step import GradSections
 
-CUDA = torch.device("cuda")
+@pytest.fixture(autouse=True)
+def _fused_path(monkeypatch):
+    """These tests are about the fused kernels: not whatever path the planner picks for their shapes."""
+    monkeypatch.setenv(PATH_ENV, "fused")
 
 
 def _use_reduction(grads: str, monkeypatch) -> dict:
@@ -21,16 +28,6 @@ def _use_reduction(grads: str, monkeypatch) -> dict:
         return dict(deterministic=False)
     monkeypatch.setenv(WEIGHT_GRADS_ENV, grads)
     return {}
-
-
-def _grads(fn, tensors, grad_out):
-    leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
-    out = fn(*leaves)
-    return [out.detach()] + [g.detach() for g in torch.autograd.grad(out, leaves, grad_out.to(out.dtype))]
-
-
-def _rel(a, b):
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
 
 def _stack(method, dtype=torch.float32, B=1000, q=100, m=300, L=8):
@@ -44,10 +41,10 @@ def test_float32_ieee_matches_float64_reference(method, backward, activation):
     tensors = _stack(method)
     grad_out = torch.randn(1000, 100, device=CUDA)
     kw = dict(method=method, backward=backward, activation=activation)
-    got = _grads(lambda *t: ode_mlp(*t, backend="triton", **kw), tensors, grad_out)
-    want = _grads(lambda *t: ode_mlp(*t, backend="reference", **kw), [t.double() for t in tensors], grad_out.double())
+    got = grads(lambda *t: ode_mlp(*t, backend="triton", **kw), tensors, grad_out)
+    want = grads(lambda *t: ode_mlp(*t, backend="reference", **kw), [t.double() for t in tensors], grad_out.double())
     for g, w in zip(got, want):
-        assert _rel(g, w) < 1e-5
+        assert rel(g, w) < 1e-5
 
 
 @pytest.mark.parametrize("precision, dtype", [("tf32", torch.float32), ("tf32x3", torch.float32), ("ieee", torch.bfloat16),
@@ -63,20 +60,16 @@ def test_reduced_precision_no_worse_than_eager_same_dtype(method, backward, prec
     monkeypatch.setenv(WEIGHT_GRADS_ENV, grads)
     tensors64 = _stack(method, torch.float64)
     grad_out = torch.randn(1000, 100, device=CUDA, dtype=torch.float64)
-    oracle = _grads(lambda *t: ode_mlp(*t, method=method, backward=backward, backend="reference"), tensors64, grad_out)
-    exact = _grads(lambda *t: naive.eager_forward(*t, method=method), tensors64, grad_out)
+    oracle = grads(lambda *t: ode_mlp(*t, method=method, backward=backward, backend="reference"), tensors64, grad_out)
+    exact = grads(lambda *t: naive.eager_forward(*t, method=method), tensors64, grad_out)
     low = [t.to(dtype) for t in tensors64]
-    ours = _grads(lambda *t: ode_mlp(*t, method=method, backward=backward, backend="triton", input_precision=precision),
+    ours = grads(lambda *t: ode_mlp(*t, method=method, backward=backward, backend="triton", input_precision=precision),
                   low, grad_out)  # fmt: skip
-    allow_tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
-    try:
-        eager = _grads(lambda *t: naive.eager_forward(*t, method=method), low, grad_out)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+    with tf32_context("tf32" if precision == "tf32" else "ieee", CUDA):
+        eager = grads(lambda *t: naive.eager_forward(*t, method=method), low, grad_out)
     for o, want, e_low, e in zip(ours, oracle, eager, exact):
         assert o.dtype == dtype
-        assert _rel(o, want) <= 2 * _rel(e_low, e) + 1e-4, (_rel(o, want), _rel(e_low, e))
+        assert rel(o, want) <= 2 * rel(e_low, e) + 1e-4, (rel(o, want), rel(e_low, e))
 
 
 @pytest.mark.parametrize("grads", ["partials", "workspace"])
@@ -85,12 +78,12 @@ def test_deterministic_mode_is_bitwise_reproducible(method, grads, monkeypatch):
     monkeypatch.setenv(WEIGHT_GRADS_ENV, grads)
     tensors = _stack(method, B=4096, q=64, m=128, L=6)
     grad_out = torch.randn(4096, 64, device=CUDA)
-    runs = [_grads(lambda *t: ode_mlp(*t, method=method, backend="triton"), tensors, grad_out) for _ in range(2)]
+    runs = [grads(lambda *t: ode_mlp(*t, method=method, backend="triton"), tensors, grad_out) for _ in range(2)]
     for a, b in zip(*runs):
         assert torch.equal(a, b)
-    atomic = _grads(lambda *t: ode_mlp(*t, method=method, backend="triton", deterministic=False), tensors, grad_out)
+    atomic = grads(lambda *t: ode_mlp(*t, method=method, backend="triton", deterministic=False), tensors, grad_out)
     for a, b in zip(atomic, runs[0]):
-        assert _rel(a, b) < 1e-5
+        assert rel(a, b) < 1e-5
 
 
 @pytest.mark.parametrize("grads", ["partials", "workspace", "atomic"])
@@ -101,11 +94,11 @@ def test_odd_and_limit_shapes(shape, grads, monkeypatch):
     tensors[0] = x_wide
     grad_out = torch.randn(shape["B"], shape["q"], device=CUDA)
     kw = _use_reduction(grads, monkeypatch)
-    got = _grads(lambda *t: ode_mlp(*t, method="heun", backend="triton", **kw), tensors, grad_out)
-    want = _grads(lambda *t: ode_mlp(*t, method="heun", backend="reference"), [t.double() for t in tensors],
+    got = grads(lambda *t: ode_mlp(*t, method="heun", backend="triton", **kw), tensors, grad_out)
+    want = grads(lambda *t: ode_mlp(*t, method="heun", backend="reference"), [t.double() for t in tensors],
                   grad_out.double())  # fmt: skip
     for g, w in zip(got, want):
-        assert _rel(g, w) < 1e-5
+        assert rel(g, w) < 1e-5
 
 
 @pytest.mark.parametrize("grads, shape", [
@@ -121,11 +114,11 @@ def test_past_32_bit_offsets_and_grid_axis_limits(grads, shape, monkeypatch):
         assert programs * GradSections(q, m).row(1) > 2**31  # the premise of the case
     tensors = _stack("euler", B=B, q=q, m=m, L=L)
     grad_out = torch.randn(B, q, device=CUDA)
-    run = lambda **kw: _grads(lambda *t: ode_mlp(*t, backend="triton", **kw), tensors, grad_out)  # noqa: E731
+    run = lambda **kw: grads(lambda *t: ode_mlp(*t, backend="triton", **kw), tensors, grad_out)  # noqa: E731
     want = run(**_use_reduction("atomic", monkeypatch))
     got = run(**_use_reduction(grads, monkeypatch))
     for g, w in zip(got, want):
-        assert _rel(g, w) < 1e-5
+        assert rel(g, w) < 1e-5
 
 
 @pytest.mark.parametrize("method", ["euler", "heun"])
@@ -136,32 +129,18 @@ def test_stored_states_past_2_31_floats(method):
     at B = 4096), a wrapped offset by O(1)."""
     tensors = _stack(method, B=2**21, q=16, m=16, L=70)
     grad_out = torch.randn(2**21, 16, device=CUDA)
-    got = _grads(lambda *t: ode_mlp(*t, method=method, backward="backprop", backend="triton"), tensors, grad_out)
-    want = _grads(lambda *t: ode_mlp(*t, method=method, backward="adjoint", backend="triton"), tensors, grad_out)
+    got = grads(lambda *t: ode_mlp(*t, method=method, backward="backprop", backend="triton"), tensors, grad_out)
+    want = grads(lambda *t: ode_mlp(*t, method=method, backward="adjoint", backend="triton"), tensors, grad_out)
     for g, w in zip(got, want):
-        assert _rel(g, w) < 1e-2
-
-
-def _peak_step_bytes(L, method, backward, B=4096, q=256, m=512):
-    """Peak CUDA memory of one training step above what exists anyway: inputs, parameters and the
-    parameter gradients it produces."""
-    x, W, V, _, _ = make_stack(B=B, q=q, m=m, L=L, method=method, dtype=torch.float32, v_scale=0.5)
-    x, W, V = x.to(CUDA), W.to(CUDA).requires_grad_(True), V.to(CUDA).requires_grad_(True)
-    grad_out = torch.randn_like(x)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    ode_mlp(x, W, V, method=method, backward=backward, backend="triton").backward(grad_out)
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - base - (W.numel() + V.numel()) * 4
+        assert rel(g, w) < 1e-2
 
 
 @pytest.mark.parametrize("method", ["euler", "heun"])
 def test_adjoint_peak_memory_does_not_grow_with_depth(method):
-    shallow, deep = _peak_step_bytes(8, method, "adjoint"), _peak_step_bytes(64, method, "adjoint")
+    shallow, deep = peak_step_bytes(8, method, "adjoint"), peak_step_bytes(64, method, "adjoint")
     assert deep <= 1.05 * shallow + 2**20, (shallow, deep)
     # and the comparison is meaningful: backprop's does grow by the stored states
-    grows = _peak_step_bytes(64, method, "backprop") - _peak_step_bytes(8, method, "backprop")
+    grows = peak_step_bytes(64, method, "backprop") - peak_step_bytes(8, method, "backprop")
     assert grows >= 56 * 4096 * 256 * 4
 
 
@@ -205,21 +184,7 @@ def test_training_step_replays_from_a_cuda_graph(method, layers_per_launch, grad
         out = ode_mlp(static_x, *params, method=method, backend="triton")
         return torch.autograd.grad(out, params, static_grad)
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()  # warm-up: compiles the kernels outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
-    for _ in range(2):
-        static_x.copy_(torch.randn_like(x))
-        static_grad.copy_(torch.randn_like(x))
-        graph.replay()
-        launched = step()
-        for got, want in zip(captured, launched):
-            assert torch.equal(got, want)
+    assert_graph_replays_bitwise(step, (static_x, static_grad))
 
 
 def test_layer_ranges_reuse_one_compiled_kernel(monkeypatch):

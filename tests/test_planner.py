@@ -1,0 +1,117 @@
+"""odenets_fast.plan: the cost model that picks the Triton backend's path, checked where its choices
+are clear-cut, against the backend's own planning, and for bad input."""
+
+import pytest
+import torch
+
+from odenets_fast import plan, planner
+from odenets_fast.spec import check_stack
+
+WIDE = dict(batch=4096, dim=256, hidden=512, depth=64)  # the layered path's goal shape (GPU issue, part 1)
+NARROW = dict(batch=16384, dim=64, hidden=128, depth=256)  # the fused path's goal shape (part 2)
+
+
+@pytest.fixture(autouse=True)
+def _no_override(monkeypatch):
+    monkeypatch.delenv(planner.PATH_ENV, raising=False)
+
+
+@pytest.mark.parametrize("device", ["H100", "H200"])
+@pytest.mark.parametrize("precision", [None, "ieee"])
+def test_wide_float32_picks_the_layered_path(device, precision):
+    """float32 IEEE products run on CUDA cores: cuBLAS beats the fused kernels' FMA products."""
+    result = plan(**WIDE, input_precision=precision, device=device)
+    assert result.backend == "triton" and result.path == "layered" and result.device == device
+    assert result.estimates["layered"].step_ms < result.estimates["fused"].step_ms
+    assert "cuBLAS on FP32 cores" in result.reason and "Triton fma" in result.reason
+
+
+@pytest.mark.parametrize("dtype, precision", [(torch.bfloat16, None), (torch.float32, "tf32")])
+def test_narrow_tensor_core_stacks_pick_the_fused_path(dtype, precision):
+    """Narrow states: launches and traffic dominate, and 64-row tiles put the products on wgmma."""
+    result = plan(**NARROW, dtype=dtype, input_precision=precision)
+    assert result.path == "fused" and "Triton wgmma" in result.estimates["fused"].products
+    assert result.estimates["fused"].step.launches < result.estimates["layered"].step.launches
+
+
+def test_states_wider_than_the_fused_kernels_take_the_layered_path():
+    result = plan(8, 300, 16, 4)
+    assert result.path == "layered" and "fused" not in result.estimates and "q = 300 > 256" in result.reason
+
+
+def test_the_override_is_the_plan(monkeypatch):
+    monkeypatch.setenv(planner.PATH_ENV, "fused")
+    assert plan(**WIDE).path == "fused" and plan(**WIDE).reason == "ODENETS_FAST_TRITON_PATH=fused"
+    monkeypatch.setenv(planner.PATH_ENV, "fast")
+    with pytest.raises(ValueError, match="ODENETS_FAST_TRITON_PATH must be one of"):
+        plan(**WIDE)
+
+
+def test_the_model_counts_what_each_mode_does():
+    """Adjoint reconstructs (more products than backprop), anchors skip reconstructions, Heun
+    evaluates f twice per layer; the forward is the same in every mode."""
+    steps = {mode: plan(**WIDE, backward=mode).estimates["layered"] for mode in ("adjoint", "backprop")}
+    anchored = plan(**WIDE, anchor_every=8).estimates["layered"]
+    assert steps["backprop"].step.flops < anchored.step.flops < steps["adjoint"].step.flops
+    assert steps["backprop"].forward == steps["adjoint"].forward
+    euler, heun = plan(**WIDE).estimates["layered"], plan(**WIDE, method="heun").estimates["layered"]
+    assert heun.forward.flops == 2 * euler.forward.flops
+    # Euler forward: two products of 2·B·q·m FLOPs per layer
+    assert euler.forward.flops == WIDE["depth"] * 2 * 2 * 4096 * 256 * 512
+
+
+def test_the_fused_estimate_follows_the_backend_planning():
+    """Tiles, weight-gradient reduction and backward launches are the backend's own choices."""
+    from odenets_fast import triton_backend
+    from odenets_fast.triton_kernels import mlp_step
+
+    fused = plan(**WIDE).estimates["fused"]
+    configs = mlp_step.kernel_configs(256, 512, 4, interpreted=False)
+    assert fused.details["tiles"]["reverse"] == configs.reverse._asdict()
+    assert fused.details["weight_grads"] == triton_backend.weight_grad_reduction(True, 4096, 256, 512,
+                                                                                  configs.reverse.block_b)  # fmt: skip
+
+
+@pytest.mark.parametrize("block_b, operand_bytes, precision, want", [
+    (32, 4, "ieee", "fma"), (64, 4, "tf32", "wgmma"), (16, 2, "ieee", "mma"), (64, 2, "ieee", "wgmma"),
+    (32, 4, "tf32x3", "mma"),
+])  # fmt: skip
+def test_fused_product_instructions(block_b, operand_bytes, precision, want):
+    """The rule the fused model rests on (tests/triton_aot.py checks it against the compiled PTX)."""
+    assert planner.fused_product_instruction(block_b, operand_bytes, precision) == want
+
+
+def test_cpu_tensors_have_no_triton_plan():
+    result = plan(**WIDE, device=torch.device("cpu"))
+    assert result.backend == "cpp" and result.path is None and not result.estimates
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(batch=0), ValueError, "batch must be a positive int"),
+    (dict(dtype=torch.float64), TypeError, "dtype must be float32, float16 or bfloat16"),
+    (dict(device="A100"), ValueError, "device must be 'H100', 'H200' or a CUDA device"),
+    (dict(method="rk4"), ValueError, "method must be one of"),
+    (dict(backward="backprop", anchor_every=2), ValueError, "anchor_every is only meaningful"),
+    (dict(input_precision="fp8"), ValueError, "input_precision must be one of"),
+])  # fmt: skip
+def test_bad_arguments(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        plan(**{**WIDE, **kwargs})
+
+
+def test_printed_plan_and_command_line(capsys):
+    planner.main(["4096", "256", "512", "64", "--dtype", "bfloat16", "--device", "H200"])
+    out = capsys.readouterr().out
+    assert out.startswith("backend 'triton', path ") and out.count("(predicted)") == 3 and "H200" in out
+
+
+def test_the_backend_asks_the_planner_on_cuda_only(monkeypatch):
+    """Under the interpreter (CPU tensors) there is no device to model: the fused path unless
+    overridden or too wide; on CUDA, the plan's choice."""
+    x, W, V = torch.zeros(4, 8), torch.zeros(2, 16, 8), torch.zeros(2, 8, 16)
+    spec = check_stack(x, W, V, None, None, method="euler", activation="gelu", T=1.0, backward="adjoint",
+                       anchor_every=None, scale_in=None, scale_out=None)  # fmt: skip
+    assert planner.choose_path(4, 8, 16, spec, torch.float32, torch.device("cpu")) == "fused"
+    assert planner.choose_path(4, 300, 16, spec, torch.float32, torch.device("cpu")) == "layered"
+    monkeypatch.setattr(planner, "plan", lambda *args, **kwargs: type("P", (), {"path": "layered"})())
+    assert planner.choose_path(4, 8, 16, spec, torch.float32, torch.device("cuda")) == "layered"
