@@ -2,11 +2,13 @@
 the interpreter). Low-precision results are judged against a same-dtype PyTorch run: the kernel's
 error against a float64 oracle may be at most twice that of the plain eager loop in that dtype."""
 
+import math
+
 import pytest
 import torch
 
 import naive
-from helpers import make_stack
+from helpers import activation_through_stack, make_stack, special_values
 from odenets_fast import ode_mlp
 from odenets_fast.activations import ACTIVATIONS
 from odenets_fast.triton_backend import WEIGHT_GRADS_ENV, kernel_configs
@@ -238,3 +240,30 @@ def test_layer_ranges_reuse_one_compiled_kernel(monkeypatch):
     torch.autograd.grad(ode_mlp(x, *params, activation="silu", backend="triton"), params, torch.randn_like(x))
     new_variants = [len(cache) - count for cache, count in zip(compiled, before)]
     assert new_variants[0] <= 1 and new_variants[1] <= 2, new_variants
+
+
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+def test_activations_of_special_values_as_the_reference(activation):
+    """NaN, ±inf and overflowing values through σ and σ' on the GPU (tests/test_nonfinite.py), whose
+    NaN and inf semantics the interpreter's numpy does not have: max.f32 drops a NaN operand, tl.exp is
+    ex2.approx and a quotient div.full."""
+    z = special_values(torch.float32)
+    want_value, want_slope = ACTIVATIONS[activation].fn(z), ACTIVATIONS[activation].grad(z)
+    value, slope = activation_through_stack("triton", activation, z.to(CUDA))
+    for got, want in ((value, want_value), (slope, want_slope)):
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+@pytest.mark.parametrize("grads", ["partials", "workspace", "atomic"])
+@pytest.mark.parametrize("where, value", [(1, math.nan), (0, math.inf), (2, -math.inf)],
+                         ids=["W-nan", "x-inf", "V-inf"])  # fmt: skip
+@pytest.mark.parametrize("method", ["euler", "heun"])
+def test_one_nonfinite_entry_gives_the_references_nonfinite_results(method, where, value, grads, monkeypatch):
+    tensors = _stack(method, B=37, q=24, m=40, L=3)
+    tensors[where][(1, 3, 5)[: tensors[where].dim()]] = value
+    grad_out = torch.randn(37, 24, device=CUDA)
+    kw = _use_reduction(grads, monkeypatch)
+    got = _grads(lambda *t: ode_mlp(*t, method=method, activation="relu", backend="triton", **kw), tensors, grad_out)
+    want = _grads(lambda *t: ode_mlp(*t, method=method, activation="relu", backend="reference"), tensors, grad_out)
+    for g, w in zip(got, want):
+        assert torch.equal(g.isnan(), w.isnan()) and torch.equal(g.isinf(), w.isinf())
