@@ -41,24 +41,23 @@ def special_values(dtype):
     return torch.tensor(values + [-v for v in values[1:]], dtype=dtype)
 
 
-def activation_probe(z):
-    """(x, W, V) of a one-layer stack whose row i has the pre-activation z[i], for ode_mlp with
-    q = 2, m = 1, Euler, T = 1 and scale_in = scale_out = 1: x_i = (z_i, 0), W = (1 0), V = (0 1)ᵀ.
-    Then out[:, 1] = σ(z) and, with grad_out rows (0, 1) and backward="backprop", the gradient of
-    x[:, 0] is σ'(z): one row per value, whatever the others are."""
-    x = torch.stack([z, torch.zeros_like(z)], dim=1)
-    W = torch.tensor([[[1.0, 0.0]]], dtype=z.dtype, device=z.device)
-    V = torch.tensor([[[0.0], [1.0]]], dtype=z.dtype, device=z.device)
-    return x, W, V
-
-
 def activation_through_stack(backend, activation, z):
-    """(σ(z), σ'(z)) as `backend` computes them inside its stack (see activation_probe)."""
+    """(σ(z), σ'(z)) as `backend` computes them inside its stack, for a 1-D z.
+
+    A one-layer Euler stack (T = 1, a_in = a_out = 1, backward="backprop", B = q = 1) with W = 0 and
+    b = z: z_j is the pre-activation of hidden unit j. With V = 1 and grad_out = 1, dV[0, j] = σ(z_j)
+    and db[j] = σ'(z_j), each from its own unit whatever the others are. Every value is repeated over
+    16 units, so that it also goes through full vectors of the C++ backend's loops, not only through
+    their scalar remainder."""
     from odenets_fast import ode_mlp
 
-    leaves = [t.clone().requires_grad_(True) for t in activation_probe(z)]
-    out = ode_mlp(*leaves, activation=activation, backend=backend, backward="backprop", scale_in=1.0, scale_out=1.0)
-    grad_out = torch.zeros_like(out)
-    grad_out[:, 1] = 1.0
-    (grad_x,) = torch.autograd.grad(out, leaves[0], grad_out)
-    return out[:, 1].detach(), grad_x[:, 0]
+    b = z.repeat_interleave(16)[None, :]
+    m = b.shape[1]
+    x = torch.ones(1, 1, dtype=z.dtype, device=z.device)
+    W = torch.zeros(1, m, 1, dtype=z.dtype, device=z.device)
+    V = torch.ones(1, 1, m, dtype=z.dtype, device=z.device, requires_grad=True)
+    b.requires_grad_(True)
+    out = ode_mlp(x, W, V, b, activation=activation, backend=backend, backward="backprop", scale_in=1.0,
+                  scale_out=1.0)  # fmt: skip
+    grad_V, grad_b = torch.autograd.grad(out, (V, b), torch.ones_like(out))
+    return grad_V[0, 0].view(-1, 16), grad_b[0].view(-1, 16)
