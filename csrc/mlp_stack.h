@@ -56,7 +56,7 @@ void check_tensor(const char* op, const char* name, const at::Tensor& t, at::Int
 //
 // The blocks depend on the problem (B, q, m), never on the number of threads, so that the results do
 // not either: each block is the rows of one matrix product, and a product may give a row different
-// bits depending on its number of rows (MKL does, e.g. for a single row in float32).
+// bits depending on its number of rows (MKL does: with q > m, 301 rows in one block or in 150 + 151).
 struct RowChunks {
   int64_t count;
   int64_t batch;
@@ -72,9 +72,9 @@ int64_t gradient_blocks(const StackConfig& config, int64_t rows);
 // What every task of the ops' parallel loops runs under. Thread-local state, which worker threads do
 // not inherit from the caller: dispatch below autograd (the products write into preallocated buffers,
 // which autograd rejects for parameters that require grad), and one BLAS thread. MKL otherwise picks
-// its kernels by the thread count it may use — in a worker thread too, where it runs on one thread
-// anyway — and gives different bits with 2 threads than with 1, e.g. for a 64 × 32 weight gradient
-// summed over 128 rows; with one thread each product is computed as in a single-threaded run.
+// its kernels by the thread count it may use, in a worker thread too, and gives other bits with 2
+// threads than with 1, e.g. for a 64 × 32 weight gradient summed over 128 rows; with one thread each
+// product is computed as in a single-threaded run.
 class TaskScope {
  public:
   TaskScope();
