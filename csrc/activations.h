@@ -32,13 +32,20 @@ ODENETS_ALWAYS_INLINE double erf(double x) { return std::erf(x); }
 ODENETS_ALWAYS_INLINE double tanh(double x) { return std::tanh(x); }
 
 // Cephes expf: x = n ln2 + r with |r| <= ln2/2, exp(r) by a degree-6 polynomial, 2^n through the
-// exponent bits. The input is clamped so that 2^n stays a normal float.
+// exponent bits. 2^n is applied as two factors 2^(n/2) 2^(n - n/2), each a normal float, so that the
+// result overflows to inf and underflows through the subnormals to 0 where the true exp does, rather
+// than saturating at the ends of the normal range: σ and σ' must see exp(±inf) = inf and 0, as in the
+// reference. The clamp only keeps n in range (exp is inf above 89 and 0 below -110 anyway); NaN passes
+// through it and the polynomial, and its integer part is read from bits, not converted (which would
+// be undefined), in unsigned arithmetic, so it comes out as NaN with no extra select.
 ODENETS_ALWAYS_INLINE float exp(float x) {
-  x = std::min(std::max(x, -87.3f), 88.0f);
-  // Adding and subtracting 1.5·2^23 rounds to the nearest integer without a (non-vectorizable) call.
+  const float clamped = std::min(std::max(x, -110.0f), 89.0f);  // operand order: max(NaN, -110) = NaN
+  // Adding 1.5·2^23 rounds to the nearest integer, which is then the low bits of the sum, without a
+  // (non-vectorizable) call.
   const float round_magic = 12582912.0f;
-  const float n = (x * 1.44269504088896341f + round_magic) - round_magic;
-  float r = x - n * 0.693359375f;
+  const float shifted = clamped * 1.44269504088896341f + round_magic;
+  const float n = shifted - round_magic;
+  float r = clamped - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
@@ -47,10 +54,16 @@ ODENETS_ALWAYS_INLINE float exp(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * (r * r) + r + 1.0f;
-  const int32_t exponent_bits = (static_cast<int32_t>(n) + 127) << 23;
-  float two_to_n;
-  std::memcpy(&two_to_n, &exponent_bits, sizeof(float));
-  return p * two_to_n;
+  uint32_t shifted_bits, magic_bits;
+  std::memcpy(&shifted_bits, &shifted, sizeof(float));
+  std::memcpy(&magic_bits, &round_magic, sizeof(float));
+  const uint32_t n_bits = shifted_bits - magic_bits;  // n in two's complement
+  const uint32_t n_low = static_cast<uint32_t>(static_cast<int32_t>(n_bits) >> 1);  // floor(n / 2) in [-80, 64]
+  const uint32_t low_bits = (n_low + 127u) << 23, high_bits = (n_bits - n_low + 127u) << 23;
+  float two_to_low, two_to_high;
+  std::memcpy(&two_to_low, &low_bits, sizeof(float));
+  std::memcpy(&two_to_high, &high_bits, sizeof(float));
+  return p * two_to_low * two_to_high;
 }
 
 // Rational minimax approximation (Eigen's float erf); |x| >= 4 rounds to ±1 in float anyway.
@@ -103,12 +116,12 @@ struct Identity {
   }
 };
 
-// σ'(0) = 0, as in the reference.
+// As the reference (torch.relu and z > 0): σ(NaN) = NaN, σ'(NaN) = σ'(0) = 0.
 template <typename T>
 struct Relu {
-  static ODENETS_ALWAYS_INLINE T value(T z) { return z > T(0) ? z : T(0); }
+  static ODENETS_ALWAYS_INLINE T value(T z) { return z < T(0) ? T(0) : z; }
   static ODENETS_ALWAYS_INLINE void both(T z, T& a, T& s) {
-    a = z > T(0) ? z : T(0);
+    a = value(z);
     s = z > T(0) ? T(1) : T(0);
   }
 };

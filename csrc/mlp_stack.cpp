@@ -1,21 +1,32 @@
 #include "mlp_stack.h"
 
-#include <ATen/Parallel.h>
-
 #include <algorithm>
 #include <cmath>
 #include <string>
+
+// MKL's per-thread BLAS thread count (the C entry point behind mkl_set_num_threads_local; the
+// lower-case symbol is the Fortran one, which takes a pointer), exported by libtorch_cpu where torch
+// uses MKL. Weak: where it does not, this is null and TaskScope leaves the BLAS alone.
+#if defined(__GNUC__)
+extern "C" int MKL_Set_Num_Threads_Local(int threads) __attribute__((weak));
+static int (*const set_blas_threads_of_this_thread)(int) = MKL_Set_Num_Threads_Local;
+#else
+static int (*const set_blas_threads_of_this_thread)(int) = nullptr;  // no weak symbols
+#endif
 
 namespace odenets_fast {
 
 namespace {
 
-// A row block must be worth waking a thread for: below this many rows the matrix products get too
-// thin, and below this much work (rows × q × m × L multiply-adds, one product per layer) the call
-// is over before a second thread pays off — and on a busy machine, waiting for a descheduled
-// thread costs milliseconds.
+// A row block's products must be large enough to run near their best speed: 2^18 multiply-adds are
+// 128 rows at q × m = 32 × 64, where MKL's time per row of a float32 product is half that at 16 rows
+// and 10 % above that at 256. So a batch of B rows runs on at most B q m / 2^18 threads; one of
+// B q m < 2^19 on one. (A block cannot follow the number of threads: see RowChunks.)
 constexpr int64_t kMinRowsPerChunk = 16;
-constexpr int64_t kMinWorkPerChunk = int64_t(1) << 18;
+constexpr int64_t kMinWorkPerChunk = int64_t(1) << 18;  // rows × q × m
+// A weight-gradient block is a product over the whole batch; splitting one pays only when it is large.
+constexpr int64_t kMinRowsPerGradientBlock = 16;
+constexpr int64_t kMinWorkPerGradientBlock = int64_t(1) << 20;  // its rows × the other width × B
 
 std::string quoted(c10::string_view s) { return "'" + std::string(s.data(), s.size()) + "'"; }
 
@@ -76,11 +87,23 @@ StackConfig check_stack_args(const char* op, const char* state_name, const at::T
 }
 
 RowChunks plan_row_chunks(const StackConfig& config) {
-  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
-  const int64_t work_per_row = config.width * config.hidden * config.depth;
   const int64_t by_rows = config.batch / kMinRowsPerChunk;
-  const int64_t by_work = config.batch * work_per_row / kMinWorkPerChunk;
-  return RowChunks{std::max<int64_t>(1, std::min({threads, by_rows, by_work})), config.batch};
+  const int64_t by_work = config.batch * config.width * config.hidden / kMinWorkPerChunk;
+  return RowChunks{std::max<int64_t>(1, std::min(by_rows, by_work)), config.batch};
+}
+
+int64_t gradient_blocks(const StackConfig& config, int64_t rows) {
+  const int64_t by_rows = rows / kMinRowsPerGradientBlock;
+  const int64_t by_work = config.width * config.hidden * config.batch / kMinWorkPerGradientBlock;
+  return std::max<int64_t>(1, std::min(by_rows, by_work));
+}
+
+TaskScope::TaskScope()
+    : previous_blas_threads_(set_blas_threads_of_this_thread ? set_blas_threads_of_this_thread(1) : 0) {}
+
+TaskScope::~TaskScope() {
+  // 0, what MKL returns where the thread had no setting of its own, restores "follow the global one"
+  if (set_blas_threads_of_this_thread) set_blas_threads_of_this_thread(previous_blas_threads_);
 }
 
 // An alias of its own: select() rewrites the view, which must not move any other handle's.

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 
 #include <optional>
 #include <tuple>
@@ -49,9 +50,13 @@ StackConfig check_stack_args(const char* op, const char* state_name, const at::T
 void check_tensor(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef expected,
                   const at::Tensor& like);
 
-// The batch is cut into contiguous row blocks, one per thread. Rows never interact: the forward runs
-// each block through the whole depth on its own; the backward runs the blocks through one layer at a
-// time, because the weight gradients sum over all rows (mlp_stack_backward.cpp).
+// The batch is cut into contiguous row blocks, and the threads take whole blocks. Rows never interact:
+// the forward runs each block through the whole depth on its own; the backward runs the blocks through
+// one layer at a time, because the weight gradients sum over all rows (mlp_stack_backward.cpp).
+//
+// The blocks depend on the problem (B, q, m), never on the number of threads, so that the results do
+// not either: each block is the rows of one matrix product, and a product may give a row different
+// bits depending on its number of rows (MKL does: with q > m, 301 rows in one block or in 150 + 151).
 struct RowChunks {
   int64_t count;
   int64_t batch;
@@ -59,6 +64,28 @@ struct RowChunks {
   int64_t rows(int64_t chunk) const { return begin(chunk + 1) - begin(chunk); }
 };
 RowChunks plan_row_chunks(const StackConfig& config);
+
+// How many row blocks to cut a weight gradient's `rows` (q of dV, m of dW) into, each a product over the
+// whole batch done by one thread; like the row blocks, fixed by the problem alone.
+int64_t gradient_blocks(const StackConfig& config, int64_t rows);
+
+// What every task of the ops' parallel loops runs under. Thread-local state, which worker threads do
+// not inherit from the caller: dispatch below autograd (the products write into preallocated buffers,
+// which autograd rejects for parameters that require grad), and one BLAS thread. MKL otherwise picks
+// its kernels by the thread count it may use, in a worker thread too, and gives other bits with 2
+// threads than with 1, e.g. for a 64 × 32 weight gradient summed over 128 rows; with one thread each
+// product is computed as in a single-threaded run.
+class TaskScope {
+ public:
+  TaskScope();
+  ~TaskScope();
+  TaskScope(const TaskScope&) = delete;
+  TaskScope& operator=(const TaskScope&) = delete;
+
+ private:
+  at::AutoDispatchBelowADInplaceOrView below_autograd_;
+  int previous_blas_threads_;
+};
 
 // A view into layer 0 of a contiguous stacked (P, …) tensor — W_0, W_0ᵀ, rows of dW_0 … — that
 // select(n) moves to layer n in place, by rewriting its storage offset. Walking the depth this way

@@ -7,14 +7,14 @@
 //   1. row chunks: the reconstruction, the recomputation and the VJP's products with rows of the
 //      batch, writing dz, σ(z) and the cotangents into the workspaces;
 //   2. gradient blocks: the weight and bias gradients of the layer, sums over the whole batch, each
-//      thread adding whole products dV += scale uᵀ a or dW += scale dzᵀ x (or blocks of their rows
-//      when there are more threads than products) with the matching bias sums.
-// Every gradient entry is thus one product or sum over all rows, the same whatever the number of
-// threads, where per-thread partial gradients would cost a copy of the gradients per thread. Giving
-// each product to one thread, rather than rows of every product to every thread, also has each
-// thread read fewer of the rows the others wrote.
+//      thread adding whole products dV += scale uᵀ a or dW += scale dzᵀ x (or blocks of their rows,
+//      for large products) with the matching bias sums.
+// Every gradient entry is thus one product or sum over all rows, and like the row chunks the blocks
+// are fixed by the problem, so the result is the same whatever the number of threads, where
+// per-thread partial gradients would cost a copy of the gradients per thread. Giving each product to
+// one thread, rather than rows of every product to every thread, also has each thread read fewer of
+// the rows the others wrote.
 #include <ATen/Parallel.h>
-#include <ATen/core/LegacyTypeDispatch.h>
 
 #include <cmath>
 #include <limits>
@@ -130,12 +130,11 @@ class StackBackward {
         grad_c_(grad_c),
         all_(std::move(all)) {
     for (int64_t i = 0; i < chunks.count; ++i) chunks_.push_back(all_.narrow(chunks.begin(i), chunks.rows(i)));
-    // Whole products, unless there are more threads than terms.
-    const int64_t terms = num_terms(config), blocks_per_term = (chunks.count + terms - 1) / terms;
-    for (int64_t term = 0; term < terms; ++term) {
+    for (int64_t term = 0; term < num_terms(config); ++term) {
       const bool of_V = term % 2 == 0;
-      const RowChunks split{blocks_per_term, of_V ? config.width : config.hidden};
-      for (int64_t i = 0; i < blocks_per_term; ++i) {
+      const int64_t rows = of_V ? config.width : config.hidden;
+      const RowChunks split{gradient_blocks(config, rows), rows};
+      for (int64_t i = 0; i < split.count; ++i) {
         const int64_t row0 = split.begin(i), rows = split.rows(i);
         auto left_t = [&](int64_t g_index) {
           const at::Tensor& left = term_left(all_, term, g_index);
@@ -146,7 +145,8 @@ class StackBackward {
                                     {left_t(0), left_t(1)}});
       }
     }
-    blocks_per_thread_ = (static_cast<int64_t>(blocks_.size()) + chunks.count - 1) / chunks.count;
+    // A problem too small to split its rows (plan_row_chunks) is too small to wake threads for its gradients.
+    gradient_grain_ = chunks.count > 1 ? 1 : static_cast<int64_t>(blocks_.size());
   }
 
   // Returns ∂ℓ/∂x_0 (one of the g workspaces) and, in adjoint mode, (Σ (x̃_0 − x_0)², Σ x_0²).
@@ -173,8 +173,8 @@ class StackBackward {
       });
       plan_terms(plan);
       for (GradBlock& block : blocks_) block.grad.select(terms_[block.term].layer);
-      at::parallel_for(0, static_cast<int64_t>(blocks_.size()), blocks_per_thread_, [&](int64_t first, int64_t last) {
-        at::AutoDispatchBelowADInplaceOrView worker_below_autograd;
+      at::parallel_for(0, static_cast<int64_t>(blocks_.size()), gradient_grain_, [&](int64_t first, int64_t last) {
+        TaskScope scope;
         for (int64_t i = first; i < last; ++i) add_gradient_block(blocks_[i], plan.g);
       });
       plan.reuse_residual = heun && !config_.stores_stages();
@@ -197,8 +197,7 @@ class StackBackward {
   template <typename F>
   void for_each_chunk(const F& work) {
     at::parallel_for(0, static_cast<int64_t>(chunks_.size()), 1, [&](int64_t first, int64_t last) {
-      // Thread-local: worker threads do not inherit the caller's dispatch state.
-      at::AutoDispatchBelowADInplaceOrView worker_below_autograd;
+      TaskScope scope;
       for (int64_t i = first; i < last; ++i) work(chunks_[i]);
     });
   }
@@ -348,7 +347,7 @@ class StackBackward {
   Rows all_;
   std::vector<Rows> chunks_;
   std::vector<GradBlock> blocks_;
-  int64_t blocks_per_thread_;
+  int64_t gradient_grain_;
   TermPlan terms_[4];
 };
 

@@ -1,6 +1,5 @@
 // Forward of the whole stack, x_0 → x_L (DESIGN.md §3), with the depth loop in C++.
 #include <ATen/Parallel.h>
-#include <ATen/core/LegacyTypeDispatch.h>
 
 #include "fused_elementwise.h"
 #include "mlp_stack.h"
@@ -118,8 +117,7 @@ std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> mlp_stack_forward_
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mlp_stack_forward", [&] {
     at::parallel_for(0, chunks.count, 1, [&](int64_t first, int64_t last) {
-      // Thread-local: worker threads do not inherit the caller's dispatch state.
-      at::AutoDispatchBelowADInplaceOrView worker_below_autograd;
+      TaskScope scope;
       for (int64_t chunk = first; chunk < last; ++chunk) {
         const int64_t row0 = chunks.begin(chunk), rows = chunks.rows(chunk);
         ForwardChunk<scalar_t> forward(config, W_c, V_c, b_c, c_c, rows, x.options());

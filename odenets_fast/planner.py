@@ -377,12 +377,14 @@ def plan(
     if forced is not None:
         path, reason = forced, f"{PATH_ENV}={forced}"
     elif "fused" not in estimates:
-        path, reason = "layered", f"q = {q} > {MAX_FUSED_WIDTH}: the fused kernels keep q on-chip up to {MAX_FUSED_WIDTH}"
+        path = "layered"
+        reason = f"q = {q} > {MAX_FUSED_WIDTH}: the fused kernels keep q on-chip up to {MAX_FUSED_WIDTH}"
     else:
         path = min(("layered", "fused"), key=lambda p: estimates[p].step_ms)
         other = "fused" if path == "layered" else "layered"
-        reason = (f"predicted {estimates[path].step_ms:.3g} ms per training step against {estimates[other].step_ms:.3g} "
-                  f"ms for the {other} path ({estimates[path].products} against {estimates[other].products})")  # fmt: skip
+        ours, theirs = estimates[path], estimates[other]
+        reason = (f"predicted {ours.step_ms:.3g} ms per training step against {theirs.step_ms:.3g} ms for the "
+                  f"{other} path ({ours.products} against {theirs.products})")  # fmt: skip
     name = gpu.name + (" (approximate: H100 per-SM rates)" if gpu.approximate else "")
     return Plan("triton", path, reason, name, estimates)
 

@@ -15,7 +15,11 @@ from helpers import make_stack
 from odenets_fast import available_backends, backends, ode_mlp
 from odenets_fast.activations import ACTIVATIONS
 
-ODD = dict(B=37, q=24, m=40, L=5)  # two row blocks of unequal size on 2 threads
+ODD = dict(B=37, q=24, m=40, L=5)
+# B q m = 2.3e6: 8 row blocks of 37 or 38 rows (csrc/mlp_stack.cpp, plan_row_chunks), dV and dW each
+# in 2 row blocks (gradient_blocks). With q > m, MKL gives a row of the products with Vᵀ other last bits
+# in blocks of other sizes (as it splits 301 rows by the number of threads, 150 + 151 or 100 + 100 + 101)
+SPLIT = dict(B=301, q=160, m=48, L=4)
 MODES = [("backprop", None), ("adjoint", None), ("adjoint", 1), ("adjoint", 3)]
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,6 +89,18 @@ def test_matches_reference_float32(method, activation, backward, anchor_every):
 
 
 @requires_cpp
+@pytest.mark.parametrize("dtype, rtol, atol", [(torch.float64, 1e-10, 1e-12), (torch.float32, 1e-4, 1e-5)],
+                         ids=["float64", "float32"])  # fmt: skip
+@pytest.mark.parametrize("backward, anchor_every", MODES)
+@pytest.mark.parametrize("method", ["euler", "heun"])
+def test_row_and_gradient_blocks_match_reference(method, backward, anchor_every, dtype, rtol, atol):
+    # ODD is one block; SPLIT cuts the batch and both weight gradients into blocks of unequal sizes
+    tensors = make_stack(method=method, bias=True, dtype=dtype, v_scale=0.5, **SPLIT)
+    _compare(tensors, rtol=rtol, atol=atol, method=method, activation="tanh", backward=backward,
+             anchor_every=anchor_every)  # fmt: skip
+
+
+@requires_cpp
 @pytest.mark.parametrize("anchor_every", [2**63 - 1, 2**63 - 2])
 @pytest.mark.parametrize("method", ["euler", "heun"])
 def test_anchor_interval_near_int64_max_means_one_anchor(method, anchor_every):
@@ -140,27 +156,36 @@ def test_empty_batch(method, backward):
 
 
 @requires_cpp
+@pytest.mark.parametrize("shape", [ODD, SPLIT, dict(B=128, q=32, m=64, L=16), dict(B=4096, q=4, m=8, L=2)],
+                         ids=["one-block", "split", "two-blocks", "long-batch"])  # fmt: skip
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16],
+                         ids=["float32", "float64", "bfloat16", "float16"])  # fmt: skip
 @pytest.mark.parametrize("backward, anchor_every", MODES)
 @pytest.mark.parametrize("method", ["euler", "heun"])
-def test_thread_count_does_not_change_results(method, backward, anchor_every):
-    # Two threads split a batch this large into two row blocks, but every gradient entry is still one
-    # sum over the whole batch in a fixed order: the results are bitwise those of one thread, as long
-    # as MKL gives a row of a product the same bits whatever the block's number of rows (it does at
-    # these sizes; at odd ones, such as 301 × 24 × 40 in float64, some rows differ in the last bit).
-    tensors = make_stack(method=method, bias=True, B=128, q=32, m=64, L=16)
-    grad_out = torch.randn(128, 32, dtype=torch.float64)
+def test_thread_count_does_not_change_results(method, backward, anchor_every, dtype, shape):
+    # Bitwise: the row blocks and gradient blocks are fixed by the problem, and each product runs on one
+    # BLAS thread, so 1, 2 or 3 threads compute every product and sum alike. Blocks of one per thread
+    # gave "split" other bits; MKL's own threads gave dW other last bits at B = 128, and split the sums
+    # over the 4096 rows of the long batch, which ran on the caller's thread.
+    tensors = make_stack(method=method, bias=True, dtype=dtype, **shape)
+    grad_out = torch.randn(shape["B"], shape["q"], generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     kwargs = dict(method=method, backward=backward, anchor_every=anchor_every)
     threads = torch.get_num_threads()
+    runs = {}
     try:
-        torch.set_num_threads(1)
-        single, single_drift = _run("cpp", tensors, grad_out, **kwargs)
-        torch.set_num_threads(2)
-        split, split_drift = _run("cpp", tensors, grad_out, **kwargs)
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            runs[count] = _run("cpp", tensors, grad_out, **kwargs)
     finally:
         torch.set_num_threads(threads)
-    _assert_match(split, single, rtol=0.0, atol=0.0)
-    if backward == "adjoint":
-        assert torch.equal(split_drift, single_drift)
+    (single, single_drift) = runs[1]
+    for count in (2, 3):
+        results, drift = runs[count]
+        for got, want in zip(results, single):
+            assert torch.equal(got, want), f"{count} threads"
+        assert (drift is None) == (single_drift is None)
+        if drift is not None:
+            assert torch.equal(drift, single_drift), f"{count} threads"
 
 
 _BACKWARD_PEAK_RSS = """
@@ -173,7 +198,7 @@ def status_bytes(field):
     line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(field + ":"))
     return int(line.split()[1]) * 1024
 
-torch.set_num_threads(2)  # two row blocks, as on any multi-core machine
+torch.set_num_threads(2)  # row blocks on two threads, as on any multi-core machine
 B, q, m = 64, 64, 256     # the parameters dominate the workspaces from a few layers on
 extra = {}
 for depth in (2, 8, 256):  # depth 2 only for the first-use allocations (thread pool, MKL buffers)

@@ -25,7 +25,9 @@ def activation(z, ACT: tl.constexpr):
     if ACT == 0:
         out = z
     elif ACT == 1:
-        out = tl.maximum(z, 0.0)
+        # not tl.maximum: on a GPU it is max.f32, which returns the number when the other operand is
+        # NaN; the reference's torch.relu(NaN) is NaN
+        out = tl.where(z < 0.0, 0.0, z)
     elif ACT == 2:
         out = _tanh(z)
     elif ACT == 3:
@@ -39,7 +41,7 @@ def activation(z, ACT: tl.constexpr):
 
 @triton.jit
 def activation_grad(z, ACT: tl.constexpr):
-    """σ'(z) for a float32 block z (relu: 0 at z = 0, as in the reference)."""
+    """σ'(z) for a float32 block z (relu: 0 at z = 0 and at NaN, as in the reference)."""
     if ACT == 0:
         out = tl.full(z.shape, 1.0, tl.float32)
     elif ACT == 1:

@@ -81,7 +81,11 @@ def _hidden_chunk(
 ):  # fmt: skip
     """Hidden units m0 … m0 + BLOCK_M − 1: their W rows (BLOCK_M, BLOCK_Q), Vᵀ rows (BLOCK_M,
     BLOCK_Q) — [j, i] = V[i, m0 + j] — and z = a_in W x + b (BLOCK_B, BLOCK_M). Padded units and
-    columns load as 0, so they contribute nothing downstream."""
+    columns load as 0, and padded units get z = 0, so they contribute nothing downstream.
+
+    Padding is 0, but 0 · inf is NaN: every product's padded outputs are set to 0 before they enter
+    another product (here z; f, dz and dx in the callers), or one infinite state, weight or
+    activation would turn results that the reference gives as ±inf into NaN."""
     offs_m = m0 + tl.arange(0, BLOCK_M)
     mask_m = offs_m < m
     tile_mask = mask_m[:, None] & mask_q[None, :]
@@ -90,7 +94,7 @@ def _hidden_chunk(
     z = tl.dot(x_op, tl.trans(w), input_precision=PRECISION) * scale_in
     if HAS_B:
         z += tl.load(b_ptr + offs_m, mask=mask_m, other=0.0).to(tl.float32)[None, :]
-    return offs_m, mask_m, tile_mask, w, v_t, z
+    return offs_m, mask_m, tile_mask, w, v_t, tl.where(mask_m[None, :], z, 0.0)
 
 
 @triton.jit
@@ -112,7 +116,7 @@ def _residual(
     f = acc * scale_out
     if HAS_C:
         f += tl.load(c_ptr + offs_q, mask=mask_q, other=0.0).to(tl.float32)[None, :]
-    return f
+    return tl.where(mask_q[None, :], f, 0.0)
 
 
 @triton.jit
@@ -153,13 +157,14 @@ def _residual_vjp(
     for m0 in range(0, m, BLOCK_M):
         offs_m, mask_m, tile_mask, w, v_t, z = _hidden_chunk(x_op, W_ptr, V_ptr, b_ptr, m0, q, m, scale_in, offs_q,
                                                              mask_q, HAS_B, BLOCK_M, PRECISION)  # fmt: skip
+        # padded rows too: the products below sum over the rows (see _hidden_chunk on padding)
+        hidden_mask = mask_b[:, None] & mask_m[None, :]
         da = tl.dot(u_op, tl.trans(v_t), input_precision=PRECISION) * scale_out
-        dz = activation_grad(z, ACT) * da
+        dz = tl.where(hidden_mask, activation_grad(z, ACT) * da, 0.0)
         dx = tl.dot(dz.to(w.dtype), w, dx, input_precision=PRECISION)
-        a = activation(z, ACT)
+        a = tl.where(hidden_mask, activation(z, ACT), 0.0)
         if GRADS == "workspace":
             # the products over the batch are left to workspace_grads_kernel: fewer live tiles here
-            hidden_mask = mask_b[:, None] & mask_m[None, :]
             tl.store(ws_rows + offs_m[None, :], dz, mask=hidden_mask)
             tl.store(ws_rows + m + offs_m[None, :], a, mask=hidden_mask)
         else:
@@ -178,7 +183,7 @@ def _residual_vjp(
         tl.store(ws_rows + 2 * m + q + offs_q[None, :], u, mask=state_mask)
     elif HAS_C:
         _deposit(dc_ptr + offs_q, tl.sum(u, axis=0), mask_q, accumulate, GRADS == "atomic")
-    return dx * scale_in
+    return tl.where(mask_b[:, None] & mask_q[None, :], dx * scale_in, 0.0)
 
 
 @triton.jit

@@ -8,7 +8,7 @@ from odenets_fast import ode_mlp
 CUDA = torch.device("cuda")
 
 
-def grads(fn, tensors, grad_out):
+def run_grads(fn, tensors, grad_out):
     """[fn(*leaves), then the gradients of all leaves], from fresh leaf copies of `tensors`."""
     leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
     out = fn(*leaves)

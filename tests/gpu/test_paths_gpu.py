@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import naive
-from gpu_helpers import CUDA, assert_graph_replays_bitwise, grads, peak_step_bytes, rel
+from gpu_helpers import CUDA, assert_graph_replays_bitwise, peak_step_bytes, rel, run_grads
 from helpers import make_stack
 from odenets_fast import ode_mlp, plan
 from odenets_fast.planner import PATH_ENV, PATHS
@@ -31,15 +31,15 @@ def test_path_matches_float64_reference(path, method, dtype, backward, anchor_ev
     tensors64 = _stack(method)
     grad_out = torch.randn(SHAPE["B"], SHAPE["q"], device=CUDA, dtype=torch.float64)
     kw = dict(method=method, backward=backward, anchor_every=anchor_every)
-    oracle = grads(lambda *t: ode_mlp(*t, backend="reference", **kw), tensors64, grad_out)
-    ours = grads(lambda *t: ode_mlp(*t, backend="triton", input_precision="ieee", **kw),
+    oracle = run_grads(lambda *t: ode_mlp(*t, backend="reference", **kw), tensors64, grad_out)
+    ours = run_grads(lambda *t: ode_mlp(*t, backend="triton", input_precision="ieee", **kw),
                   [t.to(dtype) for t in tensors64], grad_out)  # fmt: skip
     if dtype == torch.float32:
         for o, want in zip(ours, oracle):
             assert rel(o, want) < 1e-5
         return
-    exact = grads(lambda *t: naive.eager_forward(*t, method=method), tensors64, grad_out)
-    eager = grads(lambda *t: naive.eager_forward(*t, method=method), [t.to(dtype) for t in tensors64], grad_out)
+    exact = run_grads(lambda *t: naive.eager_forward(*t, method=method), tensors64, grad_out)
+    eager = run_grads(lambda *t: naive.eager_forward(*t, method=method), [t.to(dtype) for t in tensors64], grad_out)
     for o, want, e_low, e in zip(ours, oracle, eager, exact):
         assert o.dtype == dtype
         assert rel(o, want) <= 2 * rel(e_low, e) + 1e-4, (rel(o, want), rel(e_low, e))
@@ -51,11 +51,11 @@ def test_layered_follows_pytorch_tf32_setting(monkeypatch):
     monkeypatch.setenv(PATH_ENV, "layered")
     tensors64 = _stack("euler")
     grad_out = torch.randn(SHAPE["B"], SHAPE["q"], device=CUDA, dtype=torch.float64)
-    oracle = grads(lambda *t: ode_mlp(*t, backend="reference"), tensors64, grad_out)
+    oracle = run_grads(lambda *t: ode_mlp(*t, backend="reference"), tensors64, grad_out)
     errors = {}
     for setting in ("ieee", "tf32"):
         with tf32_context(setting, CUDA):
-            got = grads(lambda *t: ode_mlp(*t, backend="triton"), [t.float() for t in tensors64], grad_out)
+            got = run_grads(lambda *t: ode_mlp(*t, backend="triton"), [t.float() for t in tensors64], grad_out)
         errors[setting] = max(rel(g, w) for g, w in zip(got, oracle))
     assert errors["ieee"] < 1e-5 < errors["tf32"], errors
 

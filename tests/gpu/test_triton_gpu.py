@@ -3,12 +3,14 @@ kernels under the interpreter; tests/gpu/test_paths_gpu.py the layered path and 
 Low-precision results are judged against a same-dtype PyTorch run: the kernel's error against a
 float64 oracle may be at most twice that of the plain eager loop in that dtype."""
 
+import math
+
 import pytest
 import torch
 
 import naive
-from gpu_helpers import CUDA, assert_graph_replays_bitwise, grads, peak_step_bytes, rel
-from helpers import make_stack
+from gpu_helpers import CUDA, assert_graph_replays_bitwise, peak_step_bytes, rel, run_grads
+from helpers import activation_through_stack, make_stack, special_values
 from odenets_fast import ode_mlp
 from odenets_fast.activations import ACTIVATIONS
 from odenets_fast.planner import PATH_ENV
@@ -41,8 +43,9 @@ def test_float32_ieee_matches_float64_reference(method, backward, activation):
     tensors = _stack(method)
     grad_out = torch.randn(1000, 100, device=CUDA)
     kw = dict(method=method, backward=backward, activation=activation)
-    got = grads(lambda *t: ode_mlp(*t, backend="triton", **kw), tensors, grad_out)
-    want = grads(lambda *t: ode_mlp(*t, backend="reference", **kw), [t.double() for t in tensors], grad_out.double())
+    got = run_grads(lambda *t: ode_mlp(*t, backend="triton", **kw), tensors, grad_out)
+    want = run_grads(lambda *t: ode_mlp(*t, backend="reference", **kw), [t.double() for t in tensors],
+                     grad_out.double())  # fmt: skip
     for g, w in zip(got, want):
         assert rel(g, w) < 1e-5
 
@@ -60,13 +63,13 @@ def test_reduced_precision_no_worse_than_eager_same_dtype(method, backward, prec
     monkeypatch.setenv(WEIGHT_GRADS_ENV, grads)
     tensors64 = _stack(method, torch.float64)
     grad_out = torch.randn(1000, 100, device=CUDA, dtype=torch.float64)
-    oracle = grads(lambda *t: ode_mlp(*t, method=method, backward=backward, backend="reference"), tensors64, grad_out)
-    exact = grads(lambda *t: naive.eager_forward(*t, method=method), tensors64, grad_out)
+    kw = dict(method=method, backward=backward)
+    oracle = run_grads(lambda *t: ode_mlp(*t, backend="reference", **kw), tensors64, grad_out)
+    exact = run_grads(lambda *t: naive.eager_forward(*t, method=method), tensors64, grad_out)
     low = [t.to(dtype) for t in tensors64]
-    ours = grads(lambda *t: ode_mlp(*t, method=method, backward=backward, backend="triton", input_precision=precision),
-                  low, grad_out)  # fmt: skip
+    ours = run_grads(lambda *t: ode_mlp(*t, backend="triton", input_precision=precision, **kw), low, grad_out)
     with tf32_context("tf32" if precision == "tf32" else "ieee", CUDA):
-        eager = grads(lambda *t: naive.eager_forward(*t, method=method), low, grad_out)
+        eager = run_grads(lambda *t: naive.eager_forward(*t, method=method), low, grad_out)
     for o, want, e_low, e in zip(ours, oracle, eager, exact):
         assert o.dtype == dtype
         assert rel(o, want) <= 2 * rel(e_low, e) + 1e-4, (rel(o, want), rel(e_low, e))
@@ -78,10 +81,10 @@ def test_deterministic_mode_is_bitwise_reproducible(method, grads, monkeypatch):
     monkeypatch.setenv(WEIGHT_GRADS_ENV, grads)
     tensors = _stack(method, B=4096, q=64, m=128, L=6)
     grad_out = torch.randn(4096, 64, device=CUDA)
-    runs = [grads(lambda *t: ode_mlp(*t, method=method, backend="triton"), tensors, grad_out) for _ in range(2)]
+    runs = [run_grads(lambda *t: ode_mlp(*t, method=method, backend="triton"), tensors, grad_out) for _ in range(2)]
     for a, b in zip(*runs):
         assert torch.equal(a, b)
-    atomic = grads(lambda *t: ode_mlp(*t, method=method, backend="triton", deterministic=False), tensors, grad_out)
+    atomic = run_grads(lambda *t: ode_mlp(*t, method=method, backend="triton", deterministic=False), tensors, grad_out)
     for a, b in zip(atomic, runs[0]):
         assert rel(a, b) < 1e-5
 
@@ -94,8 +97,8 @@ def test_odd_and_limit_shapes(shape, grads, monkeypatch):
     tensors[0] = x_wide
     grad_out = torch.randn(shape["B"], shape["q"], device=CUDA)
     kw = _use_reduction(grads, monkeypatch)
-    got = grads(lambda *t: ode_mlp(*t, method="heun", backend="triton", **kw), tensors, grad_out)
-    want = grads(lambda *t: ode_mlp(*t, method="heun", backend="reference"), [t.double() for t in tensors],
+    got = run_grads(lambda *t: ode_mlp(*t, method="heun", backend="triton", **kw), tensors, grad_out)
+    want = run_grads(lambda *t: ode_mlp(*t, method="heun", backend="reference"), [t.double() for t in tensors],
                   grad_out.double())  # fmt: skip
     for g, w in zip(got, want):
         assert rel(g, w) < 1e-5
@@ -114,7 +117,7 @@ def test_past_32_bit_offsets_and_grid_axis_limits(grads, shape, monkeypatch):
         assert programs * GradSections(q, m).row(1) > 2**31  # the premise of the case
     tensors = _stack("euler", B=B, q=q, m=m, L=L)
     grad_out = torch.randn(B, q, device=CUDA)
-    run = lambda **kw: grads(lambda *t: ode_mlp(*t, backend="triton", **kw), tensors, grad_out)  # noqa: E731
+    run = lambda **kw: run_grads(lambda *t: ode_mlp(*t, backend="triton", **kw), tensors, grad_out)  # noqa: E731
     want = run(**_use_reduction("atomic", monkeypatch))
     got = run(**_use_reduction(grads, monkeypatch))
     for g, w in zip(got, want):
@@ -129,8 +132,8 @@ def test_stored_states_past_2_31_floats(method):
     at B = 4096), a wrapped offset by O(1)."""
     tensors = _stack(method, B=2**21, q=16, m=16, L=70)
     grad_out = torch.randn(2**21, 16, device=CUDA)
-    got = grads(lambda *t: ode_mlp(*t, method=method, backward="backprop", backend="triton"), tensors, grad_out)
-    want = grads(lambda *t: ode_mlp(*t, method=method, backward="adjoint", backend="triton"), tensors, grad_out)
+    got = run_grads(lambda *t: ode_mlp(*t, method=method, backward="backprop", backend="triton"), tensors, grad_out)
+    want = run_grads(lambda *t: ode_mlp(*t, method=method, backward="adjoint", backend="triton"), tensors, grad_out)
     for g, w in zip(got, want):
         assert rel(g, w) < 1e-2
 
@@ -203,3 +206,30 @@ def test_layer_ranges_reuse_one_compiled_kernel(monkeypatch):
     torch.autograd.grad(ode_mlp(x, *params, activation="silu", backend="triton"), params, torch.randn_like(x))
     new_variants = [len(cache) - count for cache, count in zip(compiled, before)]
     assert new_variants[0] <= 1 and new_variants[1] <= 2, new_variants
+
+
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+def test_activations_of_special_values_as_the_reference(activation):
+    """NaN, ±inf and overflowing values through σ and σ' on the GPU (tests/test_nonfinite.py), whose
+    NaN and inf semantics the interpreter's numpy does not have: max.f32 drops a NaN operand, tl.exp is
+    ex2.approx and a quotient div.full."""
+    z = special_values(torch.float32)
+    want_value, want_slope = ACTIVATIONS[activation].fn(z), ACTIVATIONS[activation].grad(z)
+    value, slope = activation_through_stack("triton", activation, z.to(CUDA))
+    for got, want in ((value, want_value), (slope, want_slope)):
+        torch.testing.assert_close(got.cpu(), want[:, None].expand(got.shape), rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+@pytest.mark.parametrize("grads", ["partials", "workspace", "atomic"])
+@pytest.mark.parametrize("where, value", [(1, math.nan), (0, math.inf), (2, -math.inf)],
+                         ids=["W-nan", "x-inf", "V-inf"])  # fmt: skip
+@pytest.mark.parametrize("method", ["euler", "heun"])
+def test_one_nonfinite_entry_gives_the_references_nonfinite_results(method, where, value, grads, monkeypatch):
+    tensors = _stack(method, B=37, q=24, m=40, L=3)
+    tensors[where][(1, 3, 5)[: tensors[where].dim()]] = value
+    grad_out = torch.randn(37, 24, device=CUDA)
+    kw = _use_reduction(grads, monkeypatch)
+    got = run_grads(lambda *t: ode_mlp(*t, method=method, activation="relu", backend="triton", **kw), tensors, grad_out)
+    want = run_grads(lambda *t: ode_mlp(*t, method=method, activation="relu", backend="reference"), tensors, grad_out)
+    for g, w in zip(got, want):
+        assert torch.equal(g.isnan(), w.isnan()) and torch.equal(g.isinf(), w.isinf())
