@@ -21,6 +21,7 @@ import torch
 from bench.report import environment, markdown_table, output_stem, write_json
 from odenets_fast import library, ode_mlp
 from odenets_fast.backends import load_backend, resolve_backend
+from odenets_fast.interface import Saved
 from odenets_fast.spec import check_stack
 
 
@@ -39,7 +40,7 @@ class PlainFunction(torch.autograd.Function):
         *saved, W, V = ctx.saved_tensors
         if not ctx.has_stages:
             saved.append(None)
-        grads = ctx.backend.backward(grad_out, tuple(saved), W, V, None, None, ctx.spec)
+        grads = ctx.backend.backward(grad_out, Saved(*saved), W, V, None, None, ctx.spec)
         return grads.x, grads.W, grads.V, None, None
 
 
@@ -70,10 +71,7 @@ def main(argv=None) -> dict:
 
     def custom_op():
         drift = torch.zeros(())
-        out = library.ode_mlp_forward(
-            x, W, V, None, None, spec.method, spec.activation, 1.0, spec.scale_in, spec.scale_out,
-            spec.backward, 0, spec.input_precision, spec.deterministic, backend_name, drift,
-        )[0]  # fmt: skip
+        out = library.ode_mlp_forward(x, W, V, None, None, *spec.op_args(), backend_name, drift)[0]
         torch.autograd.grad(out, (x, W, V), x)
 
     def public_op():

@@ -22,6 +22,17 @@ namespace odenets_fast {
 
 enum class Activation { identity, relu, tanh, gelu, gelu_tanh, silu };
 
+// The names the ops accept, in the order of odenets_fast/activations.py's ACTIVATIONS (the extension
+// exposes them as odenets_fast._C.ACTIVATIONS; a test checks that the two agree).
+struct ActivationName {
+  const char* name;
+  Activation activation;
+};
+inline constexpr ActivationName kActivationNames[] = {
+    {"identity", Activation::identity}, {"relu", Activation::relu},           {"tanh", Activation::tanh},
+    {"gelu", Activation::gelu},         {"gelu_tanh", Activation::gelu_tanh}, {"silu", Activation::silu},
+};
+
 // Throws (TORCH_CHECK) for a name outside odenets_fast/activations.py's ACTIVATIONS.
 Activation parse_activation(c10::string_view name);
 

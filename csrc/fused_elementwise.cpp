@@ -14,14 +14,12 @@
 namespace odenets_fast {
 
 Activation parse_activation(c10::string_view name) {
-  if (name == "identity") return Activation::identity;
-  if (name == "relu") return Activation::relu;
-  if (name == "tanh") return Activation::tanh;
-  if (name == "gelu") return Activation::gelu;
-  if (name == "gelu_tanh") return Activation::gelu_tanh;
-  if (name == "silu") return Activation::silu;
-  TORCH_CHECK(false, "activation must be one of ['identity', 'relu', 'tanh', 'gelu', 'gelu_tanh', 'silu']; got '",
-              std::string(name.data(), name.size()), "'");
+  std::string names;
+  for (const ActivationName& entry : kActivationNames) {
+    if (name == entry.name) return entry.activation;
+    names += std::string(names.empty() ? "'" : ", '") + entry.name + "'";
+  }
+  TORCH_CHECK(false, "activation must be one of [", names, "]; got '", std::string(name.data(), name.size()), "'");
 }
 
 namespace {

@@ -30,4 +30,7 @@ TORCH_LIBRARY_IMPL(odenets_fast, CPU, m) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "C++ CPU kernels of odenets_fast; importing this module registers torch.ops.odenets_fast.*";
+  pybind11::list names;
+  for (const odenets_fast::ActivationName& entry : odenets_fast::kActivationNames) names.append(entry.name);
+  module.attr("ACTIVATIONS") = names;
 }

@@ -1,7 +1,7 @@
 """Backend registry and automatic choice (DESIGN.md §7).
 
 A backend is a module with `forward(x, W, V, b, c, spec)` and `backward(grad_out, saved, W, V, b,
-c, spec)` as documented in `reference.py`. Choice, in order: the explicit `backend=` argument,
+c, spec)` (`interface.Backend`). Choice, in order: the explicit `backend=` argument,
 then the environment variable `ODENETS_FAST_BACKEND`, then the device: CUDA tensors → "triton",
 CPU tensors → "cpp", each falling back to "reference" when it is not available.
 """

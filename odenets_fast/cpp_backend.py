@@ -1,8 +1,8 @@
-"""The "cpp" backend: the C++ CPU kernels of `csrc/` behind the backend interface of `reference.py`.
+"""The "cpp" backend: the C++ CPU kernels of `csrc/` behind the backend interface (`interface.py`).
 
 Importing this module imports the extension `odenets_fast._C`, whose import registers the ops
 `torch.ops.odenets_fast.mlp_stack_forward` and `mlp_stack_backward`; without a built extension the
-import raises ImportError. The saved tuple has the reference's layout (x_L, anchors, Heun stages),
+import raises ImportError. What it saves is `interface.Saved` (x_L, anchors, Heun stages),
 and lower precisions are computed in float32 and cast back, as in the reference (DESIGN.md §6).
 """
 
@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from . import _C  # noqa: F401  (registers torch.ops.odenets_fast.*)
-from .reference import Gradients
+from .interface import Gradients, Saved
 from .spec import StackSpec, compute_dtype
 
 
@@ -39,7 +39,8 @@ def _(grad_out, final, anchors, stages, W, V, b, c, method, activation, step, sc
     )
 
 
-def _spec_args(spec: StackSpec) -> tuple:
+def _cpp_op_scalars(spec: StackSpec) -> tuple:
+    """The scalars of the C++ ops' schema (csrc/registration.cpp): the step, not T; None for no anchors."""
     return (spec.method, spec.activation, spec.step, spec.scale_in, spec.scale_out, spec.backward, spec.anchor_every)
 
 
@@ -51,22 +52,22 @@ def _cast(t: Optional[Tensor], like: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None else t.to(like.dtype)
 
 
-def forward(x: Tensor, W, V, b, c, spec: StackSpec) -> tuple[Tensor, tuple]:
+def forward(x: Tensor, W, V, b, c, spec: StackSpec) -> tuple[Tensor, Saved]:
     """Run x_0 → x_L, storing the states that `spec.backward` needs (DESIGN.md §5)."""
     dtype = compute_dtype(x.dtype)
     final, anchors, stages = torch.ops.odenets_fast.mlp_stack_forward(
-        x.contiguous().to(dtype), W.to(dtype), V.to(dtype), _to(b, dtype), _to(c, dtype), *_spec_args(spec)
+        x.contiguous().to(dtype), W.to(dtype), V.to(dtype), _to(b, dtype), _to(c, dtype), *_cpp_op_scalars(spec)
     )
-    return final.to(x.dtype), (final, anchors, stages)
+    return final.to(x.dtype), Saved(final, anchors, stages)
 
 
-def backward(grad_out: Tensor, saved: tuple, W, V, b, c, spec: StackSpec) -> Gradients:
+def backward(grad_out: Tensor, saved: Saved, W, V, b, c, spec: StackSpec) -> Gradients:
     """Layers L−1 … 0: stored state or reconstruction, then the exact VJP (as `reference.backward`)."""
     final, anchors, stages = saved
     dtype = final.dtype
     grad_x, grad_W, grad_V, grad_b, grad_c, drift = torch.ops.odenets_fast.mlp_stack_backward(
         grad_out.to(dtype), final, anchors, stages, W.to(dtype), V.to(dtype), _to(b, dtype), _to(c, dtype),
-        *_spec_args(spec),
+        *_cpp_op_scalars(spec),
     )  # fmt: skip
     return Gradients(
         grad_x.to(grad_out.dtype), _cast(grad_W, W), _cast(grad_V, V), _cast(grad_b, b), _cast(grad_c, c), drift

@@ -24,24 +24,19 @@ bump the version of a tensor autograd saved, breaking a second backward with ret
 """
 
 import contextlib
+import inspect
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from .backends import load_backend
-from .reference import anchor_interval
-from .spec import StackSpec, compute_dtype
+from .interface import Saved
+from .spec import OP_FIELDS, StackSpec, compute_dtype
 
 
 AUTOCAST_DEVICE_TYPES = ("cpu", "cuda")  # torch.autocast raises for other device types (meta, …)
-
-
-def _spec(W: Tensor, method, activation, T, scale_in, scale_out, backward, anchor_every, precision, deterministic):
-    depth = W.shape[0] - (1 if method == "heun" else 0)
-    return StackSpec(method=method, activation=activation, depth=depth, step=T / depth, scale_in=scale_in,
-                     scale_out=scale_out, backward=backward, anchor_every=anchor_every or None,
-                     input_precision=precision, deterministic=deterministic)  # fmt: skip
+NUM_SCALARS = len(OP_FIELDS)
 
 
 def _autocast_off(t: Tensor):
@@ -69,13 +64,14 @@ def _or_none(t: Tensor) -> Optional[Tensor]:
 
 def forward_impl(
     x: Tensor, W: Tensor, V: Tensor, b: Optional[Tensor], c: Optional[Tensor],
-    method: str, activation: str, T: float, scale_in: float, scale_out: float,
+    method: str, activation: str, step: float, scale_in: float, scale_out: float,
     backward: str, anchor_every: int, input_precision: str, deterministic: bool, backend: str,
     drift_out: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """(x_L, x_L in the compute dtype or empty, anchors, Heun stages or empty); x is (B, q).
     `drift_out` is not touched here: it is an input so that the autograd formula can reach it."""
-    spec = _spec(W, method, activation, T, scale_in, scale_out, backward, anchor_every, input_precision, deterministic)
+    spec = StackSpec.from_op_args(W, method, activation, step, scale_in, scale_out, backward, anchor_every,
+                                  input_precision, deterministic)  # fmt: skip
     with _autocast_off(x):
         out, (final, anchors, stages) = load_backend(backend).forward(x, W, V, b, c, spec)
     final = final.new_empty(0) if final.data_ptr() == out.data_ptr() and final.dtype == out.dtype else final
@@ -83,16 +79,17 @@ def forward_impl(
 
 
 ode_mlp_forward = torch.library.custom_op("odenets_fast::ode_mlp_forward", forward_impl, mutates_args=())
+# x, W, V, b, c, the OP_FIELDS scalars, backend, drift_out: what the autograd formula returns a gradient (or None) for
+NUM_FORWARD_INPUTS = len(inspect.signature(forward_impl).parameters)
 
 
 @ode_mlp_forward.register_fake
-def _(x, W, V, b, c, method, activation, T, scale_in, scale_out, backward, anchor_every, input_precision,
-      deterministic, backend, drift_out):  # fmt: skip
-    spec = _spec(W, method, activation, T, scale_in, scale_out, backward, anchor_every, input_precision, deterministic)
+def _(x, W, V, b, c, *scalars_backend_drift):
+    spec = StackSpec.from_op_args(W, *scalars_backend_drift[:NUM_SCALARS])
     dtype = compute_dtype(x.dtype)
     rows = tuple(x.shape)
-    stored = len(range(0, spec.depth, anchor_interval(spec)))
-    heun_stages = method == "heun" and backward == "backprop"
+    stored = spec.num_anchors
+    heun_stages = spec.method == "heun" and spec.backward == "backprop"
     return (
         x.new_empty(rows),
         x.new_empty(rows if dtype != x.dtype else (0,), dtype=dtype),
@@ -104,15 +101,16 @@ def _(x, W, V, b, c, method, activation, T, scale_in, scale_out, backward, ancho
 def backward_impl(
     grad_out: Tensor, final: Tensor, anchors: Tensor, stages: Tensor,
     W: Tensor, V: Tensor, b: Optional[Tensor], c: Optional[Tensor],
-    method: str, activation: str, T: float, scale_in: float, scale_out: float,
+    method: str, activation: str, step: float, scale_in: float, scale_out: float,
     backward: str, anchor_every: int, input_precision: str, deterministic: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """(g_0, dW, dV, db or empty, dc or empty, drift); `final` is x_L in the compute dtype, and so
     is the 0-dim drift — 0 in backprop mode, where nothing is reconstructed (and not NaN, which
     compares unequal to itself and would fail opcheck's eager-vs-traced comparison)."""
-    spec = _spec(W, method, activation, T, scale_in, scale_out, backward, anchor_every, input_precision, deterministic)
+    spec = StackSpec.from_op_args(W, method, activation, step, scale_in, scale_out, backward, anchor_every,
+                                  input_precision, deterministic)  # fmt: skip
     with _autocast_off(grad_out):
-        grads = load_backend(backend).backward(grad_out, (final, anchors, _or_none(stages)), W, V, b, c, spec)
+        grads = load_backend(backend).backward(grad_out, Saved(final, anchors, _or_none(stages)), W, V, b, c, spec)
     drift = grad_out.new_zeros((), dtype=final.dtype) if grads.drift is None else grads.drift
     return grads.x, grads.W, grads.V, _or_empty(grads.b, grads.W), _or_empty(grads.c, grads.W), drift
 

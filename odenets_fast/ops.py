@@ -9,20 +9,22 @@ from torch import Tensor
 
 from . import library, reference
 from .backends import resolve_backend
-from .spec import check_not_torchscript, check_stack
+from .spec import StackSpec, check_not_torchscript, check_stack
 
 
 def _setup_context(ctx, inputs, output):
-    x, W, V, b, c, method, activation, T, scale_in, scale_out, backward, anchor_every, precision, deterministic, \
-        backend, drift_out = inputs  # fmt: skip
+    x, W, V, b, c = inputs[:5]
+    scalars = inputs[5 : 5 + library.NUM_SCALARS]
+    backend, drift_out = inputs[5 + library.NUM_SCALARS :]
     out, final, anchors, stages = output
     ctx.mark_non_differentiable(final, anchors, stages)
+    spec = StackSpec.from_op_args(W, *scalars)
     # x_L doubles as the reconstruction's start when it is already in the compute dtype
     # x itself only for a double backward, which backprop mode supports by re-running the stack
-    ctx.save_for_backward(out if library.is_absent(final) else final, anchors, stages, x if backward == "backprop" else None,
-                          W, V, b, c)  # fmt: skip
+    ctx.save_for_backward(out if library.is_absent(final) else final, anchors, stages,
+                          x if spec.backward == "backprop" else None, W, V, b, c)  # fmt: skip
     ctx.drift_out = drift_out  # written, not read: an attribute, so that its version is not checked
-    ctx.scalars = (method, activation, T, scale_in, scale_out, backward, anchor_every, precision, deterministic, backend)
+    ctx.spec, ctx.backend = spec, backend
 
 
 def _backward(ctx, grad_out, *_):
@@ -32,28 +34,29 @@ def _backward(ctx, grad_out, *_):
     stack is re-run under autograd from the saved inputs and differentiated exactly; in adjoint
     mode there is nothing exact to differentiate, so it is an error.
     """
+    no_grads = (None,) * (library.NUM_FORWARD_INPUTS - 5)  # for the scalars, backend and drift_out
     if grad_out is None:  # x_L did not reach the loss
-        return (None,) * 16
+        return (None,) * 5 + no_grads
     final, anchors, stages, x, W, V, b, c = ctx.saved_tensors
-    method, activation, T, scale_in, scale_out, backward = ctx.scalars[:6]
+    spec = ctx.spec
     if torch.is_grad_enabled():
-        if backward == "adjoint":
+        if spec.backward == "adjoint":
             raise RuntimeError(
                 "double backward (create_graph=True) through ode_mlp in adjoint mode is not supported: its backward "
                 "reconstructs states instead of recording them. Use backward='backprop' for higher-order gradients."
             )
-        spec = library._spec(W, *ctx.scalars[:9])
         # only what needs a gradient: data x or a frozen W, V, b, c has no place in autograd.grad's inputs
         needed = [t is not None and t.requires_grad for t in (x, W, V, b, c)]
         inputs = [t for t, need in zip((x, W, V, b, c), needed) if need]
         out = reference.differentiable_forward(x, W, V, b, c, spec)
         grads = iter(torch.autograd.grad(out, inputs, grad_out, create_graph=True))
-        return tuple(next(grads) if need else None for need in needed) + (None,) * 11
+        return tuple(next(grads) if need else None for need in needed) + no_grads
     backward_op = library.backward_impl if getattr(ctx, "eager", False) else library.ode_mlp_backward
-    gx, gW, gV, gb, gc, drift = backward_op(grad_out.contiguous(), final, anchors, stages, W, V, b, c, *ctx.scalars)
-    if backward == "adjoint":
+    gx, gW, gV, gb, gc, drift = backward_op(grad_out.contiguous(), final, anchors, stages, W, V, b, c, *spec.op_args(),
+                                            ctx.backend)  # fmt: skip
+    if spec.backward == "adjoint":
         ctx.drift_out.copy_(drift)
-    return (gx, gW, gV, None if b is None else gb, None if c is None else gc) + (None,) * 11
+    return (gx, gW, gV, None if b is None else gb, None if c is None else gc) + no_grads
 
 
 library.ode_mlp_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -151,8 +154,5 @@ def ode_mlp(
     # (FSDP2 and other output hooks warn about, and in-place ops on it would bypass, a view).
     rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     op = library.ode_mlp_forward if torch.compiler.is_compiling() else _EagerOdeMlp.apply
-    out = op(
-        rows, W, V, b, c, spec.method, spec.activation, float(T), spec.scale_in, spec.scale_out,
-        spec.backward, spec.anchor_every or 0, spec.input_precision, spec.deterministic, backend_name, drift_out,
-    )[0]  # fmt: skip
+    out = op(rows, W, V, b, c, *spec.op_args(), backend_name, drift_out)[0]
     return out if x.dim() == 2 else out.reshape(x.shape)

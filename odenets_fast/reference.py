@@ -9,11 +9,7 @@ Precision (DESIGN.md §6): float16/bfloat16 inputs are computed in float32 (stat
 and weight-gradient accumulators), float32 in float32, float64 in float64; outputs and gradients
 are cast back to the input dtype at the end.
 
-Backend interface shared by every backend (see `backends.py`):
-
-    forward(x, W, V, b, c, spec) -> (out, saved)
-        x: (B, q) · out: (B, q) in x.dtype · saved: tuple of tensors (or None) for backward
-    backward(grad_out, saved, W, V, b, c, spec) -> Gradients
+It implements the backend interface of `interface.py`, as every backend does.
 """
 
 from typing import NamedTuple, Optional
@@ -22,40 +18,8 @@ import torch
 from torch import Tensor
 
 from .activations import ACTIVATIONS
+from .interface import Gradients, Saved, relative_drift
 from .spec import StackSpec, compute_dtype
-
-
-class Gradients(NamedTuple):
-    """Gradients of one backward pass, in the dtypes of the inputs; b, c are None without biases.
-
-    `drift` is the 0-dim tensor ‖x̃_0 − x_0‖ / ‖x_0‖ (adjoint mode), None in backprop mode.
-    """
-
-    x: Tensor
-    W: Tensor
-    V: Tensor
-    b: Optional[Tensor]
-    c: Optional[Tensor]
-    drift: Optional[Tensor]
-
-
-class _Saved(NamedTuple):
-    final: Tensor  # x_L in the compute dtype: where reverse reconstruction starts
-    anchors: Tensor  # (S, B, q): x_n for n in range(0, L, anchor_interval(spec))
-    heun_stages: Optional[Tensor]  # (L, B, q): y_n, Heun backprop only
-
-
-def anchor_interval(spec: StackSpec) -> int:
-    """Distance between stored states: every state (backprop), every k-th, or x_0 only (adjoint)."""
-    if spec.backward == "backprop":
-        return 1
-    return spec.anchor_every or spec.depth
-
-
-def relative_drift(reconstructed: Tensor, exact: Tensor) -> Tensor:
-    """‖x̃ − x‖ / ‖x‖ as a 0-dim tensor (no host sync); 0 for an empty or all-zero x."""
-    err = torch.linalg.vector_norm(reconstructed - exact)
-    return err / torch.linalg.vector_norm(exact).clamp_min(torch.finfo(exact.dtype).tiny)
 
 
 class _Stack:
@@ -147,11 +111,11 @@ def _backward_step(stack, x: Tensor, y: Optional[Tensor], g: Tensor, n: int, gra
     return g + gy + gx
 
 
-def forward(x: Tensor, W, V, b, c, spec: StackSpec) -> tuple[Tensor, tuple]:
+def forward(x: Tensor, W, V, b, c, spec: StackSpec) -> tuple[Tensor, Saved]:
     """Run x_0 → x_L, storing the states that `spec.backward` needs (DESIGN.md §5)."""
     dtype = compute_dtype(x.dtype)
     stack = _Stack(W, V, b, c, spec, dtype)
-    every = anchor_interval(spec)
+    every = spec.anchor_interval
     state = x.to(dtype)
     anchors = state.new_empty((len(range(0, spec.depth, every)),) + tuple(state.shape))
     store_stages = spec.backward == "backprop" and spec.method == "heun"
@@ -162,10 +126,10 @@ def forward(x: Tensor, W, V, b, c, spec: StackSpec) -> tuple[Tensor, tuple]:
         state, y = _forward_step(stack, state, n)
         if store_stages:
             stages[n] = y
-    return state.to(x.dtype), tuple(_Saved(state, anchors, stages))
+    return state.to(x.dtype), Saved(state, anchors, stages)
 
 
-def backward(grad_out: Tensor, saved: tuple, W, V, b, c, spec: StackSpec) -> Gradients:
+def backward(grad_out: Tensor, saved: Saved, W, V, b, c, spec: StackSpec) -> Gradients:
     """Walk layers L−1 … 0: obtain x_n (stored anchor or reconstruction), then its exact VJP.
 
     In plain adjoint mode x_0 is stored only to measure the drift: the gradient at layer 0 uses
@@ -173,7 +137,7 @@ def backward(grad_out: Tensor, saved: tuple, W, V, b, c, spec: StackSpec) -> Gra
     replace the reconstruction at their layers (so `anchor_every=1` is exact backprop), and the
     drift is that of x̃_0 reconstructed from x̃_1.
     """
-    final, anchors, stages = _Saved(*saved)
+    final, anchors, stages = saved
     dtype = final.dtype
     stack = _Stack(W, V, b, c, spec, dtype)
     grads = _Accumulators(
@@ -182,7 +146,7 @@ def backward(grad_out: Tensor, saved: tuple, W, V, b, c, spec: StackSpec) -> Gra
         b=None if b is None else torch.zeros(b.shape, dtype=dtype, device=b.device),
         c=None if c is None else torch.zeros(c.shape, dtype=dtype, device=c.device),
     )
-    every = anchor_interval(spec)
+    every = spec.anchor_interval
     use_anchors = spec.backward == "backprop" or spec.anchor_every is not None
     g = grad_out.to(dtype)
     x_next, drift = final, None

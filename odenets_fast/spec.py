@@ -21,6 +21,13 @@ INPUT_PRECISIONS = ("ieee", "tf32", "tf32x3")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+# The scalars of a StackSpec as the library ops take them: primitive types, in this order (the depth
+# comes from W's shape; anchor_every travels as 0 for None). `StackSpec.op_args` and
+# `StackSpec.from_op_args` are the one pair that converts between the two.
+OP_FIELDS = ("method", "activation", "step", "scale_in", "scale_out", "backward", "anchor_every", "input_precision",
+             "deterministic")  # fmt: skip
+
+
 @dataclass(frozen=True)
 class StackSpec:
     """Everything about an ODE-MLP stack that is not a tensor.
@@ -46,6 +53,28 @@ class StackSpec:
     @property
     def num_params(self) -> int:
         return self.depth + (1 if self.method == "heun" else 0)
+
+    @property
+    def anchor_interval(self) -> int:
+        """Distance between stored states: every state (backprop), every k-th, or x_0 only (adjoint)."""
+        if self.backward == "backprop":
+            return 1
+        return self.anchor_every or self.depth
+
+    @property
+    def num_anchors(self) -> int:
+        return len(range(0, self.depth, self.anchor_interval))
+
+    def op_args(self) -> tuple:
+        """The OP_FIELDS values, as the library ops take them."""
+        return tuple((getattr(self, name) or 0) if name == "anchor_every" else getattr(self, name) for name in OP_FIELDS)
+
+    @classmethod
+    def from_op_args(cls, W, *args) -> "StackSpec":
+        """The spec of a stack with stacked weights W (P, m, q) from `op_args()`'s values."""
+        fields = dict(zip(OP_FIELDS, args, strict=True))
+        fields["anchor_every"] = fields["anchor_every"] or None
+        return cls(depth=W.shape[0] - (1 if fields["method"] == "heun" else 0), **fields)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -16,7 +16,7 @@ launch covers as many layers as fit in the gradient buffer (`grad_buffer_bytes`:
 ODENETS_FAST_TRITON_GRAD_BUFFER_MIB says otherwise), at least one (whose buffer alone may be larger).
 With `deterministic=False` the kernels add into the accumulator with atomics: no buffer.
 
-What is saved for backward follows the reference exactly (`reference._Saved`): x_L, the anchors
+What is saved for backward follows the reference exactly (`interface.Saved`): x_L, the anchors
 and, for Heun in backprop mode, the stages y_n — so the activation memory of adjoint mode is
 O(B q) whatever the depth. Weight gradients accumulate in float32 (P, …) tensors, cast to the
 parameter dtype at the end (no copy for float32 parameters).
@@ -30,7 +30,7 @@ import triton
 from torch import Tensor
 
 from . import planner, triton_layered
-from .reference import Gradients, _Saved, anchor_interval, relative_drift
+from .interface import Gradients, Saved, relative_drift
 from .spec import StackSpec
 from .triton_kernels import mlp_step
 from .triton_kernels.activations import ACTIVATION_CODES
@@ -161,20 +161,20 @@ def _path(x: Tensor, W: Tensor, spec: StackSpec) -> str:
     return path
 
 
-def forward(x: Tensor, W, V, b, c, spec: StackSpec) -> tuple[Tensor, tuple]:
+def forward(x: Tensor, W, V, b, c, spec: StackSpec) -> tuple[Tensor, Saved]:
     if _path(x, W, spec) == "layered":
         return triton_layered.forward(x, W, V, b, c, spec)
     B, q = x.shape
     params, args, configs = _setup(spec, W, V, b, c, q)
     state = x.to(torch.float32, copy=True).contiguous()
-    every = anchor_interval(spec)
+    every = spec.anchor_interval
     anchors = state.new_empty((len(range(0, spec.depth, every)), B, q))
     stages = state.new_empty((spec.depth, B, q)) if args["heun"] and spec.backward == "backprop" else None
     if B:
         for start, stop in reversed(_chunks(spec.depth, layers_per_launch(spec.depth))):
             mlp_step.forward_layers(state, params, start, stop, anchors=anchors, anchor_every=every, stages=stages,
                                     config=configs.forward, **args)  # fmt: skip
-    return state.to(x.dtype), tuple(_Saved(state, anchors, stages))
+    return state.to(x.dtype), Saved(state, anchors, stages)
 
 
 @functools.lru_cache(maxsize=None)
@@ -223,11 +223,11 @@ def backward_layers_per_launch(grads: str, depth: int, sets: int, B: int, q: int
     return max(1, min(size, grad_buffer_bytes() // (4 * layer_floats) - extra, _INT32_MAX // layer_floats - extra))
 
 
-def backward(grad_out: Tensor, saved: tuple, W, V, b, c, spec: StackSpec) -> Gradients:
+def backward(grad_out: Tensor, saved: Saved, W, V, b, c, spec: StackSpec) -> Gradients:
     """Layers L−1 … 0 with the same anchor and drift rules as `reference.backward`."""
     if _path(grad_out, W, spec) == "layered":
         return triton_layered.backward(grad_out, saved, W, V, b, c, spec)
-    final, anchors, stages = _Saved(*saved)
+    final, anchors, stages = saved
     B, q = final.shape
     P, m, _ = W.shape
     params, args, configs = _setup(spec, W, V, b, c, q)
@@ -262,7 +262,7 @@ def backward(grad_out: Tensor, saved: tuple, W, V, b, c, spec: StackSpec) -> Gra
         mlp_step.reverse_layers(
             state, g, params, start, stop, [t if keep else None for t, keep in zip(targets, present)],
             partials.stride(0) if grads == "partials" else 0, 0 if grads == "atomic" else start,
-            reconstruct=adjoint, anchors=anchors if use_anchors else None, anchor_every=anchor_interval(spec),
+            reconstruct=adjoint, anchors=anchors if use_anchors else None, anchor_every=spec.anchor_interval,
             stages=stages, drift_state=drift_state if start == 0 else None, grads=grads, workspace=chunk,
             config=configs.reverse, **args,
         )  # fmt: skip

@@ -14,7 +14,7 @@ rows, no atomics, reproducible. The states x, g and the residuals are float32 bu
 epilogue also writes the next product's operand in the parameter dtype (for float32 parameters the
 state itself is the operand). No host synchronisation anywhere, so a training step can be captured
 in a CUDA graph. Memory: a handful of (B, m) and (B, q) buffers, whatever the depth, besides what the
-backward mode stores (the reference's `_Saved` layout: x_L, anchors, Heun's stages in backprop mode).
+backward mode stores (`interface.Saved`: x_L, anchors, Heun's stages in backprop mode).
 
 On CPU tensors under TRITON_INTERPRET=1 (the tests) the products run in torch on the CPU, 16-bit
 operands upcast to float32 (CPU GEMMs have no float32 output for them), and the elementwise kernels
@@ -28,7 +28,7 @@ import torch
 import triton
 from torch import Tensor
 
-from .reference import Gradients, _Saved, anchor_interval, relative_drift
+from .interface import Gradients, Saved, relative_drift
 from .spec import StackSpec
 from .triton_kernels import layered
 from .triton_kernels.activations import ACTIVATION_CODES
@@ -212,12 +212,12 @@ def _forward_layer(layers: _Layers, buf: _Buffers, x: Tensor, x_op: Tensor, n: i
                    operand=x_op)  # fmt: skip
 
 
-def forward(x: Tensor, W: Tensor, V: Tensor, b, c, spec: StackSpec) -> tuple[Tensor, tuple]:
+def forward(x: Tensor, W: Tensor, V: Tensor, b, c, spec: StackSpec) -> tuple[Tensor, Saved]:
     """x_0 → x_L one layer at a time, storing what `spec.backward` needs (as `reference.forward`)."""
     B, q = x.shape
     layers = _Layers(W, V, b, c, spec)
     state = x.to(torch.float32, copy=True).contiguous()
-    every = anchor_interval(spec)
+    every = spec.anchor_interval
     anchors = state.new_empty((len(range(0, spec.depth, every)), B, q))
     stages = state.new_empty((spec.depth, B, q)) if spec.method == "heun" and spec.backward == "backprop" else None
     if B:
@@ -230,7 +230,7 @@ def forward(x: Tensor, W: Tensor, V: Tensor, b, c, spec: StackSpec) -> tuple[Ten
                 if n % every == 0:
                     anchors[n // every].copy_(state)
                 _forward_layer(layers, buf, state, state_op, n, None if stages is None else stages[n])
-    return state.to(x.dtype), tuple(_Saved(state, anchors, stages))
+    return state.to(x.dtype), Saved(state, anchors, stages)
 
 
 class _State:
@@ -366,11 +366,11 @@ def _vjp_heun(layers: _Layers, buf: _Buffers, grads: _Gradients, x: _State, g: _
     _finish_g(layers, buf, g, g_sums, n)
 
 
-def backward(grad_out: Tensor, saved: tuple, W: Tensor, V: Tensor, b, c, spec: StackSpec) -> Gradients:
+def backward(grad_out: Tensor, saved: Saved, W: Tensor, V: Tensor, b, c, spec: StackSpec) -> Gradients:
     """Layers L−1 … 0 with the anchor and drift rules of `reference.backward`: x_n is a stored state
     where one is kept for layer n (backprop mode, anchors), the reconstruction from x̃_{n+1} otherwise;
     the drift is that of x̃_0 reconstructed from x̃_1."""
-    final, anchors, stages = _Saved(*saved)
+    final, anchors, stages = saved
     B, q = final.shape
     layers = _Layers(W, V, b, c, spec)
     adjoint = spec.backward == "adjoint"
@@ -388,7 +388,7 @@ def backward(grad_out: Tensor, saved: tuple, W: Tensor, V: Tensor, b, c, spec: S
         g_sums = g.value.sum(0)
         x_next = _State(final, final if slots[0].op is slots[0].value else slots[0].op.copy_(final))
         current = 0  # the slot whose operand buffer x_next uses
-        every = anchor_interval(spec)
+        every = spec.anchor_interval
         use_anchors = spec.backward == "backprop" or spec.anchor_every is not None
         k_next_known = False
         with tf32_context(spec.input_precision, final.device):

@@ -36,3 +36,28 @@ def test_asking_for_an_unavailable_backend_raises(monkeypatch):
     with pytest.raises(BackendUnavailableError, match="backend 'cpp' is not available: no compiler"):
         ode_mlp(x, W, V, backend="cpp")
     assert backends.select_backend(None, torch.device("cpu")) is reference  # automatic choice falls back
+
+
+def test_spec_travels_through_the_op_arguments_unchanged():
+    """StackSpec.op_args / from_op_args are the one conversion between a spec and the library ops'
+    scalar arguments: a round trip gives the same spec (anchor_every None travels as 0)."""
+    from odenets_fast.spec import OP_FIELDS, StackSpec, check_stack
+
+    x, W, V, b, c = make_stack(L=4, method="heun")
+    for anchor_every in (None, 2):
+        spec = check_stack(x, W, V, b, c, method="heun", activation="silu", T=2.0, backward="adjoint",
+                           anchor_every=anchor_every, scale_in=0.5, scale_out=None, deterministic=False)  # fmt: skip
+        args = spec.op_args()
+        assert len(args) == len(OP_FIELDS) and all(isinstance(a, (str, int, float, bool)) for a in args)
+        assert StackSpec.from_op_args(W, *args) == spec
+
+
+def test_every_backend_knows_the_same_activations():
+    """One table per language — Python's ACTIVATIONS, Triton's codes, the C++ names — and the three agree
+    (the values each computes are compared in tests/test_nonfinite.py and the backend tests)."""
+    from odenets_fast import _C
+    from odenets_fast.activations import ACTIVATIONS
+    from odenets_fast.triton_kernels.activations import ACTIVATION_CODES
+
+    assert list(_C.ACTIVATIONS) == list(ACTIVATIONS)
+    assert set(ACTIVATION_CODES) == set(ACTIVATIONS) and sorted(ACTIVATION_CODES.values()) == list(range(len(ACTIVATIONS)))

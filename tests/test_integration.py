@@ -8,6 +8,7 @@ from torch import nn
 from helpers import make_stack
 from odenets_fast import ODEMLP, AdjointResidualStack, available_backends, ode_mlp
 from odenets_fast.library import is_absent, ode_mlp_backward, ode_mlp_forward
+from odenets_fast.spec import StackSpec
 
 CPU_BACKENDS = [name for name in ("reference", "cpp") if available_backends()[name] == "available"]
 
@@ -20,8 +21,9 @@ def test_cpp_backend_is_built_here():
 def _forward_args(method, backward, anchor_every, backend, bias, dtype=torch.float64, requires_grad=True):
     x, W, V, b, c = make_stack(B=5, q=3, m=4, L=3, method=method, bias=bias, dtype=dtype)
     tensors = [None if t is None else t.requires_grad_(requires_grad) for t in (x, W, V, b, c)]
-    return (*tensors, method, "tanh", 1.0, 3**-0.5, 0.5, backward, anchor_every, "ieee", True, backend,
-            torch.zeros((), dtype=dtype))  # fmt: skip
+    spec = StackSpec(method=method, activation="tanh", depth=3, step=1 / 3, scale_in=3**-0.5, scale_out=0.5,
+                     backward=backward, anchor_every=anchor_every or None)  # fmt: skip
+    return (*tensors, *spec.op_args(), backend, torch.zeros((), dtype=dtype))
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -33,7 +35,7 @@ def test_opcheck_forward_and_backward(backend, method, backward, anchor_every, b
     out, final, anchors, stages = ode_mlp_forward(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
     _, W, V, b, c = args[:5]
     backward_args = (torch.randn_like(out), out if is_absent(final) else final, anchors, stages,
-                     *[None if t is None else t.detach() for t in (W, V, b, c)], *args[5:15])  # fmt: skip
+                     *[None if t is None else t.detach() for t in (W, V, b, c)], *args[5:-1])  # fmt: skip
     torch.library.opcheck(ode_mlp_backward, backward_args)
 
 
