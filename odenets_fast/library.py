@@ -21,6 +21,10 @@ The drift ‖x̃_0 − x_0‖ / ‖x_0‖ is an output of the backward op; the a
 `drift_out`, a 0-dim tensor that the caller passes to the forward (ODEMLP passes a buffer) — a side
 effect that torch.compile keeps. (Declaring the backward op as mutating `drift_out` instead would
 bump the version of a tensor autograd saved, breaking a second backward with retain_graph=True.)
+Error-controlled anchors work the same way: the forward reads the anchor layout from `anchor_mask`
+and returns the anchored layers (a size known only when it runs: a dynamic size under torch.compile),
+the backward returns the segments' drifts and the next layout, which the formula copies into
+`segment_drift_out` and `anchor_mask`.
 """
 
 import contextlib
@@ -30,6 +34,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import segments
 from .backends import load_backend
 from .interface import Saved
 from .spec import OP_FIELDS, StackSpec, compute_dtype
@@ -65,61 +70,89 @@ def _or_none(t: Tensor) -> Optional[Tensor]:
 def forward_impl(
     x: Tensor, W: Tensor, V: Tensor, b: Optional[Tensor], c: Optional[Tensor],
     method: str, activation: str, step: float, scale_in: float, scale_out: float,
-    backward: str, anchor_every: int, input_precision: str, deterministic: bool, backend: str,
-    drift_out: Tensor,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    """(x_L, x_L in the compute dtype or empty, anchors, Heun stages or empty); x is (B, q).
-    `drift_out` is not touched here: it is an input so that the autograd formula can reach it."""
+    backward: str, anchor_every: int, input_precision: str, deterministic: bool, drift_tol: float, strict: bool,
+    backend: str, drift_out: Tensor, anchor_mask: Tensor, segment_drift_out: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """(x_L, x_L in the compute dtype or empty, anchors, Heun stages or empty, anchored layers or
+    empty); x is (B, q). With error-controlled anchors (drift_tol > 0), `anchor_mask` (L,) says where
+    (odenets_fast.segments). `drift_out` and `segment_drift_out` are not touched here: they are
+    inputs so that the autograd formula can reach them."""
     spec = StackSpec.from_op_args(W, method, activation, step, scale_in, scale_out, backward, anchor_every,
-                                  input_precision, deterministic)  # fmt: skip
+                                  input_precision, deterministic, drift_tol, strict)  # fmt: skip
+    backend_module = load_backend(backend)
     with _autocast_off(x):
-        out, (final, anchors, stages) = load_backend(backend).forward(x, W, V, b, c, spec)
+        if spec.adaptive:
+            positions = segments.positions_of(anchor_mask)
+            out, (final, anchors, stages) = segments.forward(backend_module, x, W, V, b, c, spec, positions)
+        else:
+            out, (final, anchors, stages) = backend_module.forward(x, W, V, b, c, spec)
     final = final.new_empty(0) if final.data_ptr() == out.data_ptr() and final.dtype == out.dtype else final
-    return out, final, anchors, _or_empty(stages, anchors)
+    layers = torch.tensor(positions, device=x.device) if spec.adaptive else x.new_empty(0, dtype=torch.int64)
+    return out, final, anchors, _or_empty(stages, anchors), layers
 
 
 ode_mlp_forward = torch.library.custom_op("odenets_fast::ode_mlp_forward", forward_impl, mutates_args=())
-# x, W, V, b, c, the OP_FIELDS scalars, backend, drift_out: what the autograd formula returns a gradient (or None) for
+# x, W, V, b, c, the OP_FIELDS scalars, backend and the three state tensors: the forward op's inputs,
+# for each of which the autograd formula returns a gradient (or None)
 NUM_FORWARD_INPUTS = len(inspect.signature(forward_impl).parameters)
 
 
 @ode_mlp_forward.register_fake
-def _(x, W, V, b, c, *scalars_backend_drift):
-    spec = StackSpec.from_op_args(W, *scalars_backend_drift[:NUM_SCALARS])
+def _(x, W, V, b, c, *scalars_and_state):
+    spec = StackSpec.from_op_args(W, *scalars_and_state[:NUM_SCALARS])
     dtype = compute_dtype(x.dtype)
     rows = tuple(x.shape)
-    stored = spec.num_anchors
+    # with error-controlled anchors, how many depends on the mask's values: a size only known when run
+    stored = torch.library.get_ctx().new_dynamic_size() if spec.adaptive else spec.num_anchors
     heun_stages = spec.method == "heun" and spec.backward == "backprop"
     return (
         x.new_empty(rows),
         x.new_empty(rows if dtype != x.dtype else (0,), dtype=dtype),
         x.new_empty((stored,) + rows, dtype=dtype),
         x.new_empty((spec.depth,) + rows if heun_stages else (0,), dtype=dtype),
+        x.new_empty((stored,) if spec.adaptive else (0,), dtype=torch.int64),
     )
 
 
 def backward_impl(
-    grad_out: Tensor, final: Tensor, anchors: Tensor, stages: Tensor,
+    grad_out: Tensor, final: Tensor, anchors: Tensor, stages: Tensor, layers: Tensor,
     W: Tensor, V: Tensor, b: Optional[Tensor], c: Optional[Tensor],
     method: str, activation: str, step: float, scale_in: float, scale_out: float,
-    backward: str, anchor_every: int, input_precision: str, deterministic: bool, backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    """(g_0, dW, dV, db or empty, dc or empty, drift); `final` is x_L in the compute dtype, and so
-    is the 0-dim drift — 0 in backprop mode, where nothing is reconstructed (and not NaN, which
-    compares unequal to itself and would fail opcheck's eager-vs-traced comparison)."""
+    backward: str, anchor_every: int, input_precision: str, deterministic: bool, drift_tol: float, strict: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """(g_0, dW, dV, db or empty, dc or empty, drift, segment drifts or empty, next anchor mask or
+    empty); `final` is x_L in the compute dtype, and so is the 0-dim drift — 0 in backprop mode, where
+    nothing is reconstructed (and not NaN, which compares unequal to itself and would fail opcheck's
+    eager-vs-traced comparison). With error-controlled anchors, the (L,) drift of each segment at its
+    first layer (segments.NO_SEGMENT elsewhere) and the (L,) mask of the anchors the controller picks for the next call."""
     spec = StackSpec.from_op_args(W, method, activation, step, scale_in, scale_out, backward, anchor_every,
-                                  input_precision, deterministic)  # fmt: skip
+                                  input_precision, deterministic, drift_tol, strict)  # fmt: skip
+    backend_module = load_backend(backend)
+    segment_drift, next_mask = W.new_empty(0, dtype=torch.float32), W.new_empty(0, dtype=torch.bool)
     with _autocast_off(grad_out):
-        grads = load_backend(backend).backward(grad_out, Saved(final, anchors, _or_none(stages)), W, V, b, c, spec)
+        if spec.adaptive:
+            positions = layers.tolist()
+            saved = Saved(final, anchors, None)
+            grads, drifts, _ = segments.backward(backend_module, grad_out, saved, positions, W, V, b, c, spec)
+            per_layer = W.new_empty(spec.depth)
+            segment_drift = segments.segment_drifts(positions, drifts, per_layer)
+            next_mask = segments.mask_of(segments.next_positions(positions, drifts, spec.depth, spec.drift_tol),
+                                         per_layer)  # fmt: skip
+        else:
+            grads = backend_module.backward(grad_out, Saved(final, anchors, _or_none(stages)), W, V, b, c, spec)
     drift = grad_out.new_zeros((), dtype=final.dtype) if grads.drift is None else grads.drift
-    return grads.x, grads.W, grads.V, _or_empty(grads.b, grads.W), _or_empty(grads.c, grads.W), drift
+    return (grads.x, grads.W, grads.V, _or_empty(grads.b, grads.W), _or_empty(grads.c, grads.W), drift,
+            segment_drift, next_mask)  # fmt: skip
 
 
 ode_mlp_backward = torch.library.custom_op("odenets_fast::ode_mlp_backward", backward_impl, mutates_args=())
 
 
 @ode_mlp_backward.register_fake
-def _(grad_out, final, anchors, stages, W, V, b, c, *args):
+def _(grad_out, final, anchors, stages, layers, W, V, b, c, *scalars_and_backend):
+    spec = StackSpec.from_op_args(W, *scalars_and_backend[:NUM_SCALARS])
+    per_layer = (spec.depth,) if spec.adaptive else (0,)
     return (
         torch.empty_like(grad_out),
         torch.empty_like(W),
@@ -127,4 +160,6 @@ def _(grad_out, final, anchors, stages, W, V, b, c, *args):
         W.new_empty(0) if b is None else torch.empty_like(b),
         W.new_empty(0) if c is None else torch.empty_like(c),
         grad_out.new_empty((), dtype=final.dtype),
+        W.new_empty(per_layer, dtype=torch.float32),
+        W.new_empty(per_layer, dtype=torch.bool),
     )

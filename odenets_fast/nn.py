@@ -1,15 +1,17 @@
 """nn.Modules built on the ops."""
 
 import math
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
 
+from . import segments
 from .activations import ACTIVATIONS
 from .backends import BACKEND_NAMES
 from .ops import ode_mlp
 from .spec import (
+    AUTO,
     BACKWARD_MODES,
     FLOAT_DTYPES,
     INPUT_PRECISIONS,
@@ -17,6 +19,7 @@ from .spec import (
     check_anchor_every,
     check_bool,
     check_choice,
+    check_error_control,
     check_positive_int,
     check_real,
     torchscript_unsupported,
@@ -59,6 +62,12 @@ class ODEMLP(nn.Module):
 
     After a backward pass in adjoint mode, ``last_drift`` is the float ‖x̃_0 − x_0‖ / ‖x_0‖ of
     that batch (None before the first one; backprop-mode passes leave it unchanged).
+
+    ``anchor_every="auto"``: anchors placed by the error controller to keep each segment's drift
+    under ``drift_tol`` (``strict=True`` redoes those that exceed it; see ``ode_mlp`` and
+    ``odenets_fast.segments``). The layout is the buffer ``anchor_mask`` (in ``state_dict``),
+    ``anchor_positions`` lists it, and ``last_segment_drift`` gives (first layer, length, drift) of
+    each segment of the latest backward.
     """
 
     def __init__(
@@ -71,7 +80,9 @@ class ODEMLP(nn.Module):
         activation: str = "gelu",
         T: float = 1.0,
         backward: str = "adjoint",
-        anchor_every: Optional[int] = None,
+        anchor_every: Union[int, str, None] = None,
+        drift_tol: Optional[float] = None,
+        strict: bool = False,
         bias: bool = False,
         init: str = "tied",
         smooth_lengthscale: float = 0.2,
@@ -90,6 +101,7 @@ class ODEMLP(nn.Module):
         self.T = check_real("T", T, positive=True)
         self.backward_mode = check_choice("backward", backward, BACKWARD_MODES)
         self.anchor_every = check_anchor_every(anchor_every, backward)
+        self.drift_tol, self.strict = check_error_control(self.anchor_every, drift_tol, strict)
         self.init = check_choice("init", init, INITS)
         self.smooth_lengthscale = check_real("smooth_lengthscale", smooth_lengthscale, positive=True)
         self.backend = None if backend is None else check_choice("backend", backend, BACKEND_NAMES)
@@ -109,6 +121,10 @@ class ODEMLP(nn.Module):
         # written by the adjoint backward (a tensor, not a Python attribute, so that it also works under
         # torch.compile); NaN until the first one
         self.register_buffer("drift", torch.full((), float("nan"), **factory), persistent=False)
+        if self.anchor_every == AUTO:  # the controller's state, from plain adjoint's one segment on
+            self.register_buffer("anchor_mask", torch.zeros(depth, dtype=torch.bool, device=device))
+            self.register_buffer("segment_drift", torch.full((depth,), segments.NO_SEGMENT, device=device),
+                                 persistent=False)  # fmt: skip
         self.reset_parameters()
 
     @torch.no_grad()
@@ -136,18 +152,31 @@ class ODEMLP(nn.Module):
         value = float(self.drift)
         return None if math.isnan(value) else value
 
+    @property
+    def anchor_positions(self) -> Optional[list]:
+        """The layers whose input the next forward stores (anchor_every="auto"; None otherwise)."""
+        return segments.positions_of(self.anchor_mask) if self.anchor_every == AUTO else None
+
+    @property
+    def last_segment_drift(self) -> Optional[list]:
+        """[(first layer, length, drift)] of the latest backward's segments (anchor_every="auto")."""
+        return segments.described(self.segment_drift) if self.anchor_every == AUTO else None
+
     def forward(self, x: Tensor) -> Tensor:
+        auto = self.anchor_every == AUTO
         return ode_mlp(
             x, self.W, self.V, self.b, self.c,
             method=self.method, activation=self.activation, T=self.T,
             backward=self.backward_mode, anchor_every=self.anchor_every,
             backend=self.backend, input_precision=self.input_precision, deterministic=self.deterministic,
-            drift_out=self.drift,
+            drift_out=self.drift, drift_tol=self.drift_tol, strict=self.strict,
+            anchor_mask=self.anchor_mask if auto else None, segment_drift_out=self.segment_drift if auto else None,
         )  # fmt: skip
 
     def extra_repr(self) -> str:
         return (
             f"dim={self.dim}, hidden={self.hidden}, depth={self.depth}, method={self.method!r}, "
             f"activation={self.activation!r}, T={self.T}, backward={self.backward_mode!r}, "
-            f"anchor_every={self.anchor_every}, bias={self.b is not None}, init={self.init!r}"
+            f"anchor_every={self.anchor_every!r}, bias={self.b is not None}, init={self.init!r}"
+            + (f", drift_tol={self.drift_tol}, strict={self.strict}" if self.anchor_every == AUTO else "")
         )

@@ -2,12 +2,12 @@
 library ops in `library.py` — recorded as those custom ops under torch.compile, run through a plain
 autograd.Function in eager mode (same formula, without the custom-op dispatch cost)."""
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
 
-from . import library, reference
+from . import library, reference, segments
 from .backends import resolve_backend
 from .spec import StackSpec, check_not_torchscript, check_stack
 
@@ -15,15 +15,16 @@ from .spec import StackSpec, check_not_torchscript, check_stack
 def _setup_context(ctx, inputs, output):
     x, W, V, b, c = inputs[:5]
     scalars = inputs[5 : 5 + library.NUM_SCALARS]
-    backend, drift_out = inputs[5 + library.NUM_SCALARS :]
-    out, final, anchors, stages = output
-    ctx.mark_non_differentiable(final, anchors, stages)
+    backend, drift_out, anchor_mask, segment_drift_out = inputs[5 + library.NUM_SCALARS :]
+    out, final, anchors, stages, layers = output
+    ctx.mark_non_differentiable(final, anchors, stages, layers)
     spec = StackSpec.from_op_args(W, *scalars)
     # x_L doubles as the reconstruction's start when it is already in the compute dtype
     # x itself only for a double backward, which backprop mode supports by re-running the stack
-    ctx.save_for_backward(out if library.is_absent(final) else final, anchors, stages,
+    ctx.save_for_backward(out if library.is_absent(final) else final, anchors, stages, layers,
                           x if spec.backward == "backprop" else None, W, V, b, c)  # fmt: skip
-    ctx.drift_out = drift_out  # written, not read: an attribute, so that its version is not checked
+    # written, not read: attributes, so that their versions are not checked
+    ctx.drift_out, ctx.anchor_mask, ctx.segment_drift_out = drift_out, anchor_mask, segment_drift_out
     ctx.spec, ctx.backend = spec, backend
 
 
@@ -34,10 +35,10 @@ def _backward(ctx, grad_out, *_):
     stack is re-run under autograd from the saved inputs and differentiated exactly; in adjoint
     mode there is nothing exact to differentiate, so it is an error.
     """
-    no_grads = (None,) * (library.NUM_FORWARD_INPUTS - 5)  # for the scalars, backend and drift_out
+    no_grads = (None,) * (library.NUM_FORWARD_INPUTS - 5)  # for the scalars, backend and state tensors
     if grad_out is None:  # x_L did not reach the loss
         return (None,) * 5 + no_grads
-    final, anchors, stages, x, W, V, b, c = ctx.saved_tensors
+    final, anchors, stages, layers, x, W, V, b, c = ctx.saved_tensors
     spec = ctx.spec
     if torch.is_grad_enabled():
         if spec.backward == "adjoint":
@@ -52,10 +53,13 @@ def _backward(ctx, grad_out, *_):
         grads = iter(torch.autograd.grad(out, inputs, grad_out, create_graph=True))
         return tuple(next(grads) if need else None for need in needed) + no_grads
     backward_op = library.backward_impl if getattr(ctx, "eager", False) else library.ode_mlp_backward
-    gx, gW, gV, gb, gc, drift = backward_op(grad_out.contiguous(), final, anchors, stages, W, V, b, c, *spec.op_args(),
-                                            ctx.backend)  # fmt: skip
+    gx, gW, gV, gb, gc, drift, segment_drift, next_mask = backward_op(
+        grad_out.contiguous(), final, anchors, stages, layers, W, V, b, c, *spec.op_args(), ctx.backend)
     if spec.backward == "adjoint":
         ctx.drift_out.copy_(drift)
+    if spec.adaptive:
+        ctx.segment_drift_out.copy_(segment_drift)
+        ctx.anchor_mask.copy_(next_mask)
     return (gx, gW, gV, None if b is None else gb, None if c is None else gc) + no_grads
 
 
@@ -89,13 +93,17 @@ def ode_mlp(
     activation: str = "gelu",
     T: float = 1.0,
     backward: str = "adjoint",
-    anchor_every: Optional[int] = None,
+    anchor_every: Union[int, str, None] = None,
     scale_in: Optional[float] = None,
     scale_out: Optional[float] = None,
     backend: Optional[str] = None,
     input_precision: Optional[str] = None,
     deterministic: bool = True,
     drift_out: Optional[Tensor] = None,
+    drift_tol: Optional[float] = None,
+    strict: bool = False,
+    anchor_mask: Optional[Tensor] = None,
+    segment_drift_out: Optional[Tensor] = None,
 ) -> Tensor:
     """A depth-L residual MLP stack, x_{n+1} = x_n + (T/L) f(x_n; θ_n), as one differentiable op.
 
@@ -109,7 +117,18 @@ def ode_mlp(
         backward: "backprop" (store every state, exact gradients) or "adjoint" (store x_0 and
             x_L, reconstruct the states backwards; memory independent of L, approximate).
         anchor_every: adjoint mode only — also store every k-th state; reconstruction restarts
-            from the stored state there (k = 1 gives exact gradients).
+            from the stored state there (k = 1 gives exact gradients). "auto": anchors placed by
+            an error controller from the drift each backward measures per segment
+            (odenets_fast.segments), so that it stays under `drift_tol`.
+        drift_tol: with anchor_every="auto", the tolerance of each segment's relative drift
+            ‖x̃_a − x_a‖ / ‖x_a‖ (default 1e-3).
+        strict: with anchor_every="auto", redo a segment whose drift exceeds `drift_tol` exactly
+            within the same backward (its forward re-run from its anchor in backprop mode).
+        anchor_mask: with anchor_every="auto", the (L,) bool layout of the anchors: read by the
+            forward, replaced by the controller's choice for the next call in the backward (ODEMLP
+            keeps one as a buffer); None starts from one segment (plain adjoint's memory).
+        segment_drift_out: with anchor_every="auto", an (L,) float tensor into which the backward
+            writes each segment's drift at its first layer (-1 elsewhere).
         scale_in, scale_out: a_in and a_out; default 1/sqrt(q) and 1/sqrt(m).
         backend: "reference", "triton" or "cpp"; None picks by device (or ODENETS_FAST_BACKEND).
         input_precision: float32 matrix products of the Triton backend: None (default) does what
@@ -142,7 +161,7 @@ def ode_mlp(
         x, W, V, b, c,
         method=method, activation=activation, T=T, backward=backward,
         anchor_every=anchor_every, scale_in=scale_in, scale_out=scale_out,
-        input_precision=input_precision, deterministic=deterministic,
+        input_precision=input_precision, deterministic=deterministic, drift_tol=drift_tol, strict=strict,
     )  # fmt: skip
     backend_name = resolve_backend(backend, x.device)
     if drift_out is None:
@@ -150,9 +169,33 @@ def ode_mlp(
     elif (not isinstance(drift_out, Tensor) or drift_out.dim() != 0 or drift_out.device != x.device
           or not drift_out.is_floating_point()):  # fmt: skip
         raise TypeError(f"drift_out must be a 0-dim floating-point tensor on {x.device} or None")
+    anchor_mask, segment_drift_out = _error_control_state(spec, x, anchor_mask, segment_drift_out)
     # Batch rows flattened to 2-D; a 2-D input goes through as it is, so that the result is not a view
     # (FSDP2 and other output hooks warn about, and in-place ops on it would bypass, a view).
     rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     op = library.ode_mlp_forward if torch.compiler.is_compiling() else _EagerOdeMlp.apply
-    out = op(rows, W, V, b, c, *spec.op_args(), backend_name, drift_out)[0]
+    out = op(rows, W, V, b, c, *spec.op_args(), backend_name, drift_out, anchor_mask, segment_drift_out)[0]
     return out if x.dim() == 2 else out.reshape(x.shape)
+
+
+def _error_control_state(spec: StackSpec, x: Tensor, anchor_mask, segment_drift_out) -> tuple:
+    """The anchor mask and segment-drift tensors of anchor_every="auto" (fresh ones where not given),
+    checked; absent (shape (0,)) without it, where passing them would do nothing."""
+    if not spec.adaptive:
+        for name, given in (("anchor_mask", anchor_mask), ("segment_drift_out", segment_drift_out)):
+            if given is not None:
+                raise ValueError(f"{name} is only meaningful with anchor_every='auto'")
+        absent = x.new_empty(0)
+        return absent, absent
+    L = spec.depth
+    if anchor_mask is None:
+        anchor_mask = torch.zeros(L, dtype=torch.bool, device=x.device)
+    elif (not isinstance(anchor_mask, Tensor) or anchor_mask.dtype != torch.bool or anchor_mask.shape != (L,)
+          or anchor_mask.device != x.device):  # fmt: skip
+        raise TypeError(f"anchor_mask must be a bool tensor of shape ({L},) (the depth) on {x.device} or None")
+    if segment_drift_out is None:
+        segment_drift_out = torch.full((L,), segments.NO_SEGMENT, device=x.device)
+    elif (not isinstance(segment_drift_out, Tensor) or not segment_drift_out.is_floating_point()
+          or segment_drift_out.shape != (L,) or segment_drift_out.device != x.device):  # fmt: skip
+        raise TypeError(f"segment_drift_out must be a floating-point tensor of shape ({L},) on {x.device} or None")
+    return anchor_mask, segment_drift_out

@@ -25,7 +25,9 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # comes from W's shape; anchor_every travels as 0 for None). `StackSpec.op_args` and
 # `StackSpec.from_op_args` are the one pair that converts between the two.
 OP_FIELDS = ("method", "activation", "step", "scale_in", "scale_out", "backward", "anchor_every", "input_precision",
-             "deterministic")  # fmt: skip
+             "deterministic", "drift_tol", "strict")  # fmt: skip
+AUTO = "auto"  # anchor_every="auto": anchors placed by the error controller (odenets_fast.segments)
+DEFAULT_DRIFT_TOL = 1e-3
 
 
 @dataclass(frozen=True)
@@ -33,7 +35,9 @@ class StackSpec:
     """Everything about an ODE-MLP stack that is not a tensor.
 
     `depth` is L; the parameter tensors hold `num_params` = L (Euler) or L + 1 (Heun) layers.
-    `anchor_every` is None in plain adjoint mode and always None in backprop mode.
+    `anchor_every` is None in plain adjoint mode and always None in backprop mode. `drift_tol` is set
+    exactly when the anchors are placed by the error controller (anchor_every="auto"; `adaptive`), and
+    `strict` redoes the segments whose drift exceeds it.
     `input_precision` and `deterministic` are execution knobs of the Triton backend (float32
     products in IEEE or TF32; weight gradients reduced in a fixed order or with atomics); the
     reference and C++ backends always compute in IEEE float32/float64 and are deterministic.
@@ -49,6 +53,12 @@ class StackSpec:
     anchor_every: Optional[int]
     input_precision: str = "ieee"
     deterministic: bool = True
+    drift_tol: Optional[float] = None
+    strict: bool = False
+
+    @property
+    def adaptive(self) -> bool:
+        return self.drift_tol is not None
 
     @property
     def num_params(self) -> int:
@@ -66,14 +76,17 @@ class StackSpec:
         return len(range(0, self.depth, self.anchor_interval))
 
     def op_args(self) -> tuple:
-        """The OP_FIELDS values, as the library ops take them."""
-        return tuple((getattr(self, name) or 0) if name == "anchor_every" else getattr(self, name) for name in OP_FIELDS)
+        """The OP_FIELDS values, as the library ops take them (None travels as 0)."""
+        absent = {"anchor_every": 0, "drift_tol": 0.0}
+        return tuple(absent[name] if name in absent and getattr(self, name) is None else getattr(self, name)
+                     for name in OP_FIELDS)  # fmt: skip
 
     @classmethod
     def from_op_args(cls, W, *args) -> "StackSpec":
         """The spec of a stack with stacked weights W (P, m, q) from `op_args()`'s values."""
         fields = dict(zip(OP_FIELDS, args, strict=True))
         fields["anchor_every"] = fields["anchor_every"] or None
+        fields["drift_tol"] = fields["drift_tol"] or None
         return cls(depth=W.shape[0] - (1 if fields["method"] == "heun" else 0), **fields)
 
 
@@ -164,7 +177,8 @@ def check_positive_int(name: str, value) -> int:
     return int(value)
 
 
-def check_anchor_every(anchor_every, backward: str) -> Optional[int]:
+def check_anchor_every(anchor_every, backward: str):
+    """None, a positive int, or "auto" (adjoint mode only)."""
     if anchor_every is None:
         return None
     if backward != "adjoint":
@@ -172,7 +186,26 @@ def check_anchor_every(anchor_every, backward: str) -> Optional[int]:
             f"anchor_every is only meaningful with backward='adjoint' (backprop stores every state); "
             f"got anchor_every={anchor_every!r} with backward={backward!r}"
         )
+    if anchor_every == AUTO:
+        return AUTO
+    if isinstance(anchor_every, str):
+        raise ValueError(f"anchor_every must be a positive int, 'auto' or None; got {anchor_every!r}")
     return check_positive_int("anchor_every", anchor_every)
+
+
+def check_error_control(anchor_every, drift_tol, strict) -> tuple:
+    """(drift_tol, strict) of a checked `anchor_every`: the tolerance (DEFAULT_DRIFT_TOL unless given)
+    with "auto", and nothing without it, where either would silently do nothing."""
+    strict = check_bool("strict", strict)
+    if anchor_every == AUTO:
+        return (DEFAULT_DRIFT_TOL if drift_tol is None else check_real("drift_tol", drift_tol, positive=True)), strict
+    if drift_tol is not None:
+        raise ValueError(f"drift_tol is only meaningful with anchor_every='auto'; got drift_tol={drift_tol!r} "
+                         f"with anchor_every={anchor_every!r}")  # fmt: skip
+    if strict:
+        raise ValueError(f"strict=True redoes the segments of anchor_every='auto' that exceed drift_tol; got "
+                         f"anchor_every={anchor_every!r}")  # fmt: skip
+    return None, False
 
 
 def _check_tensor(name: str, t, ndim: Optional[int]) -> None:
@@ -212,6 +245,8 @@ def check_stack(
     scale_out,
     input_precision: Optional[str] = None,
     deterministic: bool = True,
+    drift_tol: Optional[float] = None,
+    strict: bool = False,
 ) -> StackSpec:
     """Validate the arguments of `ode_mlp`; return the stack's `StackSpec`."""
     _check_tensor("x", x, None)
@@ -258,6 +293,9 @@ def check_stack(
     scale_out = 1.0 / math.sqrt(m) if scale_out is None else check_representable(
         "scale_out", check_real("scale_out", scale_out), dtype)  # fmt: skip
     anchor_every = check_anchor_every(anchor_every, backward)
+    drift_tol, strict = check_error_control(anchor_every, drift_tol, strict)
+    if anchor_every == AUTO:
+        anchor_every = None  # the controller's anchors travel as a mask (odenets_fast.segments)
     input_precision = resolve_precision(input_precision, x.device)
     check_bool("deterministic", deterministic)
     return StackSpec(
@@ -273,4 +311,6 @@ def check_stack(
         anchor_every=None if anchor_every is None else min(anchor_every, depth),
         input_precision=input_precision,
         deterministic=deterministic,
+        drift_tol=drift_tol,
+        strict=strict,
     )

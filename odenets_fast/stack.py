@@ -29,18 +29,21 @@ keeps the dtype of x (float32 for a float32 input) while the blocks compute in t
 """
 
 import contextlib
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
-from .reference import relative_drift
+from . import segments
+from .interface import relative_drift
 from .spec import (
+    AUTO,
     BACKWARD_MODES,
     METHODS,
     check_anchor_every,
     check_bool,
     check_choice,
+    check_error_control,
     check_not_torchscript,
     check_real,
     torchscript_unsupported,
@@ -158,17 +161,18 @@ class _AdjointStackFunction(torch.autograd.Function):
         """`inputs`: the blocks' `num_params` parameters that require grad, then the caller's extra
         inputs that are not among them; `listed_params`: the positions of those parameters that the
         caller listed as extra inputs too (read by other layers than their own)."""
-        L, every = stack.depth, stack.anchor_every or stack.depth
+        positions = stack.anchor_layout()
+        stored = set(positions)
         rng = _RngRecorder(x.device) if stack.preserve_rng_state else None
         anchors = []
         state = x.detach()
         with torch.no_grad():
-            for n in range(L):
-                if n % every == 0:
+            for n in range(stack.depth):
+                if n in stored:
                     anchors.append(state)
                 state = stack.step(state, n, rng)
         rng_states = [] if rng is None else rng.tensors
-        ctx.stack, ctx.autocast = stack, _AutocastState(x.device)
+        ctx.stack, ctx.autocast, ctx.positions = stack, _AutocastState(x.device), positions
         ctx.rng_slots = None if rng is None else rng.slots
         ctx.num_params, ctx.listed_params = num_params, listed_params
         ctx.num_anchors, ctx.num_rng_states = len(anchors), len(rng_states)
@@ -177,6 +181,11 @@ class _AdjointStackFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
+        """Segment by segment from the top (a segment: from a stored state to the next; plain adjoint
+        has one, whose stored x_0 only measures the drift): per layer the state — reconstructed, or
+        stored at the segment's first layer — and the layer's VJP by autograd on a recompute. With
+        anchor_every="auto", each segment's drift, strict's exact redo of those above drift_tol, and
+        the controller's layout for the next call (odenets_fast.segments)."""
         if torch.is_grad_enabled():
             raise RuntimeError(
                 "double backward (create_graph=True) through an adjoint-mode stack is not supported: its backward "
@@ -188,36 +197,66 @@ class _AdjointStackFunction(torch.autograd.Function):
         rng_states, inputs = saved[: ctx.num_rng_states], saved[ctx.num_rng_states :]
         replay = None if ctx.rng_slots is None else _RngReplay(ctx.rng_slots, rng_states)
         extras = [inputs[i] for i in ctx.listed_params] + [t for t in inputs[ctx.num_params :] if t.requires_grad]
-        grads = dict.fromkeys(inputs)
-        every = stack.anchor_every or stack.depth
+        vjp = _LayerVJP(stack, autocast, replay, extras)
+        anchored = stack.anchor_every is not None  # the stored states replace the reconstruction
+        auto = stack.anchor_every == AUTO
+        totals = dict.fromkeys(inputs)
+        drifts = {}
         x_next, g = final, grad_out
         with _buffers_restored(stack.blocks):
-            for n in reversed(range(stack.depth)):
-                anchored = stack.anchor_every is not None and n % every == 0
-                if not anchored or n == 0:
-                    with torch.no_grad(), autocast():
-                        reconstructed = stack.reverse_step(x_next, n, replay)
-                    if n == 0:
-                        stack._drift = relative_drift(reconstructed.detach(), anchors[0])
-                x = anchors[n // every] if anchored else reconstructed
-                wrt = list(dict.fromkeys([p for p in stack.layer_parameters(n) if p.requires_grad] + extras))
-                with torch.enable_grad(), autocast():
-                    x_in = x.detach().requires_grad_(True)
-                    out = stack.step(x_in, n, replay)
-                    unlisted = _unlisted_leaves(out, [x_in] + wrt)
-                    if unlisted:
-                        raise RuntimeError(
-                            f"layer {n} of an adjoint-mode AdjointResidualStack reads a tensor that requires grad "
-                            f"(a leaf of shape {tuple(unlisted[0].shape)}) other than x, the layer's own parameters "
-                            "and extra_inputs: the adjoint backward would give it no gradient. Pass the tensor the "
-                            "blocks read as stack(x, extra_inputs=[...]), or use backward='backprop'."
-                        )
-                    g, *dinputs = torch.autograd.grad(out, [x_in] + wrt, g, allow_unused=True)
-                for t, d in zip(wrt, dinputs):
-                    if d is not None:
-                        grads[t] = d if grads[t] is None else grads[t] + d
-                x_next = x
-        return (g, None, None, None) + tuple(grads[t] for t in inputs)
+            for j, (a, end) in reversed(list(enumerate(segments.bounds(ctx.positions, stack.depth)))):
+                g_top, layer_grads = g, {}
+                for n in reversed(range(a, end)):
+                    use_anchor = anchored and n == a
+                    if not use_anchor or auto or n == 0:  # the drift is measured at the segment's anchor
+                        with torch.no_grad(), autocast():
+                            reconstructed = stack.reverse_step(x_next, n, replay)
+                        if n == a:
+                            drifts[a] = relative_drift(reconstructed.detach(), anchors[j])
+                    x = anchors[j] if use_anchor else reconstructed
+                    g = vjp(x, g, n, n + 1, layer_grads)
+                    x_next = x
+                # NaN too; a segment of one layer is exact already
+                if auto and stack.strict and end - a > 1 and not float(drifts[a]) <= stack.drift_tol:
+                    layer_grads = {}
+                    g = vjp(anchors[j], g_top, a, end, layer_grads)  # the segment exactly, from its anchor
+                for t, d in layer_grads.items():
+                    totals[t] = d if totals[t] is None else totals[t] + d
+        stack._drift = drifts[0]
+        if auto:
+            stack.record_segments(ctx.positions, drifts)
+        return (g, None, None, None) + tuple(totals[t] for t in inputs)
+
+
+class _LayerVJP:
+    """The VJP of forward layers first … stop − 1 at x: recomputed under autograd (the forward's RNG
+    state and autocast), differentiated with respect to x, the layers' parameters and the extra inputs."""
+
+    def __init__(self, stack, autocast, replay, extras):
+        self.stack, self.autocast, self.replay, self.extras = stack, autocast, replay, extras
+
+    def __call__(self, x: Tensor, g: Tensor, first: int, stop: int, grads: dict) -> Tensor:
+        stack = self.stack
+        params = [p for n in range(first, stop) for p in stack.layer_parameters(n) if p.requires_grad]
+        wrt = list(dict.fromkeys(params + self.extras))
+        with torch.enable_grad(), self.autocast():
+            x_in = x.detach().requires_grad_(True)
+            out = x_in
+            for n in range(first, stop):
+                out = stack.step(out, n, self.replay)
+            unlisted = _unlisted_leaves(out, [x_in] + wrt)
+            if unlisted:
+                raise RuntimeError(
+                    f"layer {first} of an adjoint-mode AdjointResidualStack reads a tensor that requires grad "
+                    f"(a leaf of shape {tuple(unlisted[0].shape)}) other than x, the layer's own parameters "
+                    "and extra_inputs: the adjoint backward would give it no gradient. Pass the tensor the "
+                    "blocks read as stack(x, extra_inputs=[...]), or use backward='backprop'."
+                )
+            g, *dinputs = torch.autograd.grad(out, [x_in] + wrt, g, allow_unused=True)
+        for t, d in zip(wrt, dinputs):
+            if d is not None:
+                grads[t] = d if t not in grads else grads[t] + d
+        return g
 
 
 class AdjointResidualStack(nn.Module):
@@ -226,12 +265,16 @@ class AdjointResidualStack(nn.Module):
     Args:
         blocks: L modules for ``method="euler"``, L + 1 for ``"heun"`` (f_0 … f_L, Heun's step n
             uses f_n and f_{n+1}).
-        method, T, backward, anchor_every: as in `odenets_fast.ode_mlp`. ``"backprop"`` runs the
-            plain loop under autograd (exact, stores every activation); ``"adjoint"`` keeps x_0 and
-            x_L (and the anchors) and reconstructs the rest in backward.
+        method, T, backward, anchor_every, drift_tol, strict: as in `odenets_fast.ode_mlp`.
+            ``"backprop"`` runs the plain loop under autograd (exact, stores every activation);
+            ``"adjoint"`` keeps x_0 and x_L (and the anchors) and reconstructs the rest in backward;
+            ``anchor_every="auto"`` places the anchors by the error controller (odenets_fast.segments):
+            each backward measures every segment's drift (one more block evaluation per segment) and
+            sets the layout of the next call, kept in the buffer ``anchor_mask`` (in ``state_dict``).
         preserve_rng_state: re-run each block call with the RNG state of its forward (dropout).
 
-    ``last_drift``: ‖x̃_0 − x_0‖ / ‖x_0‖ of the latest adjoint backward (None before one).
+    ``last_drift``: ‖x̃_0 − x_0‖ / ‖x_0‖ of the latest adjoint backward (None before one);
+    ``last_segment_drift``: (first layer, length, drift) of its segments (anchor_every="auto").
     """
 
     def __init__(
@@ -241,7 +284,9 @@ class AdjointResidualStack(nn.Module):
         method: str = "euler",
         T: float = 1.0,
         backward: str = "adjoint",
-        anchor_every: Optional[int] = None,
+        anchor_every: Union[int, str, None] = None,
+        drift_tol: Optional[float] = None,
+        strict: bool = False,
         preserve_rng_state: bool = True,
     ):
         super().__init__()
@@ -258,8 +303,31 @@ class AdjointResidualStack(nn.Module):
         self.step_size = self.T / self.depth
         self.backward_mode = check_choice("backward", backward, BACKWARD_MODES)
         self.anchor_every = check_anchor_every(anchor_every, backward)
+        self.drift_tol, self.strict = check_error_control(self.anchor_every, drift_tol, strict)
         self.preserve_rng_state = check_bool("preserve_rng_state", preserve_rng_state)
         self._drift: Optional[Tensor] = None
+        if self.anchor_every == AUTO:  # the controller's state, from plain adjoint's one segment on
+            self.register_buffer("anchor_mask", torch.zeros(self.depth, dtype=torch.bool))
+            self.register_buffer("segment_drift", torch.full((self.depth,), segments.NO_SEGMENT), persistent=False)
+
+    def anchor_layout(self) -> list:
+        """The layers whose input the next forward stores (x_0 always)."""
+        if self.anchor_every == AUTO:
+            return segments.positions_of(self.anchor_mask)
+        return list(range(0, self.depth, self.anchor_every or self.depth))
+
+    @torch.no_grad()
+    def record_segments(self, positions: list, drifts: dict) -> None:
+        """The drifts of an auto-mode backward's segments, and the controller's layout for the next call."""
+        values = torch.stack([drifts[a] for a in positions]).float().tolist()
+        self.segment_drift.copy_(segments.segment_drifts(positions, values, self.segment_drift))
+        layout = segments.next_positions(positions, values, self.depth, self.drift_tol)
+        self.anchor_mask.copy_(segments.mask_of(layout, self.anchor_mask))
+
+    @property
+    def last_segment_drift(self) -> Optional[list]:
+        """[(first layer, length, drift)] of the latest backward's segments (anchor_every="auto")."""
+        return segments.described(self.segment_drift) if self.anchor_every == AUTO else None
 
     def layer_parameters(self, n: int) -> list:
         """Parameters that forward layer n reads: f_n's (and f_{n+1}'s for Heun)."""
@@ -320,5 +388,6 @@ class AdjointResidualStack(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"depth={self.depth}, method={self.method!r}, T={self.T}, backward={self.backward_mode!r}, "
-            f"anchor_every={self.anchor_every}, preserve_rng_state={self.preserve_rng_state}"
+            f"anchor_every={self.anchor_every!r}, preserve_rng_state={self.preserve_rng_state}"
+            + (f", drift_tol={self.drift_tol}, strict={self.strict}" if self.anchor_every == AUTO else "")
         )

@@ -138,6 +138,19 @@ def test_memory_starts_no_depth_after_its_deadline(tmp_path):
     assert len(list(tmp_path.glob("memory-cpu-*.png"))) == 1
 
 
+def test_error_control_benchmark_runs(tmp_path):
+    from bench import error_control
+
+    report = error_control.main(["--steps", "2", "--depth", "8", "--conv-depth", "2", "--out", str(tmp_path)])
+    for kind in ("rough-mlp", "smooth-mlp", "conv"):
+        modes = report["results"][kind]
+        assert modes["backprop"]["median_gradient_error"] == 0.0 and modes["adjoint"]["median_gradient_error"] > 0
+        assert modes["adjoint"]["activation_bytes"] < modes["backprop"]["activation_bytes"]
+        assert modes["auto"]["anchors"][0] == 1 and len(modes["auto strict"]["gradient_error"]) == 2
+    assert report["relation"]["median_gradient_error_over_drift"] > 0
+    assert len(list(tmp_path.glob("error-control-cpu-*.png"))) == 1
+
+
 def test_gpu_suite_dry_run(tmp_path):
     # The GPU run happens only where a session is lent a GPU, with little device time: check its
     # plumbing here, on the interpreter at tiny sizes — the results file, the issues' ratio names,

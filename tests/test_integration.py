@@ -19,23 +19,32 @@ def test_cpp_backend_is_built_here():
 
 
 def _forward_args(method, backward, anchor_every, backend, bias, dtype=torch.float64, requires_grad=True):
+    """ode_mlp_forward's arguments; anchor_every="auto": error-controlled anchors at layers 0 and 2."""
     x, W, V, b, c = make_stack(B=5, q=3, m=4, L=3, method=method, bias=bias, dtype=dtype)
     tensors = [None if t is None else t.requires_grad_(requires_grad) for t in (x, W, V, b, c)]
+    auto = anchor_every == "auto"
     spec = StackSpec(method=method, activation="tanh", depth=3, step=1 / 3, scale_in=3**-0.5, scale_out=0.5,
-                     backward=backward, anchor_every=anchor_every or None)  # fmt: skip
-    return (*tensors, *spec.op_args(), backend, torch.zeros((), dtype=dtype))
+                     backward=backward, anchor_every=None if auto else anchor_every or None,
+                     drift_tol=1e-3 if auto else None)  # fmt: skip
+    mask = torch.tensor([True, False, True]) if auto else torch.zeros(0, dtype=dtype)
+    drifts = torch.full((3,), -1.0) if auto else torch.zeros(0, dtype=dtype)
+    return (*tensors, *spec.op_args(), backend, torch.zeros((), dtype=dtype), mask, drifts)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("method, backward, anchor_every, bias",
-                         [("euler", "adjoint", 0, False), ("heun", "backprop", 0, True), ("heun", "adjoint", 2, True)])
+@pytest.mark.parametrize("method, backward, anchor_every, bias", [
+    ("euler", "adjoint", 0, False), ("heun", "backprop", 0, True), ("heun", "adjoint", 2, True),
+    ("heun", "adjoint", "auto", True),
+])  # fmt: skip
 def test_opcheck_forward_and_backward(backend, method, backward, anchor_every, bias):
     args = _forward_args(method, backward, anchor_every, backend, bias)
     torch.library.opcheck(ode_mlp_forward, args)
-    out, final, anchors, stages = ode_mlp_forward(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
+    out, final, anchors, stages, layers = ode_mlp_forward(*[a.detach() if isinstance(a, torch.Tensor) else a
+                                                            for a in args])  # fmt: skip
     _, W, V, b, c = args[:5]
-    backward_args = (torch.randn_like(out), out if is_absent(final) else final, anchors, stages,
-                     *[None if t is None else t.detach() for t in (W, V, b, c)], *args[5:-1])  # fmt: skip
+    scalars_and_backend = args[5:-3]
+    backward_args = (torch.randn_like(out), out if is_absent(final) else final, anchors, stages, layers,
+                     *[None if t is None else t.detach() for t in (W, V, b, c)], *scalars_and_backend)  # fmt: skip
     torch.library.opcheck(ode_mlp_backward, backward_args)
 
 
