@@ -31,6 +31,16 @@ def git_commit() -> str:
         return "unknown"
 
 
+def git_dirty() -> Optional[bool]:
+    """Whether tracked files differ from that commit (results measured on uncommitted code); None where the
+    tree has no git checkout."""
+    try:
+        return bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                   text=True, cwd=ROOT, check=True).stdout.strip())  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -57,6 +67,7 @@ def environment(device: torch.device) -> dict:
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "commit": git_commit(),
+        "git_dirty": git_dirty(),
         "date": now.isoformat(timespec="seconds"),
     }
 
