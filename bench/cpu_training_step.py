@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from bench.baselines import eager_forward
-from bench.report import git_commit, git_dirty
+from bench.report import git_commit, git_dirty, load_average_1min
 from odenets_fast import ODEMLP, available_backends
 
 CONFIG = dict(B=256, q=32, m=64, L=128, method="euler", activation="gelu", dtype="float32", init="smooth", threads=2)
@@ -91,7 +91,7 @@ def machine_info() -> dict:
     return {
         "cpu": cpu,
         "cpu_count": os.cpu_count(),
-        "load_average_1min_before": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "load_average_1min_before": load_average_1min(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,

@@ -10,7 +10,8 @@ torch.cuda.max_memory_allocated() in this process, on the CPU as the peak RSS of
 (contender, depth).
 Time: the median over steps after a warm-up step, the contenders side by side in this process (do_bench on
 CUDA; on the CPU the contenders take turns step by step, at least --reps rounds, more for short steps).
-Writes bench/results/memory-<device>-<yyyymmdd>.json (after every depth, marked complete at the end) and .png.
+Writes bench/results/memory-<device>-<yyyymmdd>.json (after every depth, marked complete at the end, with the
+load average then: the machine may be shared) and .png.
 
     python -m bench.memory [--depths 16 64 256 1024] [--batch B --dim q --hidden m] [--contenders NAME ...]
                            [--backend NAME] [--reps 3] [--out DIR]
@@ -39,7 +40,15 @@ from bench.contenders import (
 )
 from bench.peak_memory import MMAP_THRESHOLD, step_peak_bytes
 from bench.plotting import save_loglog_panels
-from bench.report import ROOT, backend_label, environment, markdown_table, output_stem, write_json
+from bench.report import (
+    ROOT,
+    backend_label,
+    environment,
+    load_average_1min,
+    markdown_table,
+    output_stem,
+    write_json,
+)
 from bench.timing import median_ms
 from odenets_fast import ode_mlp
 
@@ -213,7 +222,7 @@ def main(argv=None, *, deadline=None, on_depth=None) -> dict:
     stem = output_stem("memory", device, args.out)
     results = {"config": config, "environment": env, "torchdiffeq": _torchdiffeq_version(),
                "torchdiffeq_check": torchdiffeq_agreement, "skipped": skipped, "complete": False, "ratios": {},
-               "measurements": []}  # fmt: skip
+               "measurements": [], "load_average_1min_after_depth": {}}  # fmt: skip
     measured = {}
     for done, depth in enumerate(depths, 1):
         if deadline is not None and time.time() >= deadline:
@@ -230,6 +239,7 @@ def main(argv=None, *, deadline=None, on_depth=None) -> dict:
             print(f"  L={depth:<5} {name:<25} peak {peak_mib:9.1f} MiB   step {ms:10.1f} ms", flush=True)
         # after every depth: a run cut off by a time limit (a GPU machine's) keeps the depths it measured
         ratios = goal_ratios(measured, depths[:done])
+        results["load_average_1min_after_depth"][str(depth)] = load_average_1min()
         results.update(complete=done == len(depths), ratios=ratios,
                        measurements=[dict(contender=n, depth=L, **v) for (n, L), v in measured.items()])  # fmt: skip
         write_json(stem.with_suffix(".json"), results)

@@ -41,6 +41,12 @@ def git_dirty() -> Optional[bool]:
         return None
 
 
+def load_average_1min() -> Optional[float]:
+    """The 1-minute load average, None where the system keeps none: on a shared machine, how much else ran
+    (a benchmark's own threads count too)."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -68,6 +74,7 @@ def environment(device: torch.device) -> dict:
         "python": platform.python_version(),
         "commit": git_commit(),
         "git_dirty": git_dirty(),
+        "load_average_1min": load_average_1min(),
         "date": now.isoformat(timespec="seconds"),
     }
 

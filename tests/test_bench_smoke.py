@@ -44,6 +44,8 @@ def test_memory(tmp_path, capsys, monkeypatch):
     # at L = 16 eager keeps ~16 MiB of activations, adjoint a few (B, m) temporaries
     assert measured[("odenets_adjoint", 16)]["peak_bytes"] < measured[("eager_backprop", 16)]["peak_bytes"]
     assert results["ratios"]["eager_backprop_over_adjoint_peak_L16"] > 1 and results["complete"] is True
+    assert set(results["load_average_1min_after_depth"]) == {"4", "16"}
+    assert results["environment"]["git_dirty"] in (True, False)
     assert TORCHDIFFEQ_MISSING in out
     assert results["skipped"] == {"torchdiffeq_adjoint": TORCHDIFFEQ_MISSING}
 
