@@ -50,7 +50,6 @@ from bench.report import (
     write_json,
 )
 from bench.timing import median_ms
-from odenets_fast import ode_mlp
 
 DEFAULT_DEPTHS = (16, 64, 256, 1024)
 # CPU: eager backprop at L = 1024 keeps about 2.6 GiB of activations, and the whole run takes a few minutes on
