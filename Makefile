@@ -15,7 +15,6 @@ test: $(STAMP)
 
 # CPU benchmarks and the papers' figures (several minutes); tables on stdout, files in bench/results/.
 bench: $(STAMP)
-	$(PY) -m pip install -q -r requirements-bench.txt
 	$(PY) -m bench.cpu_training_step
 	$(PY) -m bench.memory
 	$(PY) -m bench.conv_example

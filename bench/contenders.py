@@ -6,7 +6,7 @@ V (L, q, m), differentiable in W and V.
                               activation stored
     checkpoint_sqrtL          the same loop in round(√L) segments under torch.utils.checkpoint (non-reentrant)
     torchdiffeq_adjoint       torchdiffeq.odeint_adjoint, fixed-grid Euler with step 1/L on the depth-indexed
-                              vector field (an optional extra)
+                              vector field (DepthIndexedField): the ResNet's forward, its gradient to O(1/L)
     odenets_backprop          ode_mlp(backward="backprop")
     odenets_adjoint           ode_mlp(backward="adjoint")
     odenets_adjoint_anchored  ode_mlp(backward="adjoint", anchor_every=round(√L))
@@ -24,7 +24,7 @@ from bench.baselines import eager_forward, residual
 from odenets_fast import ode_mlp
 
 TORCHDIFFEQ_MISSING = (
-    "torchdiffeq is not installed: skipping the torchdiffeq_adjoint contender (pip install -r requirements-bench.txt)"
+    "torchdiffeq is not installed: skipping the torchdiffeq_adjoint contender (pip install -r requirements.txt)"
 )
 
 
@@ -91,24 +91,51 @@ def _segment(x, Ws, Vs, depth: int):
 
 
 class DepthIndexedField(nn.Module):
-    """f(t, x) = the residual of layer n = min(round(t·L), L − 1), so that fixed-grid Euler with step 1/L
-    (grid t_k = k/L) is exactly the ResNet. Rounding rather than flooring keeps a grid time computed as
-    slightly less than k/L on layer k."""
+    """f(t, x) = the residual of layer n for t_n < t < t_(n+1), on the grid t_n = n/L (`grid`, in the
+    weights' dtype), so that torchdiffeq's fixed-grid Euler on that grid is the ResNet forward (exactly when
+    L is a power of two, else up to the rounding of the steps t_(n+1) − t_n) and odeint_adjoint's backward
+    steps through the same layers in reverse. Solve with `solver_options`.
+
+    Why that indexing is right in both directions (torchdiffeq 0.2.5, _impl/): with perturb=True the
+    forward Euler step from t_n evaluates f at nextafter(t_n, +∞) (fixed_grid.Euler, Perturb.NEXT in
+    misc._PerturbFunc); odeint_adjoint's backward solves the augmented system from t = 1 to 0 in negated
+    time τ = −t (misc._check_inputs, _ReverseFunc), whose Euler step from τ = −t_(n+1) evaluates at
+    nextafter(−t_(n+1), +∞), i.e. at t = nextafter(t_(n+1), −∞). Both times lie strictly inside
+    (t_n, t_(n+1)), so `searchsorted(grid, t, right=True) − 1` gives n in both: the backward step from
+    t_(n+1) to t_n differentiates layer n, the layer the forward step from t_n used. Without perturb the
+    backward step evaluates at t_(n+1) itself, which belongs to layer n + 1 (a field indexed by round(t·L)
+    gave layer 0 no gradient and layer L − 1 twice its own).
+    The grid is handed to the solver (grid_constructor) rather than derived from a step size: torchdiffeq
+    would build the backward grid as −1 + j·(1/L), which rounds differently from −n/L, and floor(t·L) then
+    picks a neighbouring layer at some steps for most L that are not powers of two. `grid_between` gives
+    the solver the very same numbers in either direction (the backward grid is negated back exactly).
+
+    What the adjoint then computes is not backprop: it reconstructs the states by stepping backwards,
+    x̃_n = x̃_(n+1) − f_n(x̃_(n+1))/L, and evaluates the vector–Jacobian products of layer n at x̃_(n+1)
+    instead of x_n, an O(1/L) approximation of the network's gradient (tests/test_bench_smoke.py).
+    """
 
     def __init__(self, W, V):
         super().__init__()
         self.W, self.V = W, V
+        depth = W.shape[0]
+        self.grid = torch.arange(depth + 1, dtype=W.dtype, device=W.device) / depth
+        self.solver_options = {"grid_constructor": self.grid_between, "perturb": True}
+
+    def grid_between(self, func, y0, t):
+        """The grid from t[0] to t[-1] (0 → 1 in the forward, 1 → 0 in the adjoint's backward)."""
+        return self.grid if t[0] < t[-1] else self.grid.flip(0)
 
     def forward(self, t, x):
-        depth = self.W.shape[0]
-        return residual(x, self.W, self.V, None, None, min(int(torch.round(t * depth)), depth - 1), "gelu")
+        layer = int(torch.searchsorted(self.grid, t.reshape(1), right=True)) - 1
+        return residual(x, self.W, self.V, None, None, layer, "gelu")
 
 
 def torchdiffeq_adjoint(x, W, V, backend):
     from torchdiffeq import odeint_adjoint
 
-    times = torch.tensor([0.0, 1.0], device=x.device)
-    states = odeint_adjoint(DepthIndexedField(W, V), x, times, method="euler", options={"step_size": 1.0 / W.shape[0]},
+    field = DepthIndexedField(W, V)
+    states = odeint_adjoint(field, x, field.grid[[0, -1]], method="euler", options=field.solver_options,
                             adjoint_params=(W, V))  # fmt: skip
     return states[-1]
 

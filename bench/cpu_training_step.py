@@ -20,13 +20,13 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
 import torch
 
 from bench.baselines import eager_forward
+from bench.report import git_commit, git_dirty, load_average_1min
 from odenets_fast import ODEMLP, available_backends
 
 CONFIG = dict(B=256, q=32, m=64, L=128, method="euler", activation="gelu", dtype="float32", init="smooth", threads=2)
@@ -81,13 +81,6 @@ def interleaved_medians_ms(contenders: dict, *, warmup: int, reps: int) -> dict:
     return {name: 1e3 * statistics.median(samples) for name, samples in times.items()}
 
 
-def _git(*args: str) -> str:
-    try:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def machine_info() -> dict:
     cpu = platform.processor()
     try:
@@ -98,7 +91,7 @@ def machine_info() -> dict:
     return {
         "cpu": cpu,
         "cpu_count": os.cpu_count(),
-        "load_average_1min_before": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "load_average_1min_before": load_average_1min(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -115,8 +108,8 @@ def run(reps: int, warmup: int) -> dict:
     return {
         "benchmark": "cpu_training_step",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "git_commit": git_commit(),
+        "git_dirty": git_dirty(),
         "config": {**CONFIG, "reps": reps, "warmup": warmup},
         "machine": machine,
         "median_ms": medians,

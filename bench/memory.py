@@ -1,7 +1,8 @@
 """Peak memory and time of one training step against depth: odenets_fast next to what users would
 otherwise run (the contenders of bench/contenders.py: eager backprop, √L checkpointing, torchdiffeq's
 odeint_adjoint, and ode_mlp in backprop, adjoint and anchored-adjoint modes), on the same seeded data and
-parameters (Euler, GELU, no biases). torchdiffeq is optional: pip install -r requirements-bench.txt.
+parameters (Euler, GELU, no biases). Where torchdiffeq (requirements.txt) is not installed, as on a GPU
+machine's own environment, its contender is skipped with a message.
 
 A training step is the loss (1/B) Σ_i ‖x_L,i − y_i‖² and its gradients w.r.t. W and V. Its peak memory,
 parameters and their gradients excluded, is measured by bench/peak_memory.py: on CUDA with
@@ -9,7 +10,8 @@ torch.cuda.max_memory_allocated() in this process, on the CPU as the peak RSS of
 (contender, depth).
 Time: the median over steps after a warm-up step, the contenders side by side in this process (do_bench on
 CUDA; on the CPU the contenders take turns step by step, at least --reps rounds, more for short steps).
-Writes bench/results/memory-<device>-<yyyymmdd>.json (after every depth, marked complete at the end) and .png.
+Writes bench/results/memory-<device>-<yyyymmdd>.json (after every depth, marked complete at the end, with the
+load average then: the machine may be shared) and .png.
 
     python -m bench.memory [--depths 16 64 256 1024] [--batch B --dim q --hidden m] [--contenders NAME ...]
                            [--backend NAME] [--reps 3] [--out DIR]
@@ -33,14 +35,21 @@ from bench.contenders import (
     Sizes,
     make_step,
     problem_tensors,
-    torchdiffeq_adjoint,
     torchdiffeq_installed,
+    training_loss,
 )
 from bench.peak_memory import MMAP_THRESHOLD, step_peak_bytes
 from bench.plotting import save_loglog_panels
-from bench.report import ROOT, backend_label, environment, markdown_table, output_stem, write_json
+from bench.report import (
+    ROOT,
+    backend_label,
+    environment,
+    load_average_1min,
+    markdown_table,
+    output_stem,
+    write_json,
+)
 from bench.timing import median_ms
-from odenets_fast import ode_mlp
 
 DEFAULT_DEPTHS = (16, 64, 256, 1024)
 # CPU: eager backprop at L = 1024 keeps about 2.6 GiB of activations, and the whole run takes a few minutes on
@@ -90,13 +99,30 @@ def steps_ms(steps: dict, device: torch.device, min_rounds: int) -> dict:
     return {name: 1e3 * statistics.median(s) for name, s in seconds.items()}
 
 
-def torchdiffeq_max_abs_diff(sizes: Sizes, depth: int, device: torch.device, backend: Optional[str], rows=256):
-    """max |torchdiffeq Euler − ode_mlp(method="euler")| on the first `rows` inputs of the seeded problem."""
-    x, _, W, V = problem_tensors(sizes, depth, device)
-    with torch.no_grad():
-        ours = ode_mlp(x[:rows], W, V, method="euler", activation="gelu", backend=backend)
-        theirs = torchdiffeq_adjoint(x[:rows], W, V, backend)
-    return float((ours - theirs).abs().max())
+def torchdiffeq_check(sizes: Sizes, depth: int, device: torch.device, backend: Optional[str], rows=256) -> dict:
+    """The torchdiffeq contender against the network it stands for, on the first `rows` inputs of the
+    seeded problem: max |its x_L − ode_mlp(method="euler")'s|, and the relative errors ‖ĝ − g‖ / ‖g‖ of
+    its gradients and of ode_mlp's adjoint gradients against exact backprop (eager_backprop), over the
+    whole stack and for the worst layer."""
+    x, y, W, V = problem_tensors(sizes, depth, device)
+    x, y = x[:rows], y[:rows]
+
+    def output_and_gradients(contender):
+        out = CONTENDERS[contender](x, W, V, backend)
+        return out.detach(), torch.autograd.grad(training_loss(out, y), (W, V))
+
+    _, exact = output_and_gradients("eager_backprop")
+    outputs, errors = {}, {}
+    for name in ("torchdiffeq_adjoint", "odenets_adjoint"):
+        outputs[name], approx = output_and_gradients(name)
+        errors[name] = {}
+        for param, a, e in zip("WV", approx, exact):
+            per_layer = (a - e).flatten(1).norm(dim=1) / e.flatten(1).norm(dim=1)
+            errors[name][param] = float((a - e).norm() / e.norm())
+            errors[name][f"{param}_worst_layer"] = float(per_layer.max())
+    diff = float((outputs["torchdiffeq_adjoint"] - outputs["odenets_adjoint"]).abs().max())
+    return {"depth": depth, "rows": rows, "max_abs_diff_vs_ode_mlp": diff,
+            "gradient_relative_error_vs_backprop": errors}
 
 
 def goal_ratios(measured: dict, depths: list) -> dict:
@@ -183,16 +209,19 @@ def main(argv=None, *, deadline=None, on_depth=None) -> dict:
     print(f"{env['device']} · torch {env['torch']} · odenets_fast backend {backend_name} · B={sizes.batch}, "
           f"q={sizes.dim}, m={sizes.hidden}, depths {depths}", flush=True)  # fmt: skip
 
-    torchdiffeq_check = None
+    torchdiffeq_agreement = None
     if "torchdiffeq_adjoint" in contenders:
-        diff = torchdiffeq_max_abs_diff(sizes, depths[-1], device, args.backend)
-        torchdiffeq_check = {"depth": depths[-1], "max_abs_diff_vs_ode_mlp": diff}
-        print(f"torchdiffeq Euler vs ode_mlp(method='euler') at L={depths[-1]}: max |difference| = {diff:.2e}")
+        torchdiffeq_agreement = torchdiffeq_check(sizes, depths[-1], device, args.backend)
+        print(f"torchdiffeq Euler vs ode_mlp(method='euler') at L={depths[-1]}: max |x_L difference| = "
+              f"{torchdiffeq_agreement['max_abs_diff_vs_ode_mlp']:.2e}; gradients against exact backprop:")  # fmt: skip
+        for name, e in torchdiffeq_agreement["gradient_relative_error_vs_backprop"].items():
+            print(f"  {name:<20} W {e['W']:.1e} (worst layer {e['W_worst_layer']:.1e}), "
+                  f"V {e['V']:.1e} (worst layer {e['V_worst_layer']:.1e})")  # fmt: skip
 
     stem = output_stem("memory", device, args.out)
     results = {"config": config, "environment": env, "torchdiffeq": _torchdiffeq_version(),
-               "torchdiffeq_check": torchdiffeq_check, "skipped": skipped, "complete": False, "ratios": {},
-               "measurements": []}  # fmt: skip
+               "torchdiffeq_check": torchdiffeq_agreement, "skipped": skipped, "complete": False, "ratios": {},
+               "measurements": [], "load_average_1min_after_depth": {}}  # fmt: skip
     measured = {}
     for done, depth in enumerate(depths, 1):
         if deadline is not None and time.time() >= deadline:
@@ -209,6 +238,7 @@ def main(argv=None, *, deadline=None, on_depth=None) -> dict:
             print(f"  L={depth:<5} {name:<25} peak {peak_mib:9.1f} MiB   step {ms:10.1f} ms", flush=True)
         # after every depth: a run cut off by a time limit (a GPU machine's) keeps the depths it measured
         ratios = goal_ratios(measured, depths[:done])
+        results["load_average_1min_after_depth"][str(depth)] = load_average_1min()
         results.update(complete=done == len(depths), ratios=ratios,
                        measurements=[dict(contender=n, depth=L, **v) for (n, L), v in measured.items()])  # fmt: skip
         write_json(stem.with_suffix(".json"), results)

@@ -31,6 +31,22 @@ def git_commit() -> str:
         return "unknown"
 
 
+def git_dirty() -> Optional[bool]:
+    """Whether tracked files differ from that commit (results measured on uncommitted code); None where the
+    tree has no git checkout."""
+    try:
+        return bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                   text=True, cwd=ROOT, check=True).stdout.strip())  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def load_average_1min() -> Optional[float]:
+    """The 1-minute load average, None where the system keeps none: on a shared machine, how much else ran
+    (a benchmark's own threads count too)."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -57,6 +73,8 @@ def environment(device: torch.device) -> dict:
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "commit": git_commit(),
+        "git_dirty": git_dirty(),
+        "load_average_1min": load_average_1min(),
         "date": now.isoformat(timespec="seconds"),
     }
 

@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import memory, repro_gradient_error, repro_smoothness
-from bench.contenders import TORCHDIFFEQ_MISSING, Sizes, make_step
+from bench import contenders, memory, repro_gradient_error, repro_smoothness
+from bench.baselines import eager_forward, residual
+from bench.contenders import TORCHDIFFEQ_MISSING, Sizes, torchdiffeq_adjoint, training_loss
+from helpers import make_stack, smooth_stack
 
 
 def _outputs(tmp_path, name):
@@ -44,16 +46,77 @@ def test_memory(tmp_path, capsys, monkeypatch):
     # at L = 16 eager keeps ~16 MiB of activations, adjoint a few (B, m) temporaries
     assert measured[("odenets_adjoint", 16)]["peak_bytes"] < measured[("eager_backprop", 16)]["peak_bytes"]
     assert results["ratios"]["eager_backprop_over_adjoint_peak_L16"] > 1 and results["complete"] is True
+    assert set(results["load_average_1min_after_depth"]) == {"4", "16"}
+    assert results["environment"]["git_dirty"] in (True, False)
     assert TORCHDIFFEQ_MISSING in out
     assert results["skipped"] == {"torchdiffeq_adjoint": TORCHDIFFEQ_MISSING}
 
 
-def test_torchdiffeq_contender_is_the_resnet():
-    pytest.importorskip("torchdiffeq")
-    sizes, cpu = Sizes(64, 8, 16), torch.device("cpu")
-    assert memory.torchdiffeq_max_abs_diff(sizes, 16, cpu, None) < 1e-5
-    step, _ = make_step("torchdiffeq_adjoint", sizes, 4, cpu, None)
-    step()  # its adjoint backward runs
+def _output_and_gradients(forward, x, W, V, y):
+    W, V = (t.detach().requires_grad_(True) for t in (W, V))
+    out = forward(x, W, V)
+    return out.detach(), torch.autograd.grad(training_loss(out, y), (W, V))
+
+
+def test_torchdiffeq_contender_computes_the_networks_gradient():
+    """odeint_adjoint on DepthIndexedField: the ResNet's output, and every layer's gradient — the first and
+    the last included — within O(1/L) of exact backprop. (Indexed by round(t·L), layer 0 got no gradient
+    and layer L − 1 twice its own.) L = 100, not a power of two, where the grid times do not round alike."""
+    depth = 100
+    x, W, V, _, _ = smooth_stack(depth, method="euler")
+    y = torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=x.dtype)
+    exact_out, exact = _output_and_gradients(eager_forward, x, W, V, y)
+    out, approx = _output_and_gradients(lambda *a: torchdiffeq_adjoint(*a, None), x, W, V, y)
+    assert (out - exact_out).abs().max() < 1e-12
+    for name, a, e in zip("WV", approx, exact):
+        per_layer = (a - e).flatten(1).norm(dim=1) / e.flatten(1).norm(dim=1)
+        assert per_layer.max() < 0.05, f"d{name}: worst layer {int(per_layer.argmax())}, error {per_layer.max():.2e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_torchdiffeq_steps_through_the_layers_in_order(monkeypatch, dtype):
+    """The forward's step n and the adjoint's backward step from t_(n+1) to t_n both use layer n, at
+    depths whose grid times 1/L do not round alike forwards and backwards."""
+    layers = []
+
+    def recorded_residual(x, W, V, b, c, n, activation):
+        layers.append(n)
+        return residual(x, W, V, b, c, n, activation)
+
+    monkeypatch.setattr(contenders, "residual", recorded_residual)
+    for depth in (3, 12, 100, 1000):
+        x, W, V, _, _ = make_stack(B=2, q=2, m=2, L=depth, dtype=dtype)
+        layers.clear()
+        out = torchdiffeq_adjoint(x, W.requires_grad_(True), V.requires_grad_(True), None)
+        assert layers == list(range(depth))
+        layers.clear()
+        out.sum().backward()
+        assert layers == list(reversed(range(depth))), depth
+
+
+def test_memory_checks_the_torchdiffeq_contender_against_backprop():
+    check = memory.torchdiffeq_check(Sizes(64, 8, 16), 16, torch.device("cpu"), None)
+    assert check["max_abs_diff_vs_ode_mlp"] < 1e-5
+    errors = check["gradient_relative_error_vs_backprop"]
+    assert set(errors) == {"torchdiffeq_adjoint", "odenets_adjoint"}
+    assert all(0 < e[k] < 0.5 for e in errors.values() for k in ("W", "V", "W_worst_layer", "V_worst_layer"))
+
+
+def test_results_say_whether_the_code_measured_was_committed(tmp_path, monkeypatch):
+    import subprocess
+
+    from bench import report
+
+    monkeypatch.setattr(report, "ROOT", tmp_path)
+    assert report.git_dirty() is None  # no checkout: unknown
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
+    for args in (["init", "-q"], ["add", "code.py"], ["commit", "-q", "-m", "code"]):
+        subprocess.run(git + args, check=True)
+    (tmp_path / "results.json").write_text("{}")  # untracked files are not the code measured
+    assert report.git_dirty() is False and report.environment(torch.device("cpu"))["git_dirty"] is False
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert report.git_dirty() is True
 
 
 def test_repro_gradient_error(tmp_path):
