@@ -210,7 +210,7 @@ def test_error_control_benchmark_runs(tmp_path):
         assert modes["backprop"]["median_gradient_error"] == 0.0 and modes["adjoint"]["median_gradient_error"] > 0
         assert modes["adjoint"]["activation_bytes"] < modes["backprop"]["activation_bytes"]
         assert modes["auto"]["anchors"][0] == 1 and len(modes["auto strict"]["gradient_error"]) == 2
-    assert report["relation"]["median_gradient_error_over_drift"] > 0
+    assert all(r["min"] <= r["median"] <= r["max"] for r in report["relation"].values())
     assert len(list(tmp_path.glob("error-control-cpu-*.png"))) == 1
 
 
