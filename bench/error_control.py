@@ -145,8 +145,9 @@ def _plot(path, results: dict, drift_tol: float) -> None:
             axes[0].plot(steps, r["anchors"], marker="o", label=f"{kind}, {name}")
             axes[1].semilogy(steps, r["drift"], marker="o", label=f"{kind}, {name}")
         for name, r in per_mode.items():
-            if name != "backprop":
-                axes[2].loglog(r["drift"], [max(e, 1e-17) for e in r["gradient_error"]], ".", label=f"{kind}, {name}")
+            points = [(d, e) for d, e in zip(r["drift"], r["gradient_error"]) if d and e > 1e-12]  # exact: no point
+            if points:
+                axes[2].loglog(*zip(*points), ".", label=f"{kind}, {name}")
     axes[1].axhline(drift_tol, color="k", linestyle="--", label="drift_tol")
     for ax, title, ylabel in ((axes[0], "anchors the controller places", "segments"),
                               (axes[1], "largest segment drift", "drift"),
