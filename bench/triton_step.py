@@ -83,15 +83,22 @@ CROSSOVER_CONTENDERS = ("fused_forward", "per_layer_forward", "fused_adjoint_ste
 # register-spill analysis, then neighbours with small spills in ptxas's report. For 16-bit operands at
 # q = 256, (64, 16, 8) is the tile whose products compile to Hopper's wgmma (tests/triton_aot.py shows
 # the instructions): the table's 32- and 16-row tiles compile to the older mma, since wgmma needs 64
-# rows per warpgroup, but 64 rows leave only 64 programs at B = 4096 for 132 SMs. Each is timed through
+# rows per warpgroup, but 64 rows leave only 64 programs at B = 4096 for 132 SMs. At q = 64 (the narrow
+# goal shape) the table's 64-row tiles put the products on wgmma; (32, 16, 8) is mma but spill-free in
+# Heun's anchored reverse, which spills at every 64-row tile (tests/triton_aot.py). The (64, 64, 4)
+# tiles of earlier tables are gone: as the JIT compiles them, 32 registers and 9–13 KB of stack a
+# thread. Each is timed through
 # ODENETS_FAST_TRITON_{FORWARD,REVERSE}_TILES, with the table's num_stages. "product": tiles
 # "BLOCK_R,BLOCK_C,BLOCK_K,num_warps,num_stages" of the workspace products (mlp_step.product_config
 # first), timed through ODENETS_FAST_TRITON_PRODUCT_TILES in an adjoint step that uses the workspace.
 _PRODUCT_CANDIDATES = {4: [(64, 64, 32, 4, 3), (32, 32, 32, 4, 3), (64, 64, 16, 4, 3), (128, 64, 32, 8, 3)],
                        2: [(64, 64, 64, 4, 3), (32, 32, 64, 4, 3), (128, 64, 64, 8, 3), (64, 64, 32, 4, 4)]}  # fmt: skip
 TUNE_CANDIDATES = {
-    (64, 4): {"forward": [(64, 32, 8), (64, 64, 4), (32, 32, 8), (64, 16, 8), (128, 32, 8)],
-              "reverse": [(64, 16, 8), (64, 64, 4), (32, 16, 8), (16, 16, 8), (64, 32, 8)],
+    (64, 2): {"forward": [(64, 64, 8), (64, 32, 8), (128, 32, 8), (64, 64, 4)],
+              "reverse": [(64, 16, 8), (64, 32, 8), (128, 16, 8), (32, 16, 8)],
+              "product": _PRODUCT_CANDIDATES[2]},
+    (64, 4): {"forward": [(64, 32, 8), (64, 64, 8), (32, 32, 8), (64, 16, 8), (128, 32, 8)],
+              "reverse": [(64, 16, 8), (32, 16, 8), (16, 16, 8), (64, 32, 8)],
               "product": _PRODUCT_CANDIDATES[4]},
     (256, 4): {"forward": [(32, 16, 8), (32, 32, 8), (16, 16, 8), (16, 16, 16)],
                "reverse": [(16, 16, 8), (32, 32, 8), (32, 16, 8), (16, 16, 16)],
@@ -100,7 +107,7 @@ TUNE_CANDIDATES = {
                "reverse": [(16, 16, 8), (32, 32, 8), (32, 16, 8), (16, 32, 8), (64, 16, 8)],
                "product": _PRODUCT_CANDIDATES[2]},
 }  # fmt: skip
-TUNE_CONFIGS = CONFIGS[:3]  # the benchmark shapes (narrow L = 256 has the L = 64 tiles)
+TUNE_CONFIGS = GOAL_CONFIGS  # the goal shapes: wide float32 and bfloat16, narrow bfloat16 and TF32
 DRY_RUN_TUNE_CONFIGS = [dict(name="dry-run-tune", B=40, q=24, m=40, L=2, dtype="float32")]
 DRY_RUN_TUNE_CANDIDATES = {"forward": [(16, 32, 1), (32, 16, 1)], "reverse": [(16, 32, 1), (16, 16, 1)],
                            "product": [(16, 32, 16, 1, 1), (32, 16, 32, 1, 1)]}  # fmt: skip
@@ -252,9 +259,14 @@ def _run_config(config: dict, device: torch.device, only) -> dict:
 
 
 def tune_config(config: dict, device: torch.device, candidates: dict) -> dict:
-    """Median ms of the whole-depth forward for each forward tile candidate, of the adjoint training
-    step for each reverse candidate, and of the adjoint step with the workspace reduction for each
-    product candidate (the other kernels at the table's tiles)."""
+    """Median ms of the fused whole-depth forward for each forward tile candidate, of the adjoint
+    training step for each reverse candidate, and of the adjoint step with the workspace reduction for
+    each product candidate (the other kernels at the table's tiles), in the configuration's precision."""
+    with tf32_context(config.get("precision", "ieee"), device), environment_variable(PATH_ENV, "fused"):
+        return _tune_config(config, device, candidates)
+
+
+def _tune_config(config: dict, device: torch.device, candidates: dict) -> dict:
     x, W, V, grad_out = _problem(config, device)
 
     def forward():

@@ -13,8 +13,8 @@ Products are where the paths differ, and their efficiency is a property of what 
                               FP32 cores for float32 "ieee", tensor cores for TF32 and 16-bit
     fused Triton kernels      by instruction, as tests/triton_aot.py reads it off the sm_90 PTX
                               (`fused_product_instruction`, checked there against the compiler):
-                              "fma" on FP32 cores, "mma" or "wgmma" on tensor cores, each with
-                              TRITON_EFFICIENCY — "fma" low because the kernels' float32 tiles load
+                              "fma" on FP32 cores, "mma" or "wgmma" (or a mix) on tensor cores, each
+                              with TRITON_EFFICIENCY — "fma" low because the kernels' float32 tiles load
                               unswizzled from shared memory with bank conflicts (a load model of the
                               sm_90 SASS put the FMA kernels at 10–26 % of the FP32 peak)
 The fused kernels also use only as many SMs as they have programs, read the weights from L2 once per
@@ -222,6 +222,15 @@ def _layered(model: _Model, s: _Shape, unit: str, backward: str, reconstructions
     return Estimate("layered", products, forward, step)
 
 
+def _efficiency(config, instruction: str) -> float:
+    """TRITON_EFFICIENCY of a kernel's products by instruction — a "wgmma+mma" kernel (the weight-gradient
+    products of a 64-row reverse tile run 16-row `mma`: their M is BLOCK_M) has 2 of its 5 products on
+    `mma` — times the fraction of the warps that hold distinct work."""
+    if instruction == "wgmma+mma":
+        return (3 * TRITON_EFFICIENCY["wgmma"] + 2 * TRITON_EFFICIENCY["mma"] * _useful_warps(config, "mma")) / 5
+    return TRITON_EFFICIENCY[instruction] * _useful_warps(config, instruction)
+
+
 def _useful_warps(config, instruction: str) -> float:
     """The fraction of a fused kernel's warps that hold distinct work in its products. Per-warp `mma`
     tiles are 16 × 8: a (BLOCK_B, N) product has (BLOCK_B/16)·(N/8) of them, and warps beyond that
@@ -237,13 +246,18 @@ def _useful_warps(config, instruction: str) -> float:
     return 0.5 * (fraction(config.block_m) + fraction(config.block_q))
 
 
-def fused_product_instruction(block_b: int, operand_bytes: int, precision: str) -> str:
-    """What a fused kernel's tl.dot compiles to on sm_90 (tests/triton_aot.py checks this against the
-    compiler): FMA for float32 "ieee"; tensor cores otherwise — Hopper's warpgroup `wgmma` only with
-    64-row tiles (a warpgroup's minimum), the per-warp `mma` below that."""
+def fused_product_instruction(block_b: int, operand_bytes: int, precision: str, block_m: int = 64,
+                              weight_products: bool = False) -> str:  # fmt: skip
+    """What a fused kernel's tl.dot compiles to on sm_90, as the JIT specialises it (tests/triton_aot.py
+    checks this against the compiler): FMA for float32 "ieee"; tensor cores otherwise — Hopper's
+    warpgroup `wgmma` with 64-row tiles (a warpgroup's minimum), the per-warp `mma` below that. A reverse
+    kernel that forms the weight gradients itself (`weight_products`: partial rows, atomics) has
+    products with BLOCK_M rows too: `mma` beside `wgmma` when BLOCK_M < 64."""
     if operand_bytes == 4 and precision == "ieee":
         return "fma"
-    return "wgmma" if block_b >= 64 else "mma"
+    if block_b < 64:
+        return "mma"
+    return "wgmma+mma" if weight_products and block_m < 64 else "wgmma"
 
 
 def _fused(model: _Model, s: _Shape, unit: str, precision: str, backward: str, reconstructions: int,
@@ -257,38 +271,41 @@ def _fused(model: _Model, s: _Shape, unit: str, precision: str, backward: str, r
     layer_flops = 2.0 * B * q * m  # one product of f or its VJP over the batch
     weights = 2 * m * q * ob  # W_n and V_n
 
-    def launch(flops: float, dram: float, config, layers: int, weight_reads: int) -> tuple:
-        programs = math.ceil(B / config.block_b)
-        instruction = fused_product_instruction(config.block_b, ob, precision)
+    def launch(flops: float, dram: float, config, layers: int, weight_reads: int, programs: int,
+               weight_products: bool = False) -> tuple:  # fmt: skip
+        instruction = fused_product_instruction(config.block_b, ob, precision, config.block_m, weight_products)
         peak_unit = "fp32" if instruction == "fma" else ("half" if ob == 2 else "tf32")
-        efficiency = TRITON_EFFICIENCY[instruction] * _useful_warps(config, instruction)
-        rate = model.gpu.peak_tflops(peak_unit) * efficiency / (3 if precision == "tf32x3" else 1)
+        rate = model.gpu.peak_tflops(peak_unit) * _efficiency(config, instruction) / (3 if precision == "tf32x3" else 1)
         l2 = programs * layers * weights * weight_reads  # every program reads the layer's weights
         cost = model.kernel(flops, dram, rate, l2_bytes=l2, host="triton_launch", sms_used=programs)
         return cost, instruction
 
     evals = 2 if s.heun else 1  # evaluations of f per forward layer
-    forward, instruction = launch(2 * evals * layer_flops * L, 2 * B * q * 4 + L * weights, configs.forward, L, evals)
+    forward, instruction = launch(2 * evals * layer_flops * L, 2 * B * q * 4 + L * weights, configs.forward, L, evals,
+                                  math.ceil(B / configs.forward.block_b))  # fmt: skip
     # reverse: per layer a VJP per evaluation — the recompute of z, da, dx, and dV, dW unless the
     # workspace kernel forms those — Heun's recompute of y, and the reconstruction
     grads = triton_backend.weight_grad_reduction(deterministic, B, q, m, configs.reverse.block_b)
     vjp_products = evals * (3 if grads == "workspace" else 5) + (1 if s.heun and backward == "adjoint" else 0)
     reverse_flops = layer_flops * (vjp_products * L + 2 * evals * reconstructions)
     sections = mlp_step.GradSections(q, m)
-    programs = math.ceil(B / configs.reverse.block_b)
+    programs = mlp_step.reverse_programs(B, configs.reverse.block_b, model.gpu.sms)
     per_layer_buffer = {"partials": programs * sum(sections.sizes), "workspace": B * sections.workspace_row,
                         "atomic": 0}[grads] * 4 * evals  # fmt: skip
     size = triton_backend.backward_layers_per_launch(grads, L, evals, B, q, m, programs)
     launches = math.ceil(L / size)
-    reverse, _ = launch(reverse_flops, 4 * B * q * 4 + L * weights + L * per_layer_buffer, configs.reverse, L,
-                        evals * (3 if reconstructions else 2))  # fmt: skip
+    # every tile of a persistent program re-reads and re-writes the program's partial rows
+    tiles = math.ceil(B / configs.reverse.block_b)
+    buffer_traffic = L * per_layer_buffer * (2 * tiles / programs if grads == "partials" else 1)
+    reverse, _ = launch(reverse_flops, 4 * B * q * 4 + L * weights + buffer_traffic, configs.reverse, L,
+                        evals * (3 if reconstructions else 2), programs, weight_products=grads != "workspace")  # fmt: skip
     reverse = reverse + Cost(launches=launches - 1, host_s=(launches - 1) * HOST_S["triton_launch"])
     finish = Cost()
     if grads == "partials":  # sum_partials, one launch per gradient section: the rows read once
         finish = model.elementwise(L * per_layer_buffer)
         finish = finish + Cost(launches=4 * launches - 1, host_s=(4 * launches - 1) * HOST_S["triton_launch"])
     elif grads == "workspace":  # two product launches and their sums per set and launch
-        rate = model.gpu.peak_tflops(unit) * TRITON_EFFICIENCY[fused_product_instruction(64, ob, precision)]
+        rate = model.gpu.peak_tflops(unit) * TRITON_EFFICIENCY[fused_product_instruction(64, ob, precision)]  # 64×64
         finish = model.kernel(2 * layer_flops * evals * L, L * per_layer_buffer, rate, host="triton_launch")
         extra = 4 * evals * launches - 1
         finish = finish + Cost(launches=extra, host_s=extra * HOST_S["triton_launch"])

@@ -238,7 +238,7 @@ def backward(grad_out: Tensor, saved: Saved, W, V, b, c, spec: StackSpec) -> Gra
     grads = weight_grad_reduction(spec.deterministic, B, q, m, configs.reverse.block_b)
     adjoint = spec.backward == "adjoint"
     sets = 2 if args["heun"] else 1  # Heun's layer n also has gradients of θ_{n+1}
-    programs = max(1, triton.cdiv(B, configs.reverse.block_b))
+    programs = mlp_step.reverse_programs(B, configs.reverse.block_b, _processors(final.device))
     ws_row = sections.workspace_row
     # partial rows: a launch over n layers also writes Heun's θ_stop, one slot more
     extra = sets - 1 if grads == "partials" else 0
@@ -264,7 +264,7 @@ def backward(grad_out: Tensor, saved: Saved, W, V, b, c, spec: StackSpec) -> Gra
             partials.stride(0) if grads == "partials" else 0, 0 if grads == "atomic" else start,
             reconstruct=adjoint, anchors=anchors if use_anchors else None, anchor_every=spec.anchor_interval,
             stages=stages, drift_state=drift_state if start == 0 else None, grads=grads, workspace=chunk,
-            config=configs.reverse, **args,
+            programs=programs, config=configs.reverse, **args,
         )  # fmt: skip
         if grads == "partials":
             touched = stop - start + extra

@@ -510,3 +510,16 @@ def test_sanitizer_runs_without_the_caching_allocator(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
     result = gpu_suite.run_sanitizer()
     assert result["ran"] and result["errors"] == 0 and "caching=1" in result["tail"]
+
+
+def test_every_tuned_configuration_has_tile_candidates_led_by_the_tables_tiles():
+    from bench import triton_step
+    from odenets_fast.triton_kernels import mlp_step
+
+    for config in triton_step.TUNE_CONFIGS:
+        candidates = triton_step._tune_candidates(config, dry_run=False)
+        itemsize = torch.empty(0, dtype=getattr(torch, config["dtype"])).element_size()
+        table = mlp_step.kernel_configs(config["q"], config["m"], itemsize, interpreted=False)
+        for kind, tiles in zip(("forward", "reverse"), table):
+            assert candidates[kind][0] == (tiles.block_b, tiles.block_m, tiles.num_warps), (config["name"], kind)
+        assert candidates["product"][0] == tuple(mlp_step.product_config(itemsize, interpreted=False))

@@ -72,13 +72,14 @@ def test_the_fused_estimate_follows_the_backend_planning():
                                                                                   configs.reverse.block_b)  # fmt: skip
 
 
-@pytest.mark.parametrize("block_b, operand_bytes, precision, want", [
-    (32, 4, "ieee", "fma"), (64, 4, "tf32", "wgmma"), (16, 2, "ieee", "mma"), (64, 2, "ieee", "wgmma"),
-    (32, 4, "tf32x3", "mma"),
+@pytest.mark.parametrize("block_b, operand_bytes, precision, block_m, weight_products, want", [
+    (32, 4, "ieee", 16, True, "fma"), (64, 4, "tf32", 32, False, "wgmma"), (16, 2, "ieee", 16, True, "mma"),
+    (64, 2, "ieee", 64, False, "wgmma"), (32, 4, "tf32x3", 16, False, "mma"), (64, 2, "ieee", 16, True, "wgmma+mma"),
+    (64, 2, "ieee", 64, True, "wgmma"),
 ])  # fmt: skip
-def test_fused_product_instructions(block_b, operand_bytes, precision, want):
+def test_fused_product_instructions(block_b, operand_bytes, precision, block_m, weight_products, want):
     """The rule the fused model rests on (tests/triton_aot.py checks it against the compiled PTX)."""
-    assert planner.fused_product_instruction(block_b, operand_bytes, precision) == want
+    assert planner.fused_product_instruction(block_b, operand_bytes, precision, block_m, weight_products) == want
 
 
 def test_cpu_tensors_have_no_triton_plan():

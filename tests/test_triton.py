@@ -3,6 +3,7 @@ conftest) on CPU tensors — float32 and float16 only, small odd sizes so every 
 
 import pytest
 import torch
+import triton
 
 import naive
 from backend_runs import DEVICE, run
@@ -310,12 +311,45 @@ def test_product_tile_override(monkeypatch):
 def test_gpu_tile_table_covers_every_width(q, m, operand_bytes):
     """The GPU tiles (what tests/triton_aot.py compiles at the benchmark shapes) for any state width:
     powers of two for tl.dot, q whole in one tile, no hidden chunk wider than m needs."""
-    for config in mlp_step.kernel_configs(q, m, operand_bytes, interpreted=False):
+    configs = mlp_step.kernel_configs(q, m, operand_bytes, interpreted=False)
+    for config in configs:
         assert config.block_q >= q and config.block_q == max(16, 2 ** (q - 1).bit_length())
         for size in (config.block_b, config.block_m):
             assert size >= 16 and size & (size - 1) == 0
         assert config.block_m <= max(16, 2 ** (m - 1).bit_length())
-        assert config.num_stages == (2 if config.block_q >= 256 else 3)
+    assert configs.forward.num_stages == (2 if configs.forward.block_q >= 256 else 3)
+    assert configs.reverse.num_stages == 2
+
+
+@pytest.mark.parametrize("method", ["euler", "heun"])
+@pytest.mark.parametrize("grads", mlp_step.GRAD_REDUCTIONS)
+def test_persistent_programs_walk_more_tiles_than_there_are(method, grads, monkeypatch):
+    """The reverse kernel's programs each walk several batch tiles (7 tiles, 2 programs here), adding
+    their later tiles' weight gradients to their partial rows; as accurate as one program a tile, and
+    (deterministic reductions) bitwise the same from run to run."""
+    kwargs = dict(method=method, anchor_every=2, **_use_reduction(grads, monkeypatch))
+    tensors = make_stack(B=100, q=24, m=40, L=3, method=method, bias=True, dtype=torch.float32)
+    grad_out = torch.randn(100, 24)
+    monkeypatch.setattr(triton_backend, "_processors", lambda device: 2)
+    grids = []
+    kernel_type = type(mlp_step.reverse_layers_kernel)
+    launch = kernel_type.__getitem__
+
+    def spy(kernel, grid):
+        if kernel is mlp_step.reverse_layers_kernel:
+            grids.append(grid)
+        return launch(kernel, grid)
+
+    monkeypatch.setattr(kernel_type, "__getitem__", spy)
+    persistent = [_run("triton", tensors, grad_out, **kwargs) for _ in range(2)]
+    assert set(grids) == {(2,)} and triton.cdiv(100, triton_backend.kernel_configs(24, 40, 4).reverse.block_b) == 7
+    monkeypatch.setattr(triton_backend, "_processors", lambda device: 100)  # a program per tile
+    one_per_tile = _run("triton", tensors, grad_out, **kwargs)
+    _assert_match(persistent[0], _run("reference", tensors, grad_out, **kwargs))
+    _assert_match(persistent[0], one_per_tile)
+    if grads != "atomic":
+        for a, b in zip(*persistent):
+            assert torch.equal(a, b)
 
 
 def test_wide_state_is_a_clear_error_on_the_fused_path(monkeypatch):

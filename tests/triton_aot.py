@@ -1,25 +1,29 @@
-"""Compile the Triton kernels for an H100 (sm_90) ahead of time, without a GPU.
+"""Compile the Triton kernels for an H100 (sm_90) ahead of time, without a GPU, as the JIT compiles them.
 
 The interpreter runs kernels as numpy code and misses what only the real compiler checks (globals
-that are not constexpr, type errors in branches, shared-memory overflow, register spills). Triton
-ships ptxas and cuobjdump, so compiling to a cubin and reading its resource usage need no device.
-Run as a script (TRITON_INTERPRET must be unset):
+that are not constexpr, type errors in branches, shared-memory overflow, register spills, which
+instructions the products become). Triton ships ptxas and cuobjdump, so compiling to a cubin and
+reading its resource usage need no device. The launches are not written out here: the backend runs
+— the fused path of `triton_backend` and the layered path of `triton_layered`, forward and backward,
+on CPU tensors of the benchmark and test shapes — with every kernel's launch intercepted, and each
+distinct specialisation it makes is compiled the way Triton's JIT compiles it for those arguments:
+through the JIT's own argument binder (argument types, the divisibility by 16 of aligned pointers and
+integers) with the launch's constexprs and options. Run as a script (TRITON_INTERPRET must be unset):
 
     python tests/triton_aot.py [--all]   → one line per specialisation, exit code 1 on any failure
 
-Each line gives the shared memory, registers and stack (register spill) per thread of the
-specialisation (the fused step kernels, the workspace products and the layered path's elementwise
-kernels), and its products' instructions: "wgmma" (Hopper's warpgroup tensor-core products,
-which need 64 rows per warpgroup), "mma" (the older per-warp tensor-core products) or "fma" (CUDA
-cores: float32 at input_precision="ieee"), which must be what odenets_fast.planner's cost model of the
-fused step kernels assumes; a failure is a compile error, shared memory beyond the H100's 227 KiB, a mismatch with the planner, or a stack
-beyond MAX_STACK_BYTES (the tile table of mlp_step.kernel_configs keeps spills small; a larger
-stack means a kernel change made it spill, which costs far more than the interpreter shows).
-Without --all, a representative subset (every kernel and branch at the widest benchmark shape, in
-float32 and bfloat16) that compiles in a minute or two on 2 cores; --all covers every benchmark
-shape and precision, the crossover's and the GPU tests' shapes (about 180 specialisations).
+Each line gives the shared memory, registers and stack (register spill) per thread, and the products'
+instructions: "wgmma" (Hopper's warpgroup tensor-core products, 64 rows per warpgroup), "mma" (the
+older per-warp tensor-core products) or "fma" (CUDA cores: float32 at input_precision="ieee"). A
+failure is a compile error, shared memory beyond the H100's 227 KiB, a stack beyond MAX_STACK_BYTES,
+a fused step kernel whose products are not what odenets_fast.planner's cost model assumes
+(`fused_product_instruction`), the narrow goal shape's TF32 or 16-bit products not on wgmma (or
+spilling: none allowed for 16-bit operands, a little for TF32's and for Heun's anchored adjoint), or atomics that are not relaxed. Without --all, a representative subset (the narrow goal shape in
+bfloat16 and TF32, the wide shape in float32 and bfloat16, both paths) that compiles in a few minutes
+on 2 cores; --all also covers the crossover's and the GPU tests' shapes and every precision.
 """
 
+import contextlib
 import os
 import re
 import subprocess
@@ -29,41 +33,119 @@ import tempfile
 if os.environ.get("TRITON_INTERPRET") == "1":  # noqa: E402 — checked before triton is imported
     sys.exit("tests/triton_aot.py compiles real kernels: run it without TRITON_INTERPRET=1")
 
+import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+from triton.compiler import ASTSource, make_backend  # noqa: E402
+from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
-from odenets_fast.planner import fused_product_instruction  # noqa: E402
+from odenets_fast import planner, triton_backend, triton_layered  # noqa: E402
+from odenets_fast.spec import check_stack  # noqa: E402
 from odenets_fast.triton_kernels import layered, mlp_step  # noqa: E402
 
 H100 = GPUTarget("cuda", 90, 32)
 H100_SHARED_MEMORY = 232448  # bytes per block (227 KiB)
-MAX_STACK_BYTES = 4096  # per thread; the table's tiles stay below 3 KiB (triton 3.6 and 3.9), the old 32 × 32 reached 11 KiB
+H100_SMS = 132
+MAX_STACK_BYTES = 4096  # per thread; the table's tiles stay below 3 KiB, the old 32 × 32 reached 11 KiB
 # TF32x3 (opt-in) triples the products' operands: at q = 256 the reverse kernel spills up to 7 KiB
 # under triton 3.6 (2.3 KiB under 3.9) with each of the tiles tried; the README says so.
 MAX_STACK_BYTES_TF32X3_WIDE = 8192
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-FLOAT_ARGS = {"step", "scale_in", "scale_out", "scale", "grad_scale", "alpha", "k_scale"}
-# pointers in the parameter dtype: the weights, and the layered path's operands and biases
-WEIGHT_PTRS = {"W_ptr", "V_ptr", "b_ptr", "c_ptr", "W1_ptr", "V1_ptr", "b1_ptr", "c1_ptr", "operand_like_ptr",
-               "bias_ptr", "out_ptr", "act_out_ptr", "dz_out_ptr", "out_op_ptr", "u1_ptr"}  # fmt: skip
-FLOAT32_OUT_PTRS = {"combine_kernel": {"out_ptr"}}  # kernels whose `out_ptr` is a float32 state
+NARROW_Q = 64  # the fused path's goal shape: tensor-core products there must be wgmma
+MAX_STACK_BYTES_TF32_NARROW = 128
+# Heun's anchored adjoint reverse (it reconstructs and loads anchors, the heaviest variant) spills at
+# every 64-row tile at q = 64 under triton 3.9: 136–176 bytes a thread with 16-bit operands, 320–352
+# with TF32's at the table's (64, 16, 8); 112–480 with one stage or other 64-row tiles, 464–1072 with
+# 4 or 16 warps. 32-row tiles spill 0–40 bytes but lose wgmma; the tune stage times both.
+MAX_STACK_BYTES_NARROW_ANCHORED_HEUN = 384
+
+# (name, B, q, m, L, dtype, input_precision, method, backward, anchor_every, path, weight-gradient reduction)
+SUBSET = [
+    ("narrow", 16384, 64, 128, 256, torch.bfloat16, "ieee", "heun", "adjoint", None, "fused", "partials"),
+    ("narrow", 16384, 64, 128, 256, torch.float32, "tf32", "heun", "adjoint", None, "fused", "partials"),
+    ("narrow", 16384, 64, 128, 256, torch.bfloat16, "ieee", "euler", "adjoint", None, "fused", "atomic"),
+    ("wide", 4096, 256, 512, 64, torch.float32, "ieee", "heun", "adjoint", None, "fused", "workspace"),
+    ("wide", 4096, 256, 512, 64, torch.bfloat16, "ieee", "heun", "adjoint", None, "fused", "workspace"),
+    ("wide", 4096, 256, 512, 64, torch.bfloat16, "ieee", "heun", "adjoint", None, "layered", None),
+]
+EVERYTHING = SUBSET + [
+    (name, B, q, m, L, dtype, precision, method, backward, anchor, path, grads)
+    for name, B, q, m, L in (("narrow", 16384, 64, 128, 16), ("wide", 4096, 256, 512, 16),
+                             ("crossover", 4096, 128, 256, 4), ("gpu tests", 1000, 100, 300, 8),
+                             ("odd", 37, 24, 40, 3))
+    for dtype, precision in ((torch.float32, "ieee"), (torch.bfloat16, "ieee"), (torch.float32, "tf32"),
+                             (torch.float32, "tf32x3"), (torch.float16, "ieee"))
+    for method in ("euler", "heun")
+    for backward, anchor, path, grads in (("backprop", None, "fused", "partials"), ("adjoint", 2, "fused", "partials"),
+                                          ("adjoint", None, "fused", "workspace"), ("adjoint", None, "fused", "atomic"),
+                                          ("adjoint", 2, "layered", None))
+]  # fmt: skip
 
 
-def compile_kernel(kernel, weight_dtype: str, constexprs: dict, num_warps: int, num_stages: int):
-    """Compile one specialisation; pointer arguments are float32 except the weights ('fp32', 'bf16'…)."""
-    signature = {}
-    for name in kernel.arg_names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            float32_out = name in FLOAT32_OUT_PTRS.get(kernel.__name__, ())
-            signature[name] = f"*{weight_dtype}" if name in WEIGHT_PTRS and not float32_out else "*fp32"
-        else:
-            signature[name] = "fp32" if name in FLOAT_ARGS else "i32"
-    indexed = {(kernel.arg_names.index(name),): value for name, value in constexprs.items()}
-    source = ASTSource(fn=kernel, signature=signature, constexprs=indexed)
-    return triton.compile(source, target=H100, options={"num_warps": num_warps, "num_stages": num_stages})
+@contextlib.contextmanager
+def _launches_recorded():
+    """Every launch of the package's kernels, recorded instead of run: [(kernel, args, kwargs)]."""
+    kernels = list({id(k): k for module in (mlp_step, layered) for k in vars(module).values()
+                    if isinstance(k, JITFunction)}.values())  # fmt: skip  (the jit helpers they share once)
+    launches = []
+
+    def recorder(kernel):
+        def run(*args, grid, warmup, **kwargs):
+            launches.append((kernel, args, kwargs))
+
+        return run
+
+    for kernel in kernels:
+        kernel.run = recorder(kernel)
+    try:
+        yield launches
+    finally:
+        for kernel in kernels:
+            del kernel.run  # the class's own run again
+
+
+def launches_of(case) -> list:
+    """The launches one forward and backward of `case` makes, on CPU tensors: the backend planning as
+    on an H100 (132 SMs), the tensor contents irrelevant (nothing runs)."""
+    name, B, q, m, L, dtype, precision, method, backward, anchor_every, path, grads = case
+    P = L + 1 if method == "heun" else L
+    x = torch.zeros(B, q, dtype=dtype)
+    W, V, b, c = (torch.zeros(shape, dtype=dtype) for shape in ((P, m, q), (P, q, m), (P, m), (P, q)))
+    spec = check_stack(x, W, V, b, c, method=method, activation="gelu_tanh", T=1.0, backward=backward,
+                       anchor_every=anchor_every, scale_in=None, scale_out=None, input_precision=precision,
+                       deterministic=grads != "atomic")  # fmt: skip
+    env = {planner.PATH_ENV: path, triton_backend.WEIGHT_GRADS_ENV: grads if grads in ("partials", "workspace") else ""}
+    saved_env = {key: os.environ.get(key) for key in env}
+    saved = triton_backend.check_supported, triton_backend._processors
+    triton_backend.check_supported = lambda *args: None  # CPU tensors stand in for CUDA ones
+    triton_backend._processors = lambda device: H100_SMS
+    os.environ.update(env)
+    try:
+        with _launches_recorded() as launches:
+            out, stored = triton_backend.forward(x, W, V, b, c, spec)
+            triton_backend.backward(torch.zeros_like(out), stored, W, V, b, c, spec)
+    finally:
+        triton_backend.check_supported, triton_backend._processors = saved
+        for key, value in saved_env.items():
+            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+    return launches
+
+
+def compile_launch(kernel, args, kwargs):
+    """The kernel compiled for these arguments as the JIT compiles it: its binder's specialisation."""
+    backend = make_backend(H100)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound_args, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args, specialization, options)
+    return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=H100, options=options.__dict__)
+
+
+def specialisation_key(kernel, args, kwargs) -> tuple:
+    """What makes two launches one compiled kernel: the binder's specialisation and the options."""
+    backend = make_backend(H100)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    _, specialization, _ = binder(*args, **kwargs)
+    return kernel.__name__, repr(specialization), tuple(sorted((k, repr(v)) for k, v in kwargs.items()))
 
 
 def resource_usage(compiled) -> tuple:
@@ -86,92 +168,86 @@ def product_instructions(compiled) -> str:
     return "+".join(found) or "fma"
 
 
-# (q, m) → (weight dtype, input precision) pairs compiled by --all: the benchmark widths, the
-# crossover's q = 128 (also the GPU tests' q = 100) and the GPU tests' small and odd shapes.
-_BENCHMARK_PRECISIONS = [("fp32", "ieee"), ("bf16", "ieee"), ("fp32", "tf32"), ("fp32", "tf32x3")]
-ALL_SHAPES = {
-    (256, 512): _BENCHMARK_PRECISIONS,
-    (64, 128): _BENCHMARK_PRECISIONS,
-    (128, 256): _BENCHMARK_PRECISIONS + [("fp16", "ieee")],
-    (24, 40): [("fp32", "ieee"), ("fp16", "ieee")],
-    (1, 1): [("fp32", "ieee")],
-}
+def _operand_bytes(args, kernel) -> int:
+    weights = args[kernel.arg_names.index("W_ptr")]
+    return weights.element_size()
 
 
-def specialisations(everything: bool):
-    """(label, kernel, weight dtype, constexprs, launch options) for the shapes of the GPU benchmarks
-    and tests (--all), or the representative subset."""
-    shapes = ALL_SHAPES if everything else {(256, 512): [("fp32", "ieee"), ("bf16", "ieee")]}
-    for (q, m), (dtype, precision) in ((shape, p) for shape, precisions in shapes.items() for p in precisions):
-        configs = mlp_step.kernel_configs(q, m, 4 if dtype == "fp32" else 2, interpreted=False)
-        label = f"q={q} m={m} {dtype} {precision}"
-        for heun in (False, True) if everything else (True,):
-            yield (f"forward heun={heun} {label}", mlp_step.forward_layers_kernel, dtype,
-                   dict(HEUN=heun, ACT=3, HAS_B=True, HAS_C=True, SAVE_ANCHORS=True, SAVE_STAGES=heun,
-                        **_tiles(configs.forward, precision)),
-                   (configs.forward.num_warps, configs.forward.num_stages))  # fmt: skip
-            for adjoint, grads in ((True, "partials"), (True, "workspace"), (True, "atomic"), (False, "partials")):
-                yield (f"reverse heun={heun} adjoint={adjoint} grads={grads} {label}",
-                       mlp_step.reverse_layers_kernel, dtype,
-                       dict(HEUN=heun, ACT=4, HAS_B=True, HAS_C=True, RECONSTRUCT=adjoint, USE_ANCHORS=True,
-                            USE_STAGES=heun and not adjoint, DRIFT=adjoint, GRADS=grads,
-                            **_tiles(configs.reverse, precision)),
-                       (configs.reverse.num_warps, configs.reverse.num_stages))  # fmt: skip
-        product = mlp_step.product_config(4 if dtype == "fp32" else 2, interpreted=False)
-        yield (f"workspace_grads {label}", mlp_step.workspace_grads_kernel, dtype,
-               dict(HAS_BIAS=True, BLOCK_R=product.block_r, BLOCK_C=product.block_c, BLOCK_K=product.block_k,
-                    PRECISION=precision), (product.num_warps, product.num_stages))  # fmt: skip
-    yield "sum_partials", mlp_step.sum_partials_kernel, "fp32", dict(BLOCK=1024), (4, 3)
-    yield from _layered_specialisations(("fp32", "bf16") if everything else ("bf16",))
+def expectations(kernel, args, kwargs, q: int) -> dict:
+    """What a specialisation must satisfy beyond compiling: the planner's instruction for the fused step
+    kernels; at the narrow goal shape, their tensor-core products on wgmma, spill-free with 16-bit
+    operands (TF32's four-byte operands take twice the registers: the smallest spill of the candidate
+    tiles, 24–112 bytes a thread, is allowed; Heun's anchored adjoint reverse spills at every 64-row tile,
+    MAX_STACK_BYTES_NARROW_ANCHORED_HEUN); relaxed atomics for the atomic reduction."""
+    if kernel.__name__ not in ("forward_layers_kernel", "reverse_layers_kernel"):
+        return {}
+    precision, block_b, block_m = kwargs["PRECISION"], kwargs["BLOCK_B"], kwargs["BLOCK_M"]
+    operand_bytes = _operand_bytes(args, kernel)
+    weight_products = kwargs.get("GRADS") in ("partials", "atomic")
+    want = {"instruction": planner.fused_product_instruction(block_b, operand_bytes, precision, block_m,
+                                                              weight_products)}  # fmt: skip
+    if q == NARROW_Q and (operand_bytes == 2 or precision == "tf32"):
+        anchored_heun = kwargs.get("HEUN") and kwargs.get("RECONSTRUCT") and kwargs.get("USE_ANCHORS")
+        want["stack"] = (MAX_STACK_BYTES_NARROW_ANCHORED_HEUN if anchored_heun
+                         else 0 if operand_bytes == 2 else MAX_STACK_BYTES_TF32_NARROW)  # fmt: skip
+        if not want["instruction"].startswith("wgmma"):
+            raise AssertionError(f"the tiles of the narrow shape must put the products on wgmma: {kwargs}")
+    want["relaxed_atomics"] = kwargs.get("GRADS") == "atomic"
+    return want
 
 
-def _layered_specialisations(dtypes):
-    """The layered path's elementwise kernels, every branch on, at its tiles (triton_layered)."""
-    from odenets_fast.triton_layered import BLOCK_C, BLOCK_R, NUM_WARPS
-
-    tiles = dict(BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
-    for dtype in dtypes:
-        for label, kernel, flags in (
-            ("activation", layered.activation_kernel, dict(HAS_BIAS=True, ACT=3, WRITE_SLOPE=True)),
-            ("hidden_grad recompute", layered.hidden_grad_kernel, dict(RECOMPUTE=True, HAS_BIAS=True, ACT=4)),
-            ("hidden_grad slope", layered.hidden_grad_kernel, dict(RECOMPUTE=False, HAS_BIAS=True, ACT=1)),
-            ("combine", layered.combine_kernel, dict(HAS_K=True, HAS_BIAS=True, HAS_EXTRA=True, WRITE_OPERAND=True,
-                                                     WRITE_INCREMENT=True, SUMS=True)),
-            ("heun_cotangent", layered.heun_cotangent_kernel, dict(SUMS=True)),
-        ):  # fmt: skip
-            yield f"layered {label} {dtype}", kernel, dtype, dict(**flags, **tiles), (NUM_WARPS, 1)
+def atomics_relaxed(compiled) -> bool:
+    """Whether the kernel's atomic reductions are relaxed ones, with no memory barrier around them (the
+    default acq_rel semantics bracket each with MEMBAR.ALL.GPU and a cache invalidation)."""
+    ptx = compiled.asm["ptx"]
+    return bool(re.search(r"\bred\.global\.gpu\.relaxed\.", ptx)) and not re.search(r"\bmembar\.gl\b|fence\.acq_rel", ptx)
 
 
-def _tiles(config, precision: str) -> dict:
-    return dict(BLOCK_B=config.block_b, BLOCK_M=config.block_m, BLOCK_Q=config.block_q, PRECISION=precision)
-
-
-def _modelled_instruction(constexprs: dict, dtype: str):
-    """What odenets_fast.planner assumes the products of a fused step kernel compile to (None for the
-    kernels it does not model that way): its cost model of the fused path rests on this."""
-    if "BLOCK_B" not in constexprs:
-        return None
-    return fused_product_instruction(constexprs["BLOCK_B"], 4 if dtype == "fp32" else 2, constexprs["PRECISION"])
+def describe(kernel, kwargs) -> str:
+    shown = {k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages")}
+    tiles = ",".join(f"{k}={v}" for k, v in shown.items() if k.startswith("BLOCK"))
+    flags = ",".join(f"{k}={v}" for k, v in shown.items() if not k.startswith("BLOCK"))
+    return f"{kernel.__name__} [{tiles}; warps={kwargs.get('num_warps')}, stages={kwargs.get('num_stages')}] {flags}"
 
 
 def main(argv: list) -> int:
-    failures = 0
-    for label, kernel, dtype, constexprs, (num_warps, num_stages) in specialisations("--all" in argv):
-        wide_tf32x3 = constexprs.get("PRECISION") == "tf32x3" and constexprs.get("BLOCK_Q", 0) > 128
-        max_stack = MAX_STACK_BYTES_TF32X3_WIDE if wide_tf32x3 else MAX_STACK_BYTES
+    cases = EVERYTHING if "--all" in argv else SUBSET
+    failures, seen = 0, set()
+    for case in cases:
+        label = "{} B={} q={} m={} L={} {} {} {} {} anchor={} {} {}".format(*case[:5], str(case[5]).removeprefix("torch."),
+                                                                            *case[6:])  # fmt: skip
         try:
-            compiled = compile_kernel(kernel, dtype, constexprs, num_warps, num_stages)
-            shared, (registers, stack) = compiled.metadata.shared, resource_usage(compiled)
-            instructions = product_instructions(compiled)
-            modelled = _modelled_instruction(constexprs, dtype)
-            ok = shared <= H100_SHARED_MEMORY and stack <= max_stack and modelled in (None, instructions)
-            mismatch = "" if modelled in (None, instructions) else f" (the planner models {modelled})"
-            print(f"{'ok ' if ok else 'BIG'} {label}: {shared} bytes of shared memory, {registers} registers, "
-                  f"{stack} bytes of stack per thread, products {instructions}{mismatch}", flush=True)  # fmt: skip
-        except Exception as err:  # report every failing specialisation, not just the first
-            ok = False
-            print(f"ERR {label}: {type(err).__name__}: {str(err).splitlines()[-1] if str(err) else ''}", flush=True)
-        failures += not ok
+            launches = launches_of(case)
+        except Exception as err:  # the planning itself failed
+            failures += 1
+            print(f"ERR {label}: {type(err).__name__}: {err}", flush=True)
+            continue
+        for kernel, args, kwargs in launches:
+            key = specialisation_key(kernel, args, kwargs)
+            if key in seen:
+                continue
+            seen.add(key)
+            wide_tf32x3 = kwargs.get("PRECISION") == "tf32x3" and kwargs.get("BLOCK_Q", 0) > 128
+            max_stack = MAX_STACK_BYTES_TF32X3_WIDE if wide_tf32x3 else MAX_STACK_BYTES
+            want = expectations(kernel, args, kwargs, case[2])
+            try:
+                compiled = compile_launch(kernel, args, kwargs)
+                shared, (registers, stack) = compiled.metadata.shared, resource_usage(compiled)
+                instructions = product_instructions(compiled)
+                problems = [f"shared memory {shared} > {H100_SHARED_MEMORY}"] if shared > H100_SHARED_MEMORY else []
+                problems += [f"stack {stack} > {want.get('stack', max_stack)}"] if stack > want.get("stack", max_stack) else []
+                if want.get("instruction", instructions) != instructions:
+                    problems.append(f"products {instructions}, expected {want['instruction']}")
+                if want.get("relaxed_atomics") and not atomics_relaxed(compiled):
+                    problems.append("atomics not relaxed")
+                print(f"{'ok ' if not problems else 'BAD'} {describe(kernel, kwargs)} ({label}): {shared} bytes of "
+                      f"shared memory, {registers} registers, {stack} bytes of stack per thread, products "
+                      f"{instructions}" + (f" — {'; '.join(problems)}" if problems else ""), flush=True)  # fmt: skip
+                failures += bool(problems)
+            except Exception as err:  # report every failing specialisation, not just the first
+                failures += 1
+                print(f"ERR {describe(kernel, kwargs)} ({label}): {type(err).__name__}: "
+                      f"{str(err).splitlines()[-1] if str(err) else ''}", flush=True)  # fmt: skip
     return 1 if failures else 0
 
 

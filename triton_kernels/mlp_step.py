@@ -123,7 +123,7 @@ def _residual(
 def _deposit(ptr, value, mask, accumulate, ATOMIC: tl.constexpr):
     """Gradient contribution → memory: atomic add, read-add-write, or plain store."""
     if ATOMIC:
-        tl.atomic_add(ptr, value, mask=mask)
+        tl.atomic_add(ptr, value, mask=mask, sem="relaxed")  # a sum: no ordering with other memory needed
     else:
         if accumulate:
             value += tl.load(ptr, mask=mask, other=0.0)
@@ -277,6 +277,7 @@ def reverse_layers_kernel(
     slot_origin,  # the layer in slot 0 of a gradient section or workspace set: layer_start, or 0 ("atomic")
     layer_start, layer_stop, anchor_every,
     B, q, m,
+    num_tiles,  # cdiv(B, BLOCK_B) batch tiles, walked by the (fewer or as many) programs
     step, scale_in, scale_out,
     HEUN: tl.constexpr, ACT: tl.constexpr, HAS_B: tl.constexpr, HAS_C: tl.constexpr,
     RECONSTRUCT: tl.constexpr, USE_ANCHORS: tl.constexpr, USE_STAGES: tl.constexpr, DRIFT: tl.constexpr,
@@ -292,72 +293,82 @@ def reverse_layers_kernel(
         Heun:   u2 = (h/2) g;  gy, dθ_{n+1} = VJP f(y_n; θ_{n+1})[u2]
                 u1 = u2 + h gy;  gx, dθ_n = VJP f(x_n; θ_n)[u1];  g_n = g + gy + gx
     Partial rows: layer n writes θ_n's slot first (store) and, for Heun, adds into θ_{n+1}'s slot,
-    which layer n + 1 wrote before — except at the top of the range, where it is the first write.
+    which layer n + 1 wrote before — except at the top of the range, where it is the first write; a
+    program's later tiles add to all of them.
     Workspace: each VJP has its own block, θ_n's in set 0 and Heun's θ_{n+1} in set 1.
     """
     pid = tl.program_id(0)
-    offs_b = pid * BLOCK_B + tl.arange(0, BLOCK_B)
-    mask_b = offs_b < B
     offs_q = tl.arange(0, BLOCK_Q)
     mask_q = offs_q < q
-    mask = mask_b[:, None] & mask_q[None, :]
-    rows = offs_b[:, None] * q + offs_q[None, :]
     state_size = tl.full((), B, tl.int64) * q  # one stored state: L of them may pass 2^31 floats
     row = pid.to(tl.int64) * program_stride
-    g = tl.load(grad_ptr + rows, mask=mask, other=0.0)
-    x_next = tl.load(state_ptr + rows, mask=mask, other=0.0)
-    for i in range(0, layer_stop - layer_start):
-        n = layer_stop - 1 - i
-        x = x_next
-        if RECONSTRUCT:
-            # also at anchored layers, where the result is only needed at layer 0 (the drift): a
-            # runtime branch around these products trips Triton's layout pass (3.9, float32 dots)
-            x = _reconstruct(x_next, n, W_ptr, V_ptr, b_ptr, c_ptr, q, m, step, scale_in, scale_out, offs_q,
-                             mask_q, mask, HEUN, ACT, HAS_B, HAS_C, BLOCK_B, BLOCK_M, BLOCK_Q, PRECISION)  # fmt: skip
-            if DRIFT:
-                if n == 0:
-                    tl.store(drift_state_ptr + rows, x, mask=mask)
-        if USE_ANCHORS:
-            if n % anchor_every == 0:
-                x = tl.load(anchors_ptr + (n // anchor_every) * state_size + rows, mask=mask, other=0.0)
+    # Persistent: program p walks batch tiles p, p + P, … (P programs), each through the launch's
+    # layers, into its own partial row — so the rows scale with the programs (one per SM), not with
+    # the tiles, and the order of every sum stays fixed. Its second and later tiles add to what
+    # its first stored, read back by other threads than wrote it: a CTA barrier between tiles.
+    for tile in range(pid, num_tiles, tl.num_programs(0)):
+        later_tile = tile != pid
+        if GRADS == "partials":
+            tl.debug_barrier()
+        offs_b = tile * BLOCK_B + tl.arange(0, BLOCK_B)
+        mask_b = offs_b < B
+        mask = mask_b[:, None] & mask_q[None, :]
+        rows = offs_b[:, None] * q + offs_q[None, :]
+        g = tl.load(grad_ptr + rows, mask=mask, other=0.0)
+        x_next = tl.load(state_ptr + rows, mask=mask, other=0.0)
+        for i in range(0, layer_stop - layer_start):
+            n = layer_stop - 1 - i
+            x = x_next
+            if RECONSTRUCT:
+                # also at anchored layers, where the result is only needed at layer 0 (the drift): a
+                # runtime branch around these products trips Triton's layout pass (3.9, float32 dots)
+                x = _reconstruct(x_next, n, W_ptr, V_ptr, b_ptr, c_ptr, q, m, step, scale_in, scale_out, offs_q,
+                                 mask_q, mask, HEUN, ACT, HAS_B, HAS_C, BLOCK_B, BLOCK_M, BLOCK_Q, PRECISION)  # fmt: skip
+                if DRIFT:
+                    if n == 0:
+                        tl.store(drift_state_ptr + rows, x, mask=mask)
+            if USE_ANCHORS:
+                if n % anchor_every == 0:
+                    x = tl.load(anchors_ptr + (n // anchor_every) * state_size + rows, mask=mask, other=0.0)
 
-        Wn, Vn, bn, cn = _layer_params(W_ptr, V_ptr, b_ptr, c_ptr, n, q, m)
-        slot = n - slot_origin
-        dWn = dW_ptr + row + slot * m * q
-        dVn = dV_ptr + row + slot * q * m
-        dbn = db_ptr + row + slot * m
-        dcn = dc_ptr + row + slot * q
-        ws_block = tl.full((), B, tl.int64) * (2 * m + 2 * q)  # a VJP's workspace may pass 2^31 floats
-        wsn = ws_ptr + slot * ws_block
-        if HEUN:
-            if USE_STAGES:
-                y = tl.load(stages_ptr + n * state_size + rows, mask=mask, other=0.0)
+            Wn, Vn, bn, cn = _layer_params(W_ptr, V_ptr, b_ptr, c_ptr, n, q, m)
+            slot = n - slot_origin
+            dWn = dW_ptr + row + slot * m * q
+            dVn = dV_ptr + row + slot * q * m
+            dbn = db_ptr + row + slot * m
+            dcn = dc_ptr + row + slot * q
+            ws_block = tl.full((), B, tl.int64) * (2 * m + 2 * q)  # a VJP's workspace may pass 2^31 floats
+            wsn = ws_ptr + slot * ws_block
+            if HEUN:
+                if USE_STAGES:
+                    y = tl.load(stages_ptr + n * state_size + rows, mask=mask, other=0.0)
+                else:
+                    k1 = _residual(x, Wn, Vn, bn, cn, q, m, scale_in, scale_out, offs_q, mask_q,
+                                   HAS_B, HAS_C, ACT, BLOCK_B, BLOCK_M, BLOCK_Q, PRECISION)  # fmt: skip
+                    y = tl.where(mask, x + step * k1, 0.0)
+                W1, V1, b1, c1 = _layer_params(W_ptr, V_ptr, b_ptr, c_ptr, n + 1, q, m)
+                u2 = (0.5 * step) * g
+                if GRADS == "partials":
+                    # θ_{n+1}'s db/dc are read back (i > 0) from the partial row where the previous layer
+                    # stored them, by other threads of this program than those that stored them (the loads'
+                    # layout replicates what the stores' layout splits): order them with a CTA barrier
+                    tl.debug_barrier()
+                ws_stage = wsn + (layer_stop - layer_start) * ws_block
+                gy = _residual_vjp(y, u2, W1, V1, b1, dWn + m * q, dVn + q * m, dbn + m, dcn + q, ws_stage,
+                                   later_tile | (i > 0),
+                                   q, m, scale_in, scale_out, offs_b, mask_b, offs_q, mask_q,
+                                   HAS_B, HAS_C, ACT, GRADS, BLOCK_B, BLOCK_M, BLOCK_Q, PRECISION)  # fmt: skip
+                gx = _residual_vjp(x, u2 + step * gy, Wn, Vn, bn, dWn, dVn, dbn, dcn, wsn, later_tile,
+                                   q, m, scale_in, scale_out, offs_b, mask_b, offs_q, mask_q,
+                                   HAS_B, HAS_C, ACT, GRADS, BLOCK_B, BLOCK_M, BLOCK_Q, PRECISION)  # fmt: skip
+                g = g + gy + gx
             else:
-                k1 = _residual(x, Wn, Vn, bn, cn, q, m, scale_in, scale_out, offs_q, mask_q,
-                               HAS_B, HAS_C, ACT, BLOCK_B, BLOCK_M, BLOCK_Q, PRECISION)  # fmt: skip
-                y = tl.where(mask, x + step * k1, 0.0)
-            W1, V1, b1, c1 = _layer_params(W_ptr, V_ptr, b_ptr, c_ptr, n + 1, q, m)
-            u2 = (0.5 * step) * g
-            if GRADS == "partials":
-                # θ_{n+1}'s db/dc are read back (i > 0) from the partial row where the previous layer
-                # stored them, by other threads of this program than those that stored them (the loads'
-                # layout replicates what the stores' layout splits): order them with a CTA barrier
-                tl.debug_barrier()
-            ws_stage = wsn + (layer_stop - layer_start) * ws_block
-            gy = _residual_vjp(y, u2, W1, V1, b1, dWn + m * q, dVn + q * m, dbn + m, dcn + q, ws_stage, i > 0,
-                               q, m, scale_in, scale_out, offs_b, mask_b, offs_q, mask_q,
-                               HAS_B, HAS_C, ACT, GRADS, BLOCK_B, BLOCK_M, BLOCK_Q, PRECISION)  # fmt: skip
-            gx = _residual_vjp(x, u2 + step * gy, Wn, Vn, bn, dWn, dVn, dbn, dcn, wsn, False,
-                               q, m, scale_in, scale_out, offs_b, mask_b, offs_q, mask_q,
-                               HAS_B, HAS_C, ACT, GRADS, BLOCK_B, BLOCK_M, BLOCK_Q, PRECISION)  # fmt: skip
-            g = g + gy + gx
-        else:
-            g = g + _residual_vjp(x, step * g, Wn, Vn, bn, dWn, dVn, dbn, dcn, wsn, False,
-                                  q, m, scale_in, scale_out, offs_b, mask_b, offs_q, mask_q,
-                                  HAS_B, HAS_C, ACT, GRADS, BLOCK_B, BLOCK_M, BLOCK_Q, PRECISION)  # fmt: skip
-        x_next = x
-    tl.store(state_ptr + rows, x_next, mask=mask)
-    tl.store(grad_ptr + rows, g, mask=mask)
+                g = g + _residual_vjp(x, step * g, Wn, Vn, bn, dWn, dVn, dbn, dcn, wsn, later_tile,
+                                      q, m, scale_in, scale_out, offs_b, mask_b, offs_q, mask_q,
+                                      HAS_B, HAS_C, ACT, GRADS, BLOCK_B, BLOCK_M, BLOCK_Q, PRECISION)  # fmt: skip
+            x_next = x
+        tl.store(state_ptr + rows, x_next, mask=mask)
+        tl.store(grad_ptr + rows, g, mask=mask)
 
 
 @triton.jit
@@ -491,18 +502,20 @@ _TILES = {
 
 def kernel_configs(q: int, m: int, operand_bytes: int, interpreted: bool) -> KernelConfigs:
     """Tile sizes of the forward and reverse kernels: fixed small tiles under the interpreter (fast to
-    emulate); on the GPU the table above, and two pipeline stages at q = 256, where three float32
-    stages of the Heun reverse step would need more than the H100's 227 KiB of shared memory
-    (checked by tests/triton_aot.py)."""
+    emulate); on the GPU the table above, with pipeline stages as tests/triton_aot.py (the JIT's
+    specialisation) found them best: the forward three below q = 256, two at q = 256, where three
+    float32 stages of the Heun step would need more than the H100's 227 KiB of shared memory; the
+    reverse two at every width (its persistent tile loop spilled 24 bytes a thread with three stages
+    at q = 64, bfloat16, and none with two)."""
     block_q = max(16, triton.next_power_of_2(q))
     if interpreted:
         config = StepConfig(block_b=16, block_m=32, block_q=block_q, num_warps=1, num_stages=1)
         return KernelConfigs(config, config)
     block_m_limit = max(16, triton.next_power_of_2(m))
-    num_stages = 2 if block_q >= 256 else 3
     forward, reverse = (
-        StepConfig(block_b, min(block_m, block_m_limit), block_q, num_warps, num_stages)
-        for block_b, block_m, num_warps in _TILES[max(64, block_q), 4 if operand_bytes >= 4 else 2]
+        StepConfig(block_b, min(block_m, block_m_limit), block_q, num_warps, stages)
+        for (block_b, block_m, num_warps), stages in zip(_TILES[max(64, block_q), 4 if operand_bytes >= 4 else 2],
+                                                         (2 if block_q >= 256 else 3, 2))  # fmt: skip
     )
     return KernelConfigs(forward, reverse)
 
@@ -573,30 +586,42 @@ def reverse_layers(
     slot_origin: int, *, heun: bool, act: int, step: float, scale_in: float, scale_out: float, precision: str,
     config: StepConfig, reconstruct: bool, anchors: Optional[Tensor] = None, anchor_every: int = 1,
     stages: Optional[Tensor] = None, drift_state: Optional[Tensor] = None, grads: str = "partials",
-    workspace: Optional[Tensor] = None,
+    workspace: Optional[Tensor] = None, programs: Optional[int] = None,
 ) -> None:  # fmt: skip
-    """(state, grad) ← (x_start, g_start) from (x̃_stop, g_stop) in place, in one launch. Weight
-    gradients (`grads`, see the module docstring) go to `targets` (dW, dV, db, dc of layer
-    `slot_origin`, None for an absent bias): views into program 0's row of the partial buffer
-    (`program_stride` floats per program), or for "atomic" the accumulators themselves; for
-    "workspace", the factors go to `workspace` (sets, stop − start, B, 2m + 2q) instead and
-    `workspace_grads` forms the gradients. `drift_state` receives the reconstructed x̃_0 when
-    layer 0 is in range."""
+    """(state, grad) ← (x_start, g_start) from (x̃_stop, g_stop) in place, in one launch of `programs`
+    persistent programs (`reverse_programs`; default one per batch tile). Weight gradients (`grads`,
+    see the module docstring) go to `targets` (dW, dV, db, dc of layer `slot_origin`, None for an
+    absent bias): views into program 0's row of the partial buffer (`program_stride` floats per
+    program), or for "atomic" the accumulators themselves; for "workspace", the factors go to
+    `workspace` (sets, stop − start, B, 2m + 2q) instead and `workspace_grads` forms the gradients.
+    `drift_state` receives the reconstructed x̃_0 when layer 0 is in range."""
     if not (reconstruct or anchors is not None):
         raise ValueError("reverse_layers needs the states: reconstruct=True or stored anchors")
     if grads not in GRAD_REDUCTIONS or (workspace is None) != (grads != "workspace"):
         raise ValueError(f"reverse_layers: grads must be one of {GRAD_REDUCTIONS}, with a workspace exactly "
                          f"for 'workspace'; got {grads!r}")  # fmt: skip
     B, q = state.shape
-    grid = (triton.cdiv(B, config.block_b),)
-    reverse_layers_kernel[grid](
+    tiles = triton.cdiv(B, config.block_b)
+    reverse_layers_kernel[(tiles if programs is None else min(programs, tiles),)](
         state, grad, state if anchors is None else anchors, state if stages is None else stages,
         state if drift_state is None else drift_state, *params.pointers(state),
         *(state if t is None else t for t in targets), state if workspace is None else workspace,
-        program_stride, slot_origin, start, stop, anchor_every, B, q, params.W.shape[1], step, scale_in, scale_out,
+        program_stride, slot_origin, start, stop, anchor_every, B, q, params.W.shape[1], tiles, step, scale_in,
+        scale_out,
         RECONSTRUCT=reconstruct, USE_ANCHORS=anchors is not None, USE_STAGES=stages is not None,
         DRIFT=drift_state is not None, GRADS=grads, **_common(params, heun, act, precision, config),
     )  # fmt: skip
+
+
+# Persistent reverse programs per streaming multiprocessor: one. The reverse kernels take 219–255
+# registers a thread over 8 warps as the JIT compiles them for sm_90 (tests/triton_aot.py): one program
+# fills an SM's 64 K registers, so a second would only wait, and its partial rows would double.
+PROGRAMS_PER_SM = 1
+
+
+def reverse_programs(B: int, block_b: int, processors: int) -> int:
+    """The reverse kernel's persistent programs: one per batch tile up to PROGRAMS_PER_SM per SM."""
+    return max(1, min(triton.cdiv(B, block_b), PROGRAMS_PER_SM * processors))
 
 
 def sum_partials(partials: Tensor, out: Tensor, length: int, block: int = 1024) -> None:
