@@ -316,6 +316,11 @@ class AdjointResidualStack(nn.Module):
             return segments.positions_of(self.anchor_mask)
         return list(range(0, self.depth, self.anchor_every or self.depth))
 
+    @property
+    def anchor_positions(self) -> Optional[list]:
+        """The layers whose input the next forward stores (anchor_every="auto"; None otherwise), as ODEMLP's."""
+        return self.anchor_layout() if self.anchor_every == AUTO else None
+
     @torch.no_grad()
     def record_segments(self, positions: list, drifts: dict) -> None:
         """The drifts of an auto-mode backward's segments, and the controller's layout for the next call."""

@@ -1,5 +1,5 @@
 """The benchmark scripts of bench/ end to end at tiny sizes: they run, print their tables and write sane JSON
-and PNG files. (The full-size runs are in the README's Benchmarks section.)"""
+and PNG files. (The full-size runs are in docs/benchmarks.md.)"""
 
 import json
 import math

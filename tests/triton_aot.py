@@ -48,7 +48,7 @@ H100_SHARED_MEMORY = 232448  # bytes per block (227 KiB)
 H100_SMS = 132
 MAX_STACK_BYTES = 4096  # per thread; the table's tiles stay below 3 KiB, the old 32 × 32 reached 11 KiB
 # TF32x3 (opt-in) triples the products' operands: at q = 256 the reverse kernel spills up to 7 KiB
-# under triton 3.6 (2.3 KiB under 3.9) with each of the tiles tried; the README says so.
+# under triton 3.6 (2.3 KiB under 3.9) with each of the tiles tried; docs/triton.md says so.
 MAX_STACK_BYTES_TF32X3_WIDE = 8192
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 NARROW_Q = 64  # the fused path's goal shape: tensor-core products there must be wgmma
