@@ -162,6 +162,22 @@ def test_dispatch_overhead(capsys, tmp_path):
     assert json.loads(json_file.read_text())["overhead_us"] == result["overhead_us"]
 
 
+def test_cpu_training_step(tmp_path, capsys):
+    from bench import cpu_training_step
+
+    threads = torch.get_num_threads()
+    try:
+        result = cpu_training_step.main(["--reps", "1", "--warmup", "0", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)  # the benchmark's 2 threads must not carry into other tests
+    assert "cpp_adjoint_step_vs_eager_backprop" in capsys.readouterr().out
+    (json_file,) = tmp_path.glob("training-step-cpu-*.json")
+    saved = json.loads(json_file.read_text())
+    assert saved["ratios"] == result["ratios"] and saved["environment"]["torch_threads"] == 2
+    assert set(saved["median_ms"]) == {"eager_backprop", "reference_adjoint", "cpp_adjoint", "cpp_backprop"}
+    assert all(ms > 0 for ms in saved["median_ms"].values())
+
+
 def test_memory_keeps_the_depths_measured_before_a_failure(tmp_path, monkeypatch):
     """A GPU call cut short (or a depth that runs out of memory) still leaves the shallower depths."""
 
