@@ -173,9 +173,9 @@ def _parse(argv):
     return parser.parse_args(argv)
 
 
-def main(argv=None, *, deadline=None, on_depth=None) -> dict:
+def main(argv=None, *, deadline=None) -> dict:
     """`deadline`: a Unix time after which no further depth starts (a GPU call's time limit; the
-    depths measured keep their tables, plot and ratios). `on_depth(results)`: after every depth."""
+    depths measured keep their tables, plot and ratios)."""
     args = _parse(argv)
     device = torch.device(args.device)
     defaults = DEFAULT_SIZES[device.type]
@@ -226,8 +226,6 @@ def main(argv=None, *, deadline=None, on_depth=None) -> dict:
         results.update(complete=done == len(depths), ratios=ratios,
                        measurements=[dict(contender=n, depth=L, **v) for (n, L), v in measured.items()])  # fmt: skip
         write_json(stem.with_suffix(".json"), results)
-        if on_depth is not None:
-            on_depth(results)
     if not depths:
         return results
     _plot(stem.with_suffix(".png"), measured, contenders, depths,

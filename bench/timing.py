@@ -7,11 +7,6 @@ import time
 
 import torch
 
-# A Unix time after which the GPU tests and the micro-benchmarks skip instead of starting
-# (bench/deadline_plugin.py); bench.gpu_suite sets it from a device call's time limit.
-DEADLINE_ENV = "ODENETS_FAST_DEADLINE"
-DEADLINE_SKIP_REASON = f"not started: the run's time budget is spent ({DEADLINE_ENV})"
-
 
 def median_ms(fn, device: torch.device, *, warmup: int = 3, reps: int = 10) -> float:
     if device.type == "cuda":
