@@ -16,8 +16,8 @@ configuration with its median times and ratios. The files are written again afte
 every configuration, so a run cut off by a time limit leaves what it measured. --budget-s: no step,
 test or configuration starts after it (tests not started in time are skipped by
 bench.deadline_plugin and counted as not started); a hung test is ended by pytest-timeout.
---dry-run: on the CPU (TRITON_INTERPRET=1) at tiny sizes, with DRY_RUN_TESTS for the GPU tests, to
-check the plumbing; the report says dry_run.
+--dry-run (with TRITON_INTERPRET=1 in the environment, as the tests set it): on the CPU at tiny
+sizes, with DRY_RUN_TESTS for the GPU tests, to check the plumbing; the report says dry_run.
 """
 
 import argparse
@@ -117,7 +117,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--run", choices=BENCHMARKS, default="quick")
     parser.add_argument("--budget-s", type=float, default=None, help="no step, test or configuration starts after it")
     parser.add_argument("--out", default=None, help="results folder (default bench/results)")
-    parser.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU (TRITON_INTERPRET=1)")
+    parser.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU (set TRITON_INTERPRET=1)")
     args = parser.parse_args(argv)
     started = time.time()
     deadline = None if args.budget_s is None else started + args.budget_s
