@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench install clean gpu gpu-quick
+.PHONY: demo test bench install clean gpu gpu-quick gpu-install
 
 demo: $(STAMP)
 	$(PY) -m odenets_fast.demo
@@ -36,24 +36,21 @@ $(STAMP): requirements.txt setup.py pyproject.toml $(wildcard csrc/*)
 clean:
 	rm -rf $(VENV) build *.egg-info
 
-# On a GPU machine (no venv, no internet: the machine's own torch and triton): install the package
-# in place (without the CPU extension, which no GPU stage uses: it would cost a fresh machine a
-# build), run the GPU tests, compute-sanitizer, the kernel benchmarks, the memory comparison and the
-# micro-benchmarks and tile candidates, write bench/results/. STAGES=tests,bench picks stages;
-# BUDGET=<seconds> ends the run's subprocesses by then and starts no stage, test, configuration or
-# depth after it (a device call's time limit), each stage but the last capped (CAPS=tests=300,… replaces
-# some caps). Reports of stages run in separate calls become one with `python -m bench.gpu_suite --combine` (README).
+# On a GPU machine (no venv, no internet: the machine's own torch and triton): install the package in
+# place without the CPU extension (no GPU step uses it; it would cost a fresh machine a build), then
+# bench.gpu_suite writes its report to bench/results/ (manual: bench/README.md). gpu-quick, the first
+# call (about 420 s on a cold machine): both paths' accuracy tests, then the goal configurations,
+# nothing started after QUICK_BUDGET seconds. gpu: the whole GPU test suite and every benchmark,
+# nothing started after BUDGET seconds (none: no limit).
 GPU_PYTHON ?= python3
 RESULTS ?= bench/results
-
-gpu:
-	ODENETS_FAST_SKIP_EXT=1 $(GPU_PYTHON) -m pip install -q --no-deps --no-build-isolation -e .
-	$(GPU_PYTHON) -m bench.gpu_suite --out $(RESULTS) $(if $(STAGES),--stages $(STAGES)) $(if $(BUDGET),--budget-s $(BUDGET)) $(if $(CAPS),--stage-caps $(CAPS))
-
-# The first call on a GPU machine, to fit one short device call (about 420 s on a cold machine): both
-# paths' accuracy, then the goal configurations of the GPU issues, then as many other benchmark
-# configurations as fit. `make gpu` (with STAGES=… of what is left) can follow in a second call.
 QUICK_BUDGET ?= 330
 
-gpu-quick:
-	$(MAKE) gpu STAGES=quick,bench BUDGET=$(QUICK_BUDGET)
+gpu-install:
+	ODENETS_FAST_SKIP_EXT=1 $(GPU_PYTHON) -m pip install -q --no-deps --no-build-isolation -e .
+
+gpu-quick: gpu-install
+	$(GPU_PYTHON) -m bench.gpu_suite --run quick --budget-s $(QUICK_BUDGET) --out $(RESULTS)
+
+gpu: gpu-install
+	$(GPU_PYTHON) -m bench.gpu_suite --run full $(if $(BUDGET),--budget-s $(BUDGET)) --out $(RESULTS)

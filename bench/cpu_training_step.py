@@ -9,28 +9,21 @@ parameters and data in one process, interleaved (each repetition times every con
     cpp_backprop          ODEMLP(backend="cpp", backward="backprop")
 Ratios of medians: cpp_adjoint_step_vs_eager_backprop and cpp_adjoint_step_vs_reference.
 
-    python -m bench.cpu_training_step [--reps N] [--out DIR]
+    python -m bench.cpu_training_step [--reps N] [--warmup N] [--out DIR]
 
-prints a Markdown table and writes DIR/cpu-<yyyymmdd>-training-step.json (default bench/results).
+prints Markdown tables and writes DIR/training-step-cpu-<yyyymmdd>.json (default bench/results).
 """
 
 import argparse
-import datetime
-import json
-import os
-import platform
-import statistics
-import time
-from pathlib import Path
 
 import torch
 
 from bench.baselines import eager_forward
-from bench.report import git_commit, git_dirty, load_average_1min
+from bench.report import environment, markdown_table, output_stem, write_json
+from bench.timing import interleaved_medians_ms
 from odenets_fast import ODEMLP, available_backends
 
 CONFIG = dict(B=256, q=32, m=64, L=128, method="euler", activation="gelu", dtype="float32", init="smooth", threads=2)
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_contenders(config: dict) -> dict:
@@ -68,50 +61,15 @@ def make_contenders(config: dict) -> dict:
     }
 
 
-def interleaved_medians_ms(contenders: dict, *, warmup: int, reps: int) -> dict:
-    for _ in range(warmup):
-        for fn in contenders.values():
-            fn()
-    times = {name: [] for name in contenders}
-    for _ in range(reps):
-        for name, fn in contenders.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: 1e3 * statistics.median(samples) for name, samples in times.items()}
-
-
-def machine_info() -> dict:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "load_average_1min_before": load_average_1min(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-    }
-
-
 def run(reps: int, warmup: int) -> dict:
     if available_backends()["cpp"] != "available":
         raise SystemExit(f"cannot benchmark: {available_backends()['cpp']}")
     torch.set_num_threads(CONFIG["threads"])
-    machine = machine_info()
+    env = environment(torch.device("cpu"))  # before the run: its load average is that of the others
     medians = interleaved_medians_ms(make_contenders(CONFIG), warmup=warmup, reps=reps)
     return {
-        "benchmark": "cpu_training_step",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": git_commit(),
-        "git_dirty": git_dirty(),
         "config": {**CONFIG, "reps": reps, "warmup": warmup},
-        "machine": machine,
+        "environment": env,
         "median_ms": medians,
         "ratios": {
             "cpp_adjoint_step_vs_eager_backprop": medians["cpp_adjoint"] / medians["eager_backprop"],
@@ -120,32 +78,29 @@ def run(reps: int, warmup: int) -> dict:
     }
 
 
-def markdown_table(result: dict) -> str:
-    c, t = result["config"], result["median_ms"]
-    lines = [
+def tables(result: dict) -> str:
+    c = result["config"]
+    return "\n\n".join([
         f"ODEMLP training step, B={c['B']}, q={c['q']}, m={c['m']}, L={c['L']}, {c['method']}, {c['activation']}, "
         f"{c['dtype']}, {c['threads']} threads, median of {c['reps']} interleaved runs",
-        "",
-        "| contender | median ms |",
-        "| --- | --- |",
-        *(f"| {name} | {ms:.2f} |" for name, ms in t.items()),
-        "",
-        "| ratio | value |",
-        "| --- | --- |",
-        *(f"| {name} | {value:.2f} |" for name, value in result["ratios"].items()),
-    ]
-    return "\n".join(lines)
+        markdown_table(["contender", "median ms"], [[name, f"{ms:.2f}"] for name, ms in result["median_ms"].items()]),
+        markdown_table(["ratio", "value"], [[name, f"{value:.2f}"] for name, value in result["ratios"].items()]),
+    ])  # fmt: skip
 
 
-if __name__ == "__main__":
+def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reps", type=int, default=30, help="timed repetitions of every contender")
     parser.add_argument("--warmup", type=int, default=3, help="untimed repetitions first")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="folder for the JSON")
-    args = parser.parse_args()
+    parser.add_argument("--out", default=None, help="results folder (default bench/results)")
+    args = parser.parse_args(argv)
     result = run(args.reps, args.warmup)
-    print(markdown_table(result))
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"cpu-{datetime.date.today():%Y%m%d}-training-step.json"
-    path.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"\nwrote {path}")
+    print(tables(result))
+    stem = output_stem("training-step", torch.device("cpu"), args.out)
+    write_json(stem.with_suffix(".json"), result)
+    print(f"\nwrote {stem}.json")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -18,7 +18,6 @@ and .png (anchors and drift over training for the auto modes; gradient error aga
 """
 
 import argparse
-import copy
 import math
 import statistics
 import time

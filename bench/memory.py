@@ -19,10 +19,6 @@ load average then: the machine may be shared) and .png.
 
 import argparse
 import json
-import os
-import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -38,10 +34,9 @@ from bench.contenders import (
     torchdiffeq_installed,
     training_loss,
 )
-from bench.peak_memory import MMAP_THRESHOLD, step_peak_bytes
+from bench.peak_memory import MMAP_THRESHOLD, in_fresh_process, step_peak_bytes
 from bench.plotting import save_loglog_panels
 from bench.report import (
-    ROOT,
     backend_label,
     environment,
     load_average_1min,
@@ -49,7 +44,7 @@ from bench.report import (
     output_stem,
     write_json,
 )
-from bench.timing import median_ms
+from bench.timing import interleaved_medians_ms, median_ms
 
 DEFAULT_DEPTHS = (16, 64, 256, 1024)
 # CPU: eager backprop at L = 1024 keeps about 2.6 GiB of activations, and the whole run takes a few minutes on
@@ -64,39 +59,28 @@ def measure_peak_bytes(contender: str, sizes: Sizes, depth: int, device: torch.d
     earlier allocation is reused and the peak RSS is that of this configuration alone."""
     if device.type == "cuda":
         return step_peak_bytes(contender, sizes, depth, device, backend)
-    cmd = [sys.executable, "-m", "bench.peak_memory", contender, str(depth),
-           str(sizes.batch), str(sizes.dim), str(sizes.hidden)]  # fmt: skip
-    if backend is not None:
-        cmd.append(backend)
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD))
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"memory worker for {contender} at L={depth} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])["peak_bytes"]
+    args = ["bench.peak_memory", contender, str(depth), str(sizes.batch), str(sizes.dim), str(sizes.hidden)]
+    return in_fresh_process(args + ([] if backend is None else [backend]), f"{contender} at L={depth}")["peak_bytes"]
+
+
+def steps_ms(steps: dict, device: torch.device, min_rounds: int) -> dict:
+    """Median time (ms) of each step in `steps` (name → step), after one warm-up step each.
+
+    CUDA: bench.timing.median_ms (do_bench). CPU: bench.timing.interleaved_medians_ms, short steps
+    getting more rounds (about CPU_TIMING_BUDGET_S of the slowest step, at most CPU_MAX_ROUNDS, at
+    least `min_rounds`).
+    """
+    if device.type == "cuda":
+        return {name: median_ms(step, device) for name, step in steps.items()}
+    slowest_s = max(_seconds(step) for step in steps.values())  # each step's warm-up, timed
+    rounds = max(min_rounds, min(CPU_MAX_ROUNDS, int(CPU_TIMING_BUDGET_S / slowest_s)))
+    return interleaved_medians_ms(steps, warmup=0, reps=rounds)
 
 
 def _seconds(step: Callable[[], None]) -> float:
     start = time.perf_counter()
     step()
     return time.perf_counter() - start
-
-
-def steps_ms(steps: dict, device: torch.device, min_rounds: int) -> dict:
-    """Median time (ms) of each step in `steps` (name → step), after one warm-up step each.
-
-    CUDA: bench.timing.median_ms (do_bench). CPU: the steps take turns, one step each per round, so that
-    bursts of load from other processes fall on all of them alike; short steps get more rounds (about
-    CPU_TIMING_BUDGET_S of the slowest step, at most CPU_MAX_ROUNDS, at least `min_rounds`).
-    """
-    if device.type == "cuda":
-        return {name: median_ms(step, device) for name, step in steps.items()}
-    slowest_s = max(_seconds(step) for step in steps.values())
-    rounds = max(min_rounds, min(CPU_MAX_ROUNDS, int(CPU_TIMING_BUDGET_S / slowest_s)))
-    seconds = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
-            seconds[name].append(_seconds(step))
-    return {name: 1e3 * statistics.median(s) for name, s in seconds.items()}
 
 
 def torchdiffeq_check(sizes: Sizes, depth: int, device: torch.device, backend: Optional[str], rows=256) -> dict:
@@ -189,9 +173,9 @@ def _parse(argv):
     return parser.parse_args(argv)
 
 
-def main(argv=None, *, deadline=None, on_depth=None) -> dict:
+def main(argv=None, *, deadline=None) -> dict:
     """`deadline`: a Unix time after which no further depth starts (a GPU call's time limit; the
-    depths measured keep their tables, plot and ratios). `on_depth(results)`: after every depth."""
+    depths measured keep their tables, plot and ratios)."""
     args = _parse(argv)
     device = torch.device(args.device)
     defaults = DEFAULT_SIZES[device.type]
@@ -242,8 +226,6 @@ def main(argv=None, *, deadline=None, on_depth=None) -> dict:
         results.update(complete=done == len(depths), ratios=ratios,
                        measurements=[dict(contender=n, depth=L, **v) for (n, L), v in measured.items()])  # fmt: skip
         write_json(stem.with_suffix(".json"), results)
-        if on_depth is not None:
-            on_depth(results)
     if not depths:
         return results
     _plot(stem.with_suffix(".png"), measured, contenders, depths,

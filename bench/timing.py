@@ -1,16 +1,11 @@
-"""Median wall time of a callable: Triton's do_bench (CUDA events, L2 flushed) on the GPU, a
-perf_counter loop on the CPU. Always after warm-up; callers time contenders side by side in one
-process on the same data and report ratios."""
+"""Median wall times: Triton's do_bench (CUDA events, L2 flushed) on the GPU, perf_counter rounds on
+the CPU. Always after warm-up; callers time contenders side by side in one process on the same data
+and report ratios."""
 
 import statistics
 import time
 
 import torch
-
-# A Unix time after which the GPU tests and the micro-benchmarks skip instead of starting
-# (bench/deadline_plugin.py); bench.gpu_suite sets it from a device call's time limit.
-DEADLINE_ENV = "ODENETS_FAST_DEADLINE"
-DEADLINE_SKIP_REASON = f"not started: the run's time budget is spent ({DEADLINE_ENV})"
 
 
 def median_ms(fn, device: torch.device, *, warmup: int = 3, reps: int = 10) -> float:
@@ -18,11 +13,20 @@ def median_ms(fn, device: torch.device, *, warmup: int = 3, reps: int = 10) -> f
         from triton.testing import do_bench
 
         return float(do_bench(fn, warmup=25, rep=200, return_mode="median"))
+    return interleaved_medians_ms({"fn": fn}, warmup=warmup, reps=reps)["fn"]
+
+
+def interleaved_medians_ms(fns: dict, *, warmup: int, reps: int) -> dict:
+    """Median wall time (ms) of each callable of `fns` (name → callable) on the CPU. They take turns,
+    one call each per round, so that bursts of load from other processes fall on all of them alike;
+    `warmup` untimed rounds first."""
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns.values():
+            fn()
+    seconds = {name: [] for name in fns}
     for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            seconds[name].append(time.perf_counter() - start)
+    return {name: 1e3 * statistics.median(s) for name, s in seconds.items()}

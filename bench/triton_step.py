@@ -68,7 +68,7 @@ CONFIGS = GOAL_CONFIGS + [
     dict(name="narrow-float32", B=16384, q=64, m=128, L=64, dtype="float32"),
     dict(name="narrow-float32-L256", B=16384, q=64, m=128, L=256, dtype="float32"),
 ]
-# The contenders the goal ratios need (the quick stage times only these).
+# The contenders the goal ratios need (`make gpu-quick` times only these).
 GOAL_CONTENDERS = ("eager_forward", "eager_backprop_step", "layered_forward", "layered_adjoint_step",
                    "fused_forward", "fused_adjoint_step")  # fmt: skip
 DRY_RUN_CONFIGS = [dict(name="dry-run-float32", B=40, q=24, m=40, L=3, dtype="float32")]
@@ -79,7 +79,7 @@ CROSSOVER_CONTENDERS = ("fused_forward", "per_layer_forward", "fused_adjoint_ste
                         "fused_adjoint_step_graphed", "per_layer_adjoint_step_graphed")
 
 # Tile candidates "BLOCK_B,BLOCK_M,num_warps" per (padded q, operand bytes) and kernel for the tune
-# stage: the table's choice first (mlp_step.kernel_configs), then the tiles used before the
+# mode: the table's choice first (mlp_step.kernel_configs), then the tiles used before the
 # register-spill analysis, then neighbours with small spills in ptxas's report. For 16-bit operands at
 # q = 256, (64, 16, 8) is the tile whose products compile to Hopper's wgmma (tests/triton_aot.py shows
 # the instructions): the table's 32- and 16-row tiles compile to the older mma, since wgmma needs 64
@@ -407,7 +407,7 @@ def run_all(dry_run: bool = False, mode: str = "bench", on_result=None, deadline
     results, unusable = [], None
     for config in configs:
         if unusable is not None or (deadline is not None and time.time() >= deadline):
-            reason = unusable or "the time budget (--budget-s, --stage-caps) was spent"
+            reason = unusable or "the time budget (--budget-s) was spent"
             results.append({"name": config["name"], "config": config, "error": f"not started: {reason}"})
         else:
             try:
@@ -503,6 +503,9 @@ def _table(results: list, columns: list) -> str:
     return "\n".join(lines + (["", "Contenders that failed (their cells show -):", *failed] if failed else []))
 
 
+TABLES = {"bench": markdown_table, "goals": markdown_table, "crossover": crossover_table, "tune": tune_table}
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU (TRITON_INTERPRET=1)")
@@ -511,6 +514,5 @@ if __name__ == "__main__":
                              "crossover: whole-depth vs per-layer; tune: tile candidates")  # fmt: skip
     args = parser.parse_args()
     results = run_all(args.dry_run, args.mode)
-    tables = {"bench": markdown_table, "goals": markdown_table, "crossover": crossover_table, "tune": tune_table}
-    print(tables[args.mode](results))
+    print(TABLES[args.mode](results))
     print(json.dumps(results, indent=1))

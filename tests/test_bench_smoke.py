@@ -162,6 +162,22 @@ def test_dispatch_overhead(capsys, tmp_path):
     assert json.loads(json_file.read_text())["overhead_us"] == result["overhead_us"]
 
 
+def test_cpu_training_step(tmp_path, capsys):
+    from bench import cpu_training_step
+
+    threads = torch.get_num_threads()
+    try:
+        result = cpu_training_step.main(["--reps", "1", "--warmup", "0", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)  # the benchmark's 2 threads must not carry into other tests
+    assert "cpp_adjoint_step_vs_eager_backprop" in capsys.readouterr().out
+    (json_file,) = tmp_path.glob("training-step-cpu-*.json")
+    saved = json.loads(json_file.read_text())
+    assert saved["ratios"] == result["ratios"] and saved["environment"]["torch_threads"] == 2
+    assert set(saved["median_ms"]) == {"eager_backprop", "reference_adjoint", "cpp_adjoint", "cpp_backprop"}
+    assert all(ms > 0 for ms in saved["median_ms"].values())
+
+
 def test_memory_keeps_the_depths_measured_before_a_failure(tmp_path, monkeypatch):
     """A GPU call cut short (or a depth that runs out of memory) still leaves the shallower depths."""
 
@@ -181,22 +197,24 @@ def test_memory_keeps_the_depths_measured_before_a_failure(tmp_path, monkeypatch
     assert {(m["contender"], m["depth"]) for m in results["measurements"]} == {("eager_backprop", 2), ("odenets_adjoint", 2)}
 
 
-def test_memory_starts_no_depth_after_its_deadline(tmp_path):
-    """The GPU memory stage inside a time-limited call: the depths measured before the deadline keep
-    their JSON (reported after each depth), plot and ratios; later depths do not start."""
+def test_memory_starts_no_depth_after_its_deadline(tmp_path, monkeypatch):
+    """The GPU memory step inside a time-limited call: the depths measured before the deadline keep
+    their JSON, plot and ratios; later depths do not start."""
     import time
 
     deadline = time.time() + 3.0
-    seen = []
+    timed = memory.steps_ms
 
-    def on_depth(results):  # the first depth ends past the deadline
-        seen.append([m["depth"] for m in results["measurements"]])
+    def steps_ms_then_wait(*args):  # the first depth ends past the deadline
+        result = timed(*args)
         time.sleep(max(0.0, deadline - time.time()))
+        return result
 
+    monkeypatch.setattr(memory, "steps_ms", steps_ms_then_wait)
     args = ["--depths", "2", "3", "--batch", "8", "--dim", "4", "--hidden", "8", "--device", "cpu", "--reps", "1",
             "--backend", "reference", "--out", str(tmp_path), "--contenders", "eager_backprop", "odenets_adjoint"]
-    results = memory.main(args, deadline=deadline, on_depth=on_depth)
-    assert seen == [[2, 2]] and results["complete"] is False
+    results = memory.main(args, deadline=deadline)
+    assert results["complete"] is False
     assert {m["depth"] for m in results["measurements"]} == {2} and "eager_backprop_over_adjoint_peak_L2" in results["ratios"]
     assert len(list(tmp_path.glob("memory-cpu-*.png"))) == 1
 
@@ -214,117 +232,110 @@ def test_error_control_benchmark_runs(tmp_path):
     assert len(list(tmp_path.glob("error-control-cpu-*.png"))) == 1
 
 
-def test_gpu_suite_dry_run(tmp_path):
-    # The GPU run happens only where a session is lent a GPU, with little device time: check its
-    # plumbing here, on the interpreter at tiny sizes — the results file, the issues' ratio names,
-    # stages spread over two calls and combined into one report afterwards.
+# Each test writes it under a name of its own: pytest.main runs in this process, where a module name
+# imported once stays taken.
+SAMPLE_TESTS = "def test_passes():\n    pass\n\ndef test_fails():\n    assert False\n"
+
+
+def test_gpu_quick_dry_run_writes_one_report(tmp_path, monkeypatch):
+    """`make gpu-quick`'s run on the interpreter: one JSON and markdown report with the environment,
+    the commit from ODENETS_FAST_COMMIT (the GPU machine's tree has no .git), the tests' counts, and
+    the goal configuration's times and goal ratios with the planner's predictions beside them."""
+    from bench import gpu_suite, triton_step
+
+    (tmp_path / "test_quick_sample.py").write_text(SAMPLE_TESTS)
+    monkeypatch.setattr(gpu_suite, "DRY_RUN_TESTS", tmp_path / "test_quick_sample.py")
+    monkeypatch.setenv("ODENETS_FAST_COMMIT", "c0ffee")
+    gpu_suite.main(["--dry-run", "--budget-s", "600", "--out", str(tmp_path / "out")])
+    (json_file,) = (tmp_path / "out").glob("gpu-suite-cpu-*.json")
+    report = json.loads(json_file.read_text())
+    assert {"device", "torch", "triton", "date", "dry_run", "tests", "benchmarks"} <= set(report)
+    assert report["commit"] == "c0ffee" and report["dry_run"] is True
+    assert (report["tests"]["passed"], report["tests"]["failed"]) == (1, 1)
+    assert report["tests"]["failures"][0].endswith("test_quick_sample.py::test_fails")
+    (goal,) = report["benchmarks"]["goals"]
+    assert goal["config"] == triton_step.DRY_RUN_CONFIGS[0] and not goal["errors"]
+    assert set(goal["median_ms"]) == set(triton_step.GOAL_CONTENDERS) and all(goal["median_ms"].values())
+    assert {"layered_adjoint_step_vs_eager_backprop", "whole_depth_forward_vs_eager_forward"} <= set(goal["ratios"])
+    assert set(goal["predicted"]["median_ms"]) == set(triton_step.GOAL_CONTENDERS)
+    assert report["not_started"] == [] and report["errors"] == {}
+    markdown = json_file.with_suffix(".md").read_text()
+    assert "1 passed, 1 failed" in markdown and "layered adjoint/eager" in markdown and "predicted ms" in markdown
+
+
+def test_gpu_suite_starts_nothing_after_its_budget(tmp_path):
     from bench import gpu_suite
 
-    gpu_suite.main(["--dry-run", "--stages", "bench", "--out", str(tmp_path / "first")])
-    gpu_suite.main(["--dry-run", "--stages", "crossover,tune,micro", "--out", str(tmp_path / "second")])
-    (first,) = (tmp_path / "first").glob("gpu-suite-cpu-*.json")
-    (second,) = (tmp_path / "second").glob("gpu-suite-cpu-*.json")
-    assert json.loads(second.read_text())["benchmarks"] == []  # each call's report holds its own stages
-    gpu_suite.main(["--combine", str(first), str(second), "--out", str(tmp_path)])
+    report = gpu_suite.main(["--dry-run", "--budget-s", "0", "--out", str(tmp_path)])
+    assert report["not_started"] == ["tests", "goals"] and report["tests"] == {} and report["benchmarks"] == {}
     (json_file,) = tmp_path.glob("gpu-suite-cpu-*.json")
-    results = json.loads(json_file.read_text())
-    assert [part["stages_run"] for part in results["combined_from"]] == [["bench"], ["crossover", "micro", "tune"]]
-    assert {"device", "commit", "torch", "triton", "date", "tests", "benchmarks"} <= set(results)
-    assert results["dry_run"] is True and {"passed", "failed"} <= set(results["tests"])
-    assert results["stages_run"] == ["bench", "crossover", "micro", "tune"]
-    assert list(results["stage_seconds"]) == results["stages_run"] and all(results["stage_seconds"].values())
-    micro = results["micro"]
-    assert micro["ran"] and micro["exit_code"] == 0, micro
-    (benchmark,) = json.loads((tmp_path / micro["file"]).read_text())["benchmarks"]  # copied by --combine
-    assert benchmark["group"].startswith("step L=16 q=16") and benchmark["stats"]["median"] > 0
-    (bench,) = results["benchmarks"]
-    assert {"adjoint_step_vs_eager_backprop", "forward_vs_eager_forward"} <= set(bench["ratios"])
-    assert all(t > 0 for t in bench["median_ms"].values())
-    (crossover,) = results["crossover"]
-    graphed = {name for name in gpu_suite.triton_step.CROSSOVER_CONTENDERS if name.endswith("_graphed")}  # CUDA only
-    assert graphed and set(crossover["median_ms"]) == set(gpu_suite.triton_step.CROSSOVER_CONTENDERS) - graphed
-    assert {"whole_depth_forward_vs_per_layer", "whole_depth_adjoint_step_vs_per_layer"} <= set(crossover["ratios"])
-    (tune,) = results["tune"]
-    for kind in ("forward", "reverse", "product"):
-        assert all(isinstance(ms, float) and ms > 0 for ms in tune["tiles_ms"][kind].values())
-        assert tune["best"][kind] in tune["tiles_ms"][kind]
-    report = json_file.with_suffix(".md").read_text()
-    assert "Whole-depth against per-layer" in report and "Tile candidates" in report
-
-
-def test_gpu_suite_quick_stage_dry_run(tmp_path):
-    """`make gpu-quick`'s stages on the interpreter: the goal configurations with the goal contenders
-    only (both paths and eager), the planner's predictions beside them, then the bench stage adds
-    the other contenders; nothing left undone of what was selected."""
-    from bench import gpu_suite
-
-    report = gpu_suite.main(["--dry-run", "--stages", "quick", "--out", str(tmp_path / "quick")])
-    (goal,) = report["benchmarks"]
-    assert set(goal["median_ms"]) == set(gpu_suite.triton_step.GOAL_CONTENDERS) and not goal["errors"]
-    assert {"layered_adjoint_step_vs_eager_backprop", "whole_depth_adjoint_step_vs_eager_backprop"} <= set(goal["ratios"])
-    assert set(goal["predicted"]["median_ms"]) == set(gpu_suite.triton_step.GOAL_CONTENDERS)
-    assert report["stages_run"] == ["quick"] and "quick" not in report["unfinished"]
-    report = gpu_suite.main(["--dry-run", "--stages", "quick,bench", "--out", str(tmp_path / "both")])
-    (bench,) = report["benchmarks"]  # one configuration: bench's fuller result replaces quick's
-    assert set(gpu_suite.triton_step.GOAL_CONTENDERS) < set(bench["median_ms"]) and report["unfinished"] == []
-    assert "layered adjoint/eager" in next((tmp_path / "both").glob("*.md")).read_text()
+    assert json.loads(json_file.read_text())["not_started"] == ["tests", "goals"]
 
 
 def test_gpu_quick_fits_one_device_call():
-    """The schedule of `make gpu-quick`: the quick stage (its accuracy tests capped inside it) ends
-    within the run's budget with time left for other benchmarks, and the budget leaves room in a
-    420 s call for the install and CUDA start-up."""
+    """`make gpu-quick`'s budget leaves room in a 420 s call for the install and CUDA start-up, and
+    its accuracy tests leave part of it to the goal configurations."""
     from bench import gpu_suite
 
     makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
     budget = float(re.search(r"^QUICK_BUDGET \?= (\d+)$", makefile, re.M).group(1))
-    assert "gpu-quick:\n\t$(MAKE) gpu STAGES=quick,bench BUDGET=$(QUICK_BUDGET)" in makefile
-    assert gpu_suite.QUICK_TESTS_CAP_S < gpu_suite.STAGE_CAPS_S["quick"] < budget <= 420 - 60
-    assert gpu_suite.STAGES[0] == "quick"
+    assert "--run quick --budget-s $(QUICK_BUDGET)" in makefile
+    assert gpu_suite.QUICK_TESTS_S < budget <= 420 - 60
 
 
-def test_gpu_suite_combines_only_reports_of_one_commit_and_device(tmp_path):
+def test_gpu_test_counts_are_saved_after_every_test(tmp_path):
+    """A run cut off by the device's time limit still leaves the counts it reached; a module that no
+    longer imports counts as a failure, not as a clean run."""
     from bench import gpu_suite
 
-    base = {"commit": "a" * 40, "device": "NVIDIA H100", "torch": "2.11", "triton": "3.6", "dry_run": False,
-            "date": "2026-11-25T12:00:00+00:00", **gpu_suite.NOT_RUN}
-    tests = {"passed": 40, "failed": 1, "skipped": 0, "failures": ["t"], "complete": False}  # cut off: still kept
-    first, second, other = (tmp_path / name for name in ("first.json", "second.json", "other.json"))
-    first.write_text(json.dumps({**base, "stages_run": [], "tests": tests}))
-    wide = {"name": "wide", "config": dict(B=8, q=4, m=8, L=2), "median_ms": {"eager_forward": 1.0}, "ratios": {}}
-    second.write_text(json.dumps({**base, "stages_run": ["bench"], "benchmarks": [wide]}))
-    other.write_text(json.dumps({**base, "commit": "b" * 40}))
-    combined = gpu_suite.main(["--combine", str(first), str(second), "--out", str(tmp_path / "out")])
-    assert combined["tests"] == tests and combined["benchmarks"] == [wide]
-    assert combined["stages_run"] == ["bench"] and combined["memory"] == gpu_suite.NOT_RUN["memory"]
-    assert "Combined from 2 calls" in (tmp_path / "out" / "first.md").read_text()
-    with pytest.raises(SystemExit, match="has commit"):
-        gpu_suite.main(["--combine", str(first), str(other), "--out", str(tmp_path)])
+    (tmp_path / "test_counts_sample.py").write_text(SAMPLE_TESTS)
+    (tmp_path / "test_broken.py").write_text("import module_that_does_not_exist\n")
+    seen = []
+    final = gpu_suite.run_tests(tmp_path, lambda counts: seen.append((counts["passed"], counts["failed"])))
+    assert seen == [(1, 1), (1, 2)]  # the broken module's failure is counted at collection
+    assert (final["passed"], final["failed"], final["pytest_exit_code"]) == (1, 2, 1)
+    assert [f.rsplit("/", 1)[-1] for f in final["failures"]] == ["test_broken.py (collection error)",
+                                                                 "test_counts_sample.py::test_fails"]  # fmt: skip
 
 
-def test_combined_calls_keep_each_configuration_measured_and_say_what_is_left(tmp_path):
-    """Call 1 ran out of budget after one bench configuration; call 2 ran bench again and was cut
-    off after another: the combined report has both, and lists the stages still to run."""
+def test_gpu_tests_past_the_deadline_are_not_started(tmp_path):
+    """A test not started by the deadline is skipped by bench.deadline_plugin and counted as not started."""
+    import time
+
     from bench import gpu_suite
 
-    base = {"commit": "a" * 40, "device": "NVIDIA H200", "torch": "2.11", "triton": "3.6", "dry_run": False,
-            "date": "2026-11-30T12:00:00+00:00", **gpu_suite.NOT_RUN}
-    config = dict(B=8, q=4, m=8, L=2)
-    done = lambda name: {"name": name, "config": config, "median_ms": {"eager_forward": 1.0}, "ratios": {}}  # noqa: E731
-    late = lambda name: {"name": name, "config": config, "error": "not started: the time budget was spent"}  # noqa: E731
-    tests = {"passed": 118, "failed": 0, "skipped": 0, "not_started": 0, "failures": [], "complete": True}
-    first, second = tmp_path / "first.json", tmp_path / "second.json"
-    first.write_text(json.dumps({**base, "stages_run": ["tests", "bench"], "tests": tests,
-                                 "benchmarks": [done("wide"), late("narrow"), late("deep")]}))  # fmt: skip
-    second.write_text(json.dumps({**base, "stages_run": ["bench"], "benchmarks": [late("wide"), done("narrow"), late("deep")]}))
-    combined = gpu_suite.main(["--combine", str(first), str(second), "--out", str(tmp_path / "out")])
-    assert combined["benchmarks"] == [done("wide"), done("narrow"), late("deep")]
-    # quick: its goal configurations (wide-float32, …) are not among those measured
-    assert combined["unfinished"] == ["quick", "bench", "sanitizer", "memory", "crossover", "micro", "tune"]
-    assert "left undone: quick, bench, sanitizer" in (tmp_path / "out" / "first.md").read_text()
-    report = {**base, "stages_run": ["tests", "bench"], "tests": tests, "benchmarks": [done("wide")]}
-    assert gpu_suite.unfinished_stages(report, ["tests", "bench", "memory"]) == ["memory"]
-    assert gpu_suite.unfinished_stages({**report, "tests": {**tests, "complete": False}}, ["tests"]) == ["tests"]
+    (tmp_path / "test_deadline_sample.py").write_text("import time\n\ndef test_slow():\n    time.sleep(1.5)\n\n"
+                                                      "def test_late():\n    pass\n")  # fmt: skip
+    final = gpu_suite.run_tests(tmp_path, lambda counts: None, deadline=time.time() + 1.0)
+    assert (final["passed"], final["failed"], final["skipped"], final["not_started"]) == (1, 0, 0, 1)
+    assert gpu_suite.DEADLINE_ENV not in os.environ  # set for the run only
+
+
+def test_gpu_full_dry_run_records_a_failing_step_and_runs_the_next(tmp_path, monkeypatch):
+    """`make gpu`'s run on the interpreter, its bench step raising: the error is in the report, and
+    the crossover and tune steps still run and report their tables."""
+    from bench import gpu_suite, triton_step
+
+    real = triton_step.run_all
+
+    def bench_fails(dry_run=False, mode="bench", **kwargs):
+        if mode == "bench":
+            raise KeyError("a bug in the bench step")
+        return real(dry_run=dry_run, mode=mode, **kwargs)
+
+    monkeypatch.setattr(triton_step, "run_all", bench_fails)
+    (tmp_path / "test_full_sample.py").write_text(SAMPLE_TESTS)
+    monkeypatch.setattr(gpu_suite, "DRY_RUN_TESTS", tmp_path / "test_full_sample.py")
+    report = gpu_suite.main(["--dry-run", "--run", "full", "--out", str(tmp_path)])
+    assert report["errors"] == {"bench": "KeyError: 'a bug in the bench step'"}
+    assert list(report["benchmarks"]) == ["crossover", "tune"]
+    (crossover,) = report["benchmarks"]["crossover"]
+    assert {"whole_depth_forward_vs_per_layer", "whole_depth_adjoint_step_vs_per_layer"} <= set(crossover["ratios"])
+    (tune,) = report["benchmarks"]["tune"]
+    assert all(tune["best"][kind] in tune["tiles_ms"][kind] for kind in ("forward", "reverse", "product"))
+    assert (report["tests"]["passed"], report["tests"]["failed"]) == (1, 1)
+    markdown = next(tmp_path.glob("gpu-suite-*.md")).read_text()
+    assert "**bench failed**: KeyError" in markdown and "fwd whole/per-layer" in markdown and "fastest" in markdown
 
 
 def test_benchmark_configuration_errors_are_recorded_not_raised(monkeypatch):
@@ -338,18 +349,6 @@ def test_benchmark_configuration_errors_are_recorded_not_raised(monkeypatch):
     results = triton_step.run_all(dry_run=True, on_result=lambda r: seen.append(len(r)))
     assert results == [{**results[0], "error": "RuntimeError: out of resources"}] and seen == [1]
     assert "error: RuntimeError: out of resources" in triton_step.markdown_table(results)
-
-
-def test_gpu_test_counts_are_saved_after_every_test(tmp_path):
-    """A tests stage cut off by the device's time limit still leaves the counts it reached."""
-    from bench import gpu_suite
-
-    (tmp_path / "test_sample.py").write_text("def test_a():\n    pass\n\ndef test_b():\n    assert False\n")
-    seen = []
-    final = gpu_suite.run_tests(on_change=seen.append, path=tmp_path)
-    assert [(c["passed"], c["failed"], c["complete"]) for c in seen] == [(1, 0, False), (1, 1, False)]
-    assert final["passed"] == 1 and final["failed"] == 1 and final["complete"] is True
-    assert len(final["failures"]) == 1 and final["failures"][0].endswith("test_sample.py::test_b")
 
 
 def test_a_failing_contender_keeps_the_others_times(monkeypatch):
@@ -373,143 +372,13 @@ def test_a_failing_contender_keeps_the_others_times(monkeypatch):
     assert "fused_adjoint_step_tf32x3: RuntimeError: PassManager::run failed" in triton_step.markdown_table([result])
 
 
-def test_micro_benchmarks_past_the_deadline_are_skipped_not_killed(tmp_path):
-    """A micro stage that starts late in a device call stops starting benchmarks, so that pytest ends
-    normally and pytest-benchmark writes the JSON of those that ran — here none, so no JSON."""
-    import time
-
-    from bench import gpu_suite
-
-    micro = gpu_suite.run_micro(str(tmp_path), dry_run=True, deadline=time.time() + gpu_suite.MICRO_MARGIN_S / 2)
-    assert micro["ran"] and micro["exit_code"] == 0, micro
-    assert "not started: the run's time budget is spent" in micro["tail"]
-    assert micro["file"] is None and not list(tmp_path.iterdir())
-
-
-def test_gpu_suite_starts_no_stage_after_its_budget(tmp_path):
-    from bench import gpu_suite
-
-    report = gpu_suite.main(["--dry-run", "--stages", "bench,micro", "--budget-s", "0", "--out", str(tmp_path)])
-    assert report["stages_run"] == [] and report["benchmarks"] == [] and not report["micro"]["ran"]
-
-
-def test_gpu_tests_past_the_stage_deadline_are_not_started(tmp_path):
-    """The tests stage inside a time-limited call: a test not started by its deadline is skipped by
-    bench.deadline_plugin and counted as not started, and the stage reads as cut off."""
-    import time
-
-    from bench import gpu_suite
-
-    (tmp_path / "test_deadline_sample.py").write_text("import time\n\ndef test_slow():\n    time.sleep(1.5)\n\n"
-                                                      "def test_late():\n    pass\n")  # fmt: skip
-    final = gpu_suite.run_tests(path=tmp_path, deadline=time.time() + 1.0)
-    assert (final["passed"], final["failed"], final["skipped"], final["not_started"]) == (1, 0, 0, 1)
-    assert final["complete"] is False and final["pytest_exit_code"] == 0
-    assert gpu_suite.DEADLINE_ENV not in os.environ  # set for the run only
-    markdown = gpu_suite.markdown({**gpu_suite._start_report(gpu_suite._parse(["--dry-run"])), "tests": final})
-    assert "1 passed, 0 failed, 0 skipped, 1 not started (time budget) (cut off before the end)" in markdown
-
-
-def test_each_stage_but_the_last_is_capped_within_the_budget():
-    from bench import gpu_suite
-
-    caps = gpu_suite._parse(["--stage-caps", "tests=100,tune=7"]).stage_caps
-    assert caps == {**gpu_suite.STAGE_CAPS_S, "tests": 100.0, "tune": 7.0}
-    selected = ["tests", "bench", "memory"]
-    assert gpu_suite.stage_deadline("tests", selected, 1000.0, 5000.0, caps) == 1100.0
-    assert gpu_suite.stage_deadline("tests", selected, 1000.0, 1050.0, caps) == 1050.0  # the run's end comes first
-    assert gpu_suite.stage_deadline("memory", selected, 1000.0, 5000.0, caps) == 5000.0  # the last: the rest
-    assert gpu_suite.stage_deadline("tests", selected, 1000.0, None, caps) is None  # no budget, no caps
-    with pytest.raises(SystemExit):
-        gpu_suite._parse(["--stage-caps", "tset=100"])
-
-
-def test_a_capped_stage_leaves_time_to_the_next(tmp_path):
-    """With a budget, a stage past its cap starts no more configurations, and the next stage runs."""
-    from bench import gpu_suite
-
-    argv = ["--dry-run", "--stages", "bench,crossover", "--budget-s", "600", "--stage-caps", "bench=0"]
-    report = gpu_suite.main([*argv, "--out", str(tmp_path)])
-    (bench,) = report["benchmarks"]
-    assert bench["error"] == "not started: the time budget (--budget-s, --stage-caps) was spent"
-    (crossover,) = report["crossover"]
-    assert "error" not in crossover and report["stages_run"] == ["bench", "crossover"]
-
-
-def test_a_test_module_that_fails_to_import_counts_as_failed(tmp_path):
-    from bench import gpu_suite
-
-    (tmp_path / "test_fine.py").write_text("def test_a():\n    pass\n")
-    (tmp_path / "test_broken.py").write_text("import module_that_does_not_exist\n")
-    final = gpu_suite.run_tests(path=tmp_path)
-    assert final["passed"] == 1 and final["failed"] == 1 and final["pytest_exit_code"] != 0
-    # node ids are relative to pytest's rootdir, which depends on where the checkout lies
-    (failure,) = final["failures"]
-    assert failure.rsplit("/", 1)[-1] == "test_broken.py (collection error)"
-    markdown = gpu_suite.markdown({**gpu_suite._start_report(gpu_suite._parse(["--dry-run"])), "tests": final})
-    assert "1 passed, 1 failed, 0 skipped (pytest exit code" in markdown
-    assert f"failed: `{failure}`" in markdown
-
-
 def test_configurations_past_the_deadline_are_not_started():
     import time
 
     from bench import triton_step
 
     (result,) = triton_step.run_all(dry_run=True, deadline=time.time() - 1)
-    assert result["error"] == "not started: the time budget (--budget-s, --stage-caps) was spent" and "median_ms" not in result
-
-
-def test_a_failing_stage_is_recorded_and_the_next_stage_runs(tmp_path, monkeypatch):
-    from bench import gpu_suite, triton_step
-
-    real = triton_step.run_all
-
-    def bench_fails(dry_run=False, mode="bench", **kwargs):
-        if mode == "bench":
-            raise KeyError("a bug in the bench stage")
-        return real(dry_run=dry_run, mode=mode, **kwargs)
-
-    monkeypatch.setattr(triton_step, "run_all", bench_fails)
-    report = gpu_suite.main(["--dry-run", "--stages", "bench,crossover", "--out", str(tmp_path)])
-    assert report["stage_errors"] == {"bench": "KeyError: 'a bug in the bench stage'"}
-    assert report["stages_run"] == ["bench", "crossover"] and len(report["crossover"]) == 1
-    assert "**bench stage error**: KeyError" in next(tmp_path.glob("gpu-suite-*.md")).read_text()
-
-
-def test_a_subprocess_past_its_limit_is_killed_with_its_children():
-    """compute-sanitizer's Python child must not outlive the sanitizer stage's time limit."""
-    import sys
-    import time
-
-    from bench import gpu_suite
-
-    spawn = ("import subprocess, sys, time; child = subprocess.Popen([sys.executable, '-c', 'import time; "
-             "time.sleep(60)']); print(child.pid, flush=True); time.sleep(60)")  # fmt: skip
-    exit_code, output = gpu_suite._run_limited([sys.executable, "-c", spawn], timeout=3, env=dict(os.environ))
-    assert exit_code is None
-    child = int(output.split()[0])
-    for _ in range(50):  # killed with its process group; reaped by init shortly after
-        try:
-            os.kill(child, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.1)
-    else:
-        raise AssertionError(f"process {child} outlived the limit")
-
-
-def test_sanitizer_runs_without_the_caching_allocator(tmp_path, monkeypatch):
-    """Inside a cached 2 MiB segment a small overrun is not an access fault: memcheck must see the
-    kernels' real allocations."""
-    from bench import gpu_suite
-
-    tool = tmp_path / "compute-sanitizer"
-    tool.write_text("#!/bin/sh\necho caching=$PYTORCH_NO_CUDA_MEMORY_CACHING\necho '========= ERROR SUMMARY: 0 errors'\n")
-    tool.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
-    result = gpu_suite.run_sanitizer()
-    assert result["ran"] and result["errors"] == 0 and "caching=1" in result["tail"]
+    assert result["error"] == "not started: the time budget (--budget-s) was spent" and "median_ms" not in result
 
 
 def test_every_tuned_configuration_has_tile_candidates_led_by_the_tables_tiles():

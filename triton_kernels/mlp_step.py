@@ -488,8 +488,8 @@ class KernelConfigs(NamedTuple):
 # each thread's operand rows for the whole reduction in registers, so at q = 256 no reverse tile is
 # spill-free (2–3 KiB at the choice below; the earlier 32 × 32 tiles spilled 11 KiB, and the 64 × 64
 # tiles at q = 64 14 KiB, with ptxas falling back to 32 registers). Provisional until timed on a
-# GPU: `make gpu STAGES=tune` times alternatives, and ODENETS_FAST_TRITON_{FORWARD,REVERSE}_TILES
-# override the table (odenets_fast.triton_backend).
+# GPU: `python -m bench.triton_step --mode tune` (part of `make gpu`) times alternatives, and
+# ODENETS_FAST_TRITON_{FORWARD,REVERSE}_TILES override the table (odenets_fast.triton_backend).
 _TILES = {
     (64, 4): ((64, 32, 8), (64, 16, 8)),
     (64, 2): ((64, 64, 8), (64, 16, 8)),

@@ -1,5 +1,5 @@
 """A small forward + backward through every Triton kernel specialisation family, on both paths, for
-`compute-sanitizer --tool memcheck` (run by bench.gpu_suite): odd sizes so that every mask is hit."""
+`compute-sanitizer --tool memcheck` (its command: bench/README.md): odd sizes so that every mask is hit."""
 
 import os
 import sys
