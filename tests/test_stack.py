@@ -205,6 +205,51 @@ def test_rng_states_kept_only_for_calls_that_draw_and_counted():
     assert saved(draws, True) - saved(draws, False) == 3 * state_bytes
 
 
+def _set_dropout(model, p):
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = p
+
+
+def test_rng_state_read_per_block_call_only_while_the_blocks_draw(monkeypatch):
+    """Reading the 5 KB CPU generator state at every block call costs ~2 % of a small convolution stack's
+    step: after a forward that drew nothing, the next reads it before and after its loop only — and when
+    it finds the blocks drew after all, runs again reading it per call (1 + 6 reads)."""
+    reads = []
+    real = torch.get_rng_state
+    monkeypatch.setattr(torch, "get_rng_state", lambda: reads.append(1) or real())
+    x = torch.randn(4, 4, 6, 6, requires_grad=True)
+    model, counts = _conv_model(6), []
+    for p in (0.0, 0.0, 0.5, 0.5):
+        _set_dropout(model, p)
+        reads.clear()
+        model(x)
+        counts.append(len(reads))
+    assert counts == [1 + 6, 2, 2 + 6, 1 + 6]
+
+
+@pytest.mark.parametrize("method", ["euler", "heun"])
+def test_blocks_that_start_drawing_get_their_random_numbers_replayed(method):
+    """A stack whose previous forward drew nothing reads the RNG state only around its loop; when its blocks
+    draw after all (dropout switched on), the forward runs again from the same RNG state recording each
+    call's: the output, the random numbers consumed, the running statistics (updated once) and, at stored
+    states, the gradients are a plain loop's with the same seed."""
+    x, grad_out = torch.randn(8, 4, 6, 6), torch.randn(8, 4, 6, 6)
+    models = {mode: _conv_model(3, method, backward=mode, anchor_every=1 if mode == "adjoint" else None)
+              for mode in ("adjoint", "backprop")}  # fmt: skip
+    results = {}
+    for mode, model in models.items():
+        _grads(model, x, grad_out)  # no dropout yet: nothing drawn
+        _set_dropout(model, 0.5)
+        torch.manual_seed(1)
+        results[mode] = _grads(model, x, grad_out) + [torch.rand(3)]  # the generator where the step left it
+    assert not torch.equal(results["adjoint"][0], _conv_model(3, method)(x))  # the dropout does draw
+    for a, b in zip(results["adjoint"], results["backprop"]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    for (name, a), b in zip(models["adjoint"].named_buffers(), models["backprop"].buffers()):
+        torch.testing.assert_close(a, b, msg=name)
+
+
 def test_autocast_bfloat16_replayed_in_backward_and_state_stays_float32():
     x, grad_out = torch.randn(8, 4, 6, 6), torch.randn(8, 4, 6, 6)
     results = {}
@@ -334,3 +379,107 @@ def test_extra_inputs_must_be_tensors():
     adjoint, _ = _scaled_stacks("euler", torch.tensor(1.0, dtype=torch.float64))
     with pytest.raises(TypeError, match="extra_inputs must be a sequence of torch.Tensor"):
         adjoint(torch.randn(2, 3, dtype=torch.float64), extra_inputs=[1.0])
+
+
+# --- bookkeeping only where it is needed ---
+
+
+@pytest.mark.parametrize("method", ["euler", "heun"])
+def test_backward_writes_no_batchnorm_buffer(method):
+    """The re-runs normalise with batch statistics without touching the running ones (track_running_stats
+    off while they run): no write at all, not a write and a restore."""
+    model = _conv_model(3, method)
+    out = model(torch.randn(8, 4, 6, 6, requires_grad=True))
+    after_forward = [(b, b._version, b.clone()) for b in model.buffers()]
+    out.square().sum().backward()
+    for buf, version, value in after_forward:
+        assert buf._version == version and torch.equal(buf, value)
+    assert all(m.track_running_stats for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_batchnorm_without_running_stats_is_the_same_computation_in_training_mode(dtype):
+    """What the re-runs rely on: in training mode BatchNorm's output and gradients do not depend on whether
+    it tracks running statistics, bit for bit (channels-last too)."""
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(4, dtype=dtype)
+    x = torch.randn(8, 4, 5, 5, dtype=dtype)
+    for x in (x.requires_grad_(True), x.to(memory_format=torch.channels_last)):
+        results = []
+        for track in (True, False):
+            bn.track_running_stats = track
+            out = bn(x)
+            loss = (out * out.detach().flip(0)).sum()
+            results.append([out] + list(torch.autograd.grad(loss, [x, bn.weight, bn.bias])))
+        for a, b in zip(*results):
+            assert torch.equal(a, b)
+
+
+class CountingBlock(nn.Module):
+    """tanh(Linear(x)) that counts its calls in a buffer (a module that writes a buffer, not BatchNorm)."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.lin = nn.Linear(width, width, dtype=torch.float64)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        self.calls += 1
+        return torch.tanh(self.lin(x))
+
+
+def test_other_buffers_written_by_reruns_are_restored():
+    blocks = [CountingBlock(3) for _ in range(4)]
+    stack = AdjointResidualStack(blocks)
+    stack(torch.randn(2, 3, dtype=torch.float64, requires_grad=True)).sum().backward()
+    assert [int(b.calls) for b in blocks] == [1] * 4
+
+
+def test_autocast_is_entered_in_backward_only_where_the_forward_state_differs(monkeypatch):
+    """Entering torch.autocast costs microseconds per block call: the backward enters it only when the
+    forward's autocast state differs from the one the backward runs under, and then every re-run runs in it."""
+    real = torch.autocast
+    entered = []
+
+    def counted(*args, **kwargs):
+        entered.append(kwargs.get("enabled", True))
+        return real(*args, **kwargs)
+
+    x = torch.randn(8, 4, 6, 6, requires_grad=True)
+    model = _conv_model(3)
+    out = model(x)
+    monkeypatch.setattr(torch, "autocast", counted)
+    out.square().sum().backward()
+    assert entered == []  # no autocast in the forward, none at backward: nothing to enter
+    with real("cpu", dtype=torch.bfloat16):
+        out = model(x)
+        out.float().square().sum().backward()  # backward inside the same region
+    assert entered == []
+    with real("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    out.float().square().sum().backward()  # outside: the forward's state is re-entered per re-run
+    assert entered and all(entered)
+
+
+class AutocastLoggingBlock(nn.Module):
+    """tanh(Linear(x)), logging at each call whether autocast was on."""
+
+    def __init__(self, log):
+        super().__init__()
+        self.lin, self.log = nn.Linear(4, 4), log
+
+    def forward(self, x):
+        self.log.append(torch.is_autocast_enabled("cpu"))
+        return torch.tanh(self.lin(x))
+
+
+@pytest.mark.parametrize("anchor_every", [None, 2])
+def test_every_rerun_runs_under_the_forwards_autocast(anchor_every):
+    log = []
+    blocks = [AutocastLoggingBlock(log) for _ in range(4)]
+    stack = AdjointResidualStack(blocks, anchor_every=anchor_every)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = stack(torch.randn(3, 4, requires_grad=True))
+    assert log == [True] * 4
+    out.sum().backward()
+    assert len(log) > 4 and all(log)
