@@ -29,6 +29,24 @@ Autocast: the blocks are re-run under the autocast state of the forward (the bac
 runs outside the caller's `torch.autocast` region; where the state at backward already is the
 forward's, nothing is entered). The state x itself is never cast: x_n + h f_n(x_n) keeps the dtype
 of x (float32 for a float32 input) while the blocks compute in the autocast dtype.
+
+Where the VJP is taken (`vjp_at`, DESIGN.md §4). "state" (default): the reconstruction runs the
+step backwards without autograd, then the step is recomputed under autograd at x̃_n and
+differentiated — per layer 2 block evaluations and 1 backward through them (Heun: 4 and 2).
+"reconstruction": the reconstruction's own block evaluations run under autograd and give the VJP,
+the Jacobians taken where the reconstruction evaluates instead of at the forward's points — per
+layer 1 evaluation and 1 backward (Heun: 2 and 2). Euler evaluates f_n at x̃_{n+1}, O(h) from
+x_n; Heun evaluates f_{n+1} at x̃_{n+1} and f_n at ỹ_n, each O(h²) from the forward's y_n and
+x_n (x_{n+1} − y_n = (h/2)(k2 − k1), and k2 − k1 = O(h) when f varies smoothly with depth). With
+g = ∂ℓ/∂x_{n+1}, z = x̃_{n+1}, ỹ = z − h f_{n+1}(z):
+
+    Euler:  g_n = g + h ∂x f_n(z)ᵀ g,                dθ_n += h ∂θ f_n(z)ᵀ g
+    Heun:   gy  = (h/2) ∂x f_{n+1}(z)ᵀ g,            dθ_{n+1} += (h/2) ∂θ f_{n+1}(z)ᵀ g
+            u1  = (h/2) g + h gy
+            g_n = g + gy + ∂x f_n(ỹ)ᵀ u1,            dθ_n += ∂θ f_n(ỹ)ᵀ u1
+
+— the forward step's chain rule (DESIGN.md §4) with y_n → z and x_n → ỹ. At a stored state (an
+anchor, a segment's first layer) the VJP is taken at that exact state in either mode.
 """
 
 import contextlib
@@ -44,6 +62,7 @@ from .spec import (
     AUTO,
     BACKWARD_MODES,
     METHODS,
+    VJP_POINTS,
     check_anchor_every,
     check_bool,
     check_choice,
@@ -248,9 +267,10 @@ class _AdjointStackFunction(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         """Segment by segment from the top (a segment: from a stored state to the next; plain adjoint
         has one, whose stored x_0 only measures the drift): per layer the state — reconstructed, or
-        stored at the segment's first layer — and the layer's VJP by autograd on a recompute. With
-        anchor_every="auto", each segment's drift, strict's exact redo of those above drift_tol, and the
-        controller's layout for the next call (odenets_fast.segments)."""
+        stored at the segment's first layer — and the layer's VJP by autograd: on a recompute at that
+        state, or (vjp_at="reconstruction", where no state is stored) on the reconstruction's own block
+        evaluations. With anchor_every="auto", each segment's drift, strict's exact redo of those above
+        drift_tol, and the controller's layout for the next call (odenets_fast.segments)."""
         if torch.is_grad_enabled():
             raise RuntimeError(
                 "double backward (create_graph=True) through an adjoint-mode stack is not supported: its backward "
@@ -265,6 +285,7 @@ class _AdjointStackFunction(torch.autograd.Function):
         vjp = _LayerVJP(stack, autocast, replay, extras)
         anchored = stack.anchor_every is not None  # the stored states replace the reconstruction
         auto = stack.anchor_every == AUTO
+        at_reconstruction = stack.vjp_at == "reconstruction"
         totals = dict.fromkeys(inputs)
         drifts = {}
         x_next, g = final, grad_out
@@ -273,6 +294,12 @@ class _AdjointStackFunction(torch.autograd.Function):
                 g_top, layer_grads = g, {}
                 for n in reversed(range(a, end)):
                     use_anchor = anchored and n == a
+                    if at_reconstruction and not use_anchor:
+                        x, g = vjp.at_reconstruction(x_next, g, n, layer_grads)
+                        if n == a:
+                            drifts[a] = relative_drift(x, anchors[j])
+                        x_next = x
+                        continue
                     if not use_anchor or auto or n == 0:  # the drift is measured at the segment's anchor
                         with torch.no_grad(), autocast():
                             reconstructed = stack.reverse_step(x_next, n, replay)
@@ -301,7 +328,8 @@ def _scaled(g: Tensor, scale: float, like: Tensor) -> Tensor:
 
 class _LayerVJP:
     """Layer VJPs under autograd (the forward's RNG state and autocast), with respect to the state, the
-    layers' parameters and the extra inputs."""
+    layers' parameters and the extra inputs: at a state (`__call__`) or at the reconstruction's
+    evaluation points (`at_reconstruction`)."""
 
     def __init__(self, stack, autocast, replay, extras):
         self.stack, self.autocast, self.replay, self.extras = stack, autocast, replay, extras
@@ -321,6 +349,31 @@ class _LayerVJP:
             for n in range(first, stop):
                 out = stack.step(out, n, self.replay)
             return self._vjp(out, x_in, params, g, first, grads)
+
+    def at_reconstruction(self, x_next: Tensor, g: Tensor, n: int, grads: dict) -> tuple:
+        """(x̃_n, g_n): layer n's reconstruction from x̃_{n+1}, its block evaluations under autograd giving
+        the VJP (module docstring); each backward runs as soon as its evaluation is done, so that one
+        block's graph is alive at a time."""
+        stack, h = self.stack, self.stack.step_size
+        with torch.enable_grad(), self.autocast():
+            z = x_next.detach().requires_grad_(True)
+            if stack.method == "euler":
+                k = stack._call(n, z, self.replay, (n, 0))
+                with torch.no_grad():  # the same arithmetic as reverse_step's
+                    x = x_next - h * k
+                return x, g + self._vjp(k, z, self._own_parameters(n), _scaled(g, h, k), n, grads)
+            k_next = stack._call(n + 1, z, self.replay, (n, 1))
+            with torch.no_grad():
+                y = (x_next - h * k_next).requires_grad_(True)
+            gy = self._vjp(k_next, z, self._own_parameters(n + 1), _scaled(g, 0.5 * h, k_next), n, grads)
+            k = stack._call(n, y, self.replay, (n, 0))
+            with torch.no_grad():
+                x = x_next - (0.5 * h) * (k_next + k)
+            u1 = _scaled(g, 0.5 * h, k) + _scaled(gy, h, k)
+            return x, g + gy + self._vjp(k, y, self._own_parameters(n), u1, n, grads)
+
+    def _own_parameters(self, block: int) -> list:
+        return list(self.stack.blocks[block].parameters())
 
     def _vjp(self, out: Tensor, x_in: Tensor, params: list, cotangent: Tensor, layer: int, grads: dict) -> Tensor:
         """The cotangent of x_in (zeros where out does not depend on it); the gradients of the parameters
@@ -354,6 +407,10 @@ class AdjointResidualStack(nn.Module):
             each backward measures every segment's drift (one more block evaluation per segment) and
             sets the layout of the next call, kept in the buffer ``anchor_mask`` (in ``state_dict``).
         preserve_rng_state: re-run each block call with the RNG state of its forward (dropout).
+        vjp_at: adjoint mode's VJP points (module docstring, DESIGN.md §4): ``"state"`` (default)
+            recomputes each step at its reconstructed (or stored) input state; ``"reconstruction"``
+            differentiates the reconstruction's own block evaluations — one block evaluation per
+            layer less (Heun: two), the Jacobians taken O(h) (Heun: O(h²)) from the forward's points.
 
     ``last_drift``: ‖x̃_0 − x_0‖ / ‖x_0‖ of the latest adjoint backward (None before one);
     ``last_segment_drift``: (first layer, length, drift) of its segments (anchor_every="auto").
@@ -370,6 +427,7 @@ class AdjointResidualStack(nn.Module):
         drift_tol: Optional[float] = None,
         strict: bool = False,
         preserve_rng_state: bool = True,
+        vjp_at: str = "state",
     ):
         super().__init__()
         blocks = list(blocks)  # a generator would be spent by the type check
@@ -387,6 +445,10 @@ class AdjointResidualStack(nn.Module):
         self.anchor_every = check_anchor_every(anchor_every, backward)
         self.drift_tol, self.strict = check_error_control(self.anchor_every, drift_tol, strict)
         self.preserve_rng_state = check_bool("preserve_rng_state", preserve_rng_state)
+        self.vjp_at = check_choice("vjp_at", vjp_at, VJP_POINTS)
+        if self.vjp_at != "state" and self.backward_mode != "adjoint":
+            raise ValueError(f"vjp_at is only meaningful with backward='adjoint' (backprop differentiates the forward "
+                             f"itself); got vjp_at={vjp_at!r} with backward={backward!r}")  # fmt: skip
         self._drift: Optional[Tensor] = None
         # Whether the latest adjoint forward's blocks drew random numbers: if not, the next one reads the RNG
         # state before and after its loop only, not at every block call (_RngRecorder).
@@ -476,6 +538,6 @@ class AdjointResidualStack(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"depth={self.depth}, method={self.method!r}, T={self.T}, backward={self.backward_mode!r}, "
-            f"anchor_every={self.anchor_every!r}, preserve_rng_state={self.preserve_rng_state}"
+            f"anchor_every={self.anchor_every!r}, preserve_rng_state={self.preserve_rng_state}, vjp_at={self.vjp_at!r}"
             + (f", drift_tol={self.drift_tol}, strict={self.strict}" if self.anchor_every == AUTO else "")
         )
