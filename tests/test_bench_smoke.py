@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import contenders, memory, repro_gradient_error, repro_smoothness
+from bench import contenders, generic_blocks, memory, repro_gradient_error, repro_smoothness
 from bench.baselines import eager_forward, residual
 from bench.contenders import TORCHDIFFEQ_MISSING, Sizes, torchdiffeq_adjoint, training_loss
 from helpers import make_stack, smooth_stack
@@ -23,7 +23,7 @@ def _outputs(tmp_path, name):
     return json.loads(json_file.read_text())
 
 
-@pytest.mark.parametrize("script", [memory, repro_gradient_error, repro_smoothness])
+@pytest.mark.parametrize("script", [memory, repro_gradient_error, repro_smoothness, generic_blocks])
 def test_help(script, capsys):
     with pytest.raises(SystemExit) as exit_info:
         script.main(["--help"])
@@ -149,6 +149,31 @@ def test_conv_example(tmp_path, capsys):
     assert row == json.loads(json.dumps(results["depths"]["3"]))
     assert row["backprop"]["peak_bytes"] > 0 and row["adjoint"]["peak_bytes"] > 0
     assert 0 < row["adjoint_gradient_error"] < 0.5  # an approximation, not a different gradient
+
+
+def test_generic_blocks(tmp_path, capsys):
+    results = generic_blocks.main(["--quick", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "Time × backprop" in out and "Gradient error against depth" in out
+    assert json.loads(next(tmp_path.glob("generic-blocks-cpu-*.json")).read_text())["goals"] == json.loads(
+        json.dumps(results["goals"]))
+    assert next(tmp_path.glob("generic-blocks-cpu-*.png")).stat().st_size > 1000
+    row = results["depths"]["4"]
+    for clock in ("cpu", "wall"):
+        ratios = row["time_over_backprop"][clock]
+        assert set(ratios) == set(generic_blocks.CONTENDERS) and ratios["backprop"] == 1.0
+        assert all(r > 0 for r in ratios.values())
+    errors = row["gradient_error"]
+    assert errors["backprop"] == 0 and errors["checkpoint_sqrtL"] < 1e-5
+    # the stand-in for the paper's code computes what the stack's default computes
+    assert errors["minimal_adjoint"] == errors["adjoint"] > 0 and errors["adjoint_vjp_reconstruction"] > 0
+    assert set(results["gradient_error_vs_depth"]) == {"conv, Euler", "MLP smooth, Euler", "MLP smooth, Heun",
+                                                       "MLP iid, Euler", "MLP iid, Heun"}  # fmt: skip
+
+
+def test_generic_blocks_memory_worker():
+    """The full run measures each configuration's memory in a fresh process (--quick does not)."""
+    assert generic_blocks.measure_peak("adjoint", 2, 4, 1) > 0
 
 
 def test_dispatch_overhead(capsys, tmp_path):
