@@ -163,6 +163,9 @@ def test_generic_blocks(tmp_path, capsys):
         ratios = row["time_over_backprop"][clock]
         assert set(ratios) == set(generic_blocks.CONTENDERS) and ratios["backprop"] == 1.0
         assert all(r > 0 for r in ratios.values())
+    # the goals' time ratios are medians of per-round ratios, not ratios of medians
+    assert results["goals"]["adjoint_over_minimal_time"]["4"] == row["time_over_minimal_adjoint"]["cpu"]["adjoint"]
+    assert row["time_over_checkpoint_sqrtL"]["cpu"]["checkpoint_sqrtL"] == 1.0
     errors = row["gradient_error"]
     assert errors["backprop"] == 0 and errors["checkpoint_sqrtL"] < 1e-5
     # the stand-in for the paper's code computes what the stack's default computes
