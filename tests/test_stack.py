@@ -554,9 +554,9 @@ def _gradient_error(stack, exact, x, grad_out):
 @pytest.mark.parametrize("method", ["euler", "heun"])
 def test_reconstruction_vjp_error_falls_with_depth_like_the_defaults(method):
     """Depth-smooth MLP blocks: the error falls as 1/L (Euler, the Jacobians O(h) from the forward's
-    points) and faster for Heun (O(h²) from them, measured 1/L³ like the default: the two offsets have
-    opposite signs), a few times the default's error at every depth (bench.generic_blocks: 2.2–2.8×
-    for Euler, 3.4–3.7× for Heun at L = 8 … 256)."""
+    points) and faster for Heun (O(h²) from them, measured 1/L³ like the default), a few times the
+    default's error at every depth (bench.generic_blocks' GELU blocks: 2.2–2.9× for Euler, 3.4–3.7× for
+    Heun at L = 8 … 512)."""
     errors = {}
     for L in (16, 64):
         x, W, V, _, _ = smooth_stack(L, method=method)
