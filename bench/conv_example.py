@@ -16,15 +16,12 @@ error of the adjoint gradient against backprop at the same weights and batch.
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 
 import torch
 from torch import nn
 
-from bench.peak_memory import MMAP_THRESHOLD, peak_bytes
-from bench.report import ROOT, environment, markdown_table, output_stem, write_json
+from bench.peak_memory import fresh_process_json, peak_bytes
+from bench.report import environment, markdown_table, output_stem, write_json
 from bench.timing import median_ms
 from odenets_fast import AdjointResidualStack
 
@@ -90,13 +87,8 @@ def gradient_error(depth: int, batch: int, device: torch.device) -> float:
 def _measure(depth: int, backward: str, steps: int, batch: int, device: torch.device) -> dict:
     if device.type == "cuda":
         return run_config(depth, backward, steps, batch, device)
-    cmd = [sys.executable, "-m", "bench.conv_example", "--worker", backward, str(depth), "--steps", str(steps),
-           "--batch", str(batch)]  # fmt: skip
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD))
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"worker for {backward} at L={depth} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    args = ["bench.conv_example", "--worker", backward, str(depth), "--steps", str(steps), "--batch", str(batch)]
+    return fresh_process_json(args, f"worker for {backward} at L={depth}")
 
 
 def main(argv=None) -> dict:

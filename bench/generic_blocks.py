@@ -38,8 +38,6 @@ import json
 import math
 import os
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
@@ -48,8 +46,8 @@ from torch.utils.checkpoint import checkpoint
 
 from bench.baselines import residual
 from bench.conv_example import synthetic_batch
-from bench.peak_memory import MMAP_THRESHOLD, peak_bytes
-from bench.report import ROOT, environment, loglog_slope, markdown_table, output_stem, powers_of_two, write_json
+from bench.peak_memory import fresh_process_json, peak_bytes
+from bench.report import environment, loglog_slope, markdown_table, output_stem, powers_of_two, write_json
 from bench.repro_gradient_error import smooth_problem
 from odenets_fast import AdjointResidualStack
 
@@ -209,13 +207,8 @@ def worker_peak(contender: str, depth: int, batch: int) -> dict:
 
 
 def measure_peak(contender: str, depth: int, batch: int, threads: int) -> int:
-    cmd = [sys.executable, "-m", "bench.generic_blocks", "--worker", contender, str(depth), "--batch", str(batch),
-           "--threads", str(threads)]  # fmt: skip
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD))
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"memory worker for {contender} at L={depth} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])["peak_bytes"]
+    args = ["bench.generic_blocks", "--worker", contender, str(depth), "--batch", str(batch), "--threads", str(threads)]
+    return fresh_process_json(args, f"memory worker for {contender} at L={depth}")["peak_bytes"]
 
 
 class MLPBlock(nn.Module):

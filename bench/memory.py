@@ -19,10 +19,7 @@ load average then: the machine may be shared) and .png.
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -38,10 +35,9 @@ from bench.contenders import (
     torchdiffeq_installed,
     training_loss,
 )
-from bench.peak_memory import MMAP_THRESHOLD, step_peak_bytes
+from bench.peak_memory import MMAP_THRESHOLD, fresh_process_json, step_peak_bytes
 from bench.plotting import save_loglog_panels
 from bench.report import (
-    ROOT,
     backend_label,
     environment,
     load_average_1min,
@@ -64,15 +60,10 @@ def measure_peak_bytes(contender: str, sizes: Sizes, depth: int, device: torch.d
     earlier allocation is reused and the peak RSS is that of this configuration alone."""
     if device.type == "cuda":
         return step_peak_bytes(contender, sizes, depth, device, backend)
-    cmd = [sys.executable, "-m", "bench.peak_memory", contender, str(depth),
-           str(sizes.batch), str(sizes.dim), str(sizes.hidden)]  # fmt: skip
+    args = ["bench.peak_memory", contender, str(depth), str(sizes.batch), str(sizes.dim), str(sizes.hidden)]
     if backend is not None:
-        cmd.append(backend)
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD))
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"memory worker for {contender} at L={depth} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])["peak_bytes"]
+        args.append(backend)
+    return fresh_process_json(args, f"memory worker for {contender} at L={depth}")["peak_bytes"]
 
 
 def _seconds(step: Callable[[], None]) -> float:

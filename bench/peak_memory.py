@@ -13,6 +13,8 @@ Either way the parameter gradients are subtracted: they exist in any training, w
 
 import gc
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Optional
@@ -20,6 +22,7 @@ from typing import Optional
 import torch
 
 from bench.contenders import Sizes, make_step
+from bench.report import ROOT
 
 MMAP_THRESHOLD = 64 * 1024  # bytes
 
@@ -56,6 +59,16 @@ def peak_bytes(fn, device: torch.device) -> int:
     baseline = _start_peak(device)
     fn()
     return _read_peak(device) - baseline
+
+
+def fresh_process_json(module_args: list, what: str) -> dict:
+    """The JSON object a CPU memory worker, `python -m <module_args>`, prints last — run in a fresh process
+    started with MALLOC_MMAP_THRESHOLD_=MMAP_THRESHOLD (module docstring); `what` names it in the error."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD))
+    proc = subprocess.run([sys.executable, "-m", *module_args], capture_output=True, text=True, cwd=ROOT, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{what} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def step_peak_bytes(contender: str, sizes: Sizes, depth: int, device: torch.device, backend: Optional[str]) -> int:
