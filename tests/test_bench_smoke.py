@@ -177,10 +177,11 @@ def test_generic_blocks(tmp_path, capsys):
 def test_generic_blocks_memory_worker_measures_the_adjoint_peak_flat_in_depth():
     """The full run measures each configuration's memory in a fresh process (--quick does not). The
     parameter gradients it subtracts must have been counted: held in memory of their own, the adjoint's
-    peak is the same at L = 4 and 64 (2.9 MiB) — reusing the freed warm-up gradients' blocks, it fell
-    to 1.1 MiB at L = 64."""
+    peak is about the same at L = 4 and 64 (2.8–3.1 MiB at L = 4; 2.9–3.8 MiB at L = 64, where
+    thousands of small blocks leave the RSS more room to vary) — reusing the freed warm-up gradients'
+    blocks, it fell to 1.4 MiB at L = 64."""
     shallow, deep = (generic_blocks.measure_peak("adjoint", depth, 32, 1) for depth in (4, 64))
-    assert 0.9 < deep / shallow < 1.1, (shallow, deep)
+    assert 0.8 < deep / shallow < 1.5, (shallow, deep)
 
 
 def test_dispatch_overhead(capsys, tmp_path):
