@@ -18,6 +18,7 @@ bench: $(STAMP)
 	$(PY) -m bench.cpu_training_step
 	$(PY) -m bench.memory
 	$(PY) -m bench.conv_example
+	$(PY) -m bench.generic_blocks
 	$(PY) -m bench.repro_gradient_error
 	$(PY) -m bench.repro_smoothness
 	$(PY) -m bench.error_control

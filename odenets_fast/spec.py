@@ -17,6 +17,7 @@ from .activations import ACTIVATIONS
 
 METHODS = ("euler", "heun")
 BACKWARD_MODES = ("adjoint", "backprop")
+VJP_POINTS = ("state", "reconstruction")  # AdjointResidualStack's vjp_at
 INPUT_PRECISIONS = ("ieee", "tf32", "tf32x3")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 

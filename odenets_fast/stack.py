@@ -9,23 +9,44 @@ Training-mode state (BatchNorm): the forward pass updates running statistics onc
 plain loop would. Reconstruction and recompute run the blocks again in the same mode, so
 BatchNorm normalises with the *batch statistics of the state it is given* (the reconstructed x̃_n
 in adjoint mode, the stored x_n at anchors and in backprop mode — identical to the forward's
-there); every buffer of the blocks (running_mean, running_var, num_batches_tracked, …) is restored
-when the backward pass ends, so the running statistics are updated exactly once per forward.
+there), and the running statistics are updated exactly once per forward: the re-runs leave the
+blocks' buffers as the forward left them (`_buffers_kept`).
 
 Randomness (dropout): with `preserve_rng_state=True` (default) the RNG state before each block call
 of the forward that draws random numbers is kept (5 KB for the CPU generator, 16 B for a CUDA one;
 nothing for calls that draw none) and restored when that call is re-run, so reconstruction and
 recompute use the forward's random numbers — as `torch.utils.checkpoint` does, per call rather than
-per segment, because Heun's reconstruction calls f_{n+1} before f_n.
+per segment, because Heun's reconstruction calls f_{n+1} before f_n. After a forward whose blocks drew
+nothing, the next reads the RNG state only around its loop; if they drew after all, it runs the loop
+again from the same state, reading it at every call (`_RngRecorder`).
 
 Tensors the blocks read besides x and their own parameters (a conditioning embedding, another
 module's weight): the adjoint backward differentiates each layer with respect to x, that layer's
 parameters and the tensors passed as `extra_inputs`; anything else that requires grad would get no
 gradient, so each re-run's graph is walked and such a tensor is an error, not a silent zero.
 
-Autocast: the blocks are re-run under the autocast state of the forward (the backward pass runs
-outside the caller's `torch.autocast` region). The state x itself is never cast: x_n + h f_n(x_n)
-keeps the dtype of x (float32 for a float32 input) while the blocks compute in the autocast dtype.
+Autocast: the blocks are re-run under the autocast state of the forward (the backward pass usually
+runs outside the caller's `torch.autocast` region; where the state at backward already is the
+forward's, nothing is entered). The state x itself is never cast: x_n + h f_n(x_n) keeps the dtype
+of x (float32 for a float32 input) while the blocks compute in the autocast dtype.
+
+Where the VJP is taken (`vjp_at`, DESIGN.md §4). "state" (default): the reconstruction runs the
+step backwards without autograd, then the step is recomputed under autograd at x̃_n and
+differentiated — per layer 2 block evaluations and 1 backward through them (Heun: 4 and 2).
+"reconstruction": the reconstruction's own block evaluations run under autograd and give the VJP,
+the Jacobians taken where the reconstruction evaluates instead of at the forward's points — per
+layer 1 evaluation and 1 backward (Heun: 2 and 2). Euler evaluates f_n at x̃_{n+1}, O(h) from
+x_n; Heun evaluates f_{n+1} at x̃_{n+1} and f_n at ỹ_n, each O(h²) from the forward's y_n and
+x_n (x_{n+1} − y_n = (h/2)(k2 − k1), and k2 − k1 = O(h) when f varies smoothly with depth). With
+g = ∂ℓ/∂x_{n+1}, z = x̃_{n+1}, ỹ = z − h f_{n+1}(z):
+
+    Euler:  g_n = g + h ∂x f_n(z)ᵀ g,                dθ_n += h ∂θ f_n(z)ᵀ g
+    Heun:   gy  = (h/2) ∂x f_{n+1}(z)ᵀ g,            dθ_{n+1} += (h/2) ∂θ f_{n+1}(z)ᵀ g
+            u1  = (h/2) g + h gy
+            g_n = g + gy + ∂x f_n(ỹ)ᵀ u1,            dθ_n += ∂θ f_n(ỹ)ᵀ u1
+
+— the forward step's chain rule (DESIGN.md §4) with y_n → z and x_n → ỹ. At a stored state (an
+anchor, a segment's first layer) the VJP is taken at that exact state in either mode.
 """
 
 import contextlib
@@ -33,6 +54,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import segments
 from .interface import relative_drift
@@ -40,6 +62,7 @@ from .spec import (
     AUTO,
     BACKWARD_MODES,
     METHODS,
+    VJP_POINTS,
     check_anchor_every,
     check_bool,
     check_choice,
@@ -59,29 +82,50 @@ class _RngRecorder:
     before f_n, the reverse of the forward's order: each must start from its own state. The states
     (CPU generator, and the current CUDA device's for CUDA tensors) end up among the stack's saved
     tensors, so saved-tensor hooks see them and `diagnostics.saved_tensor_bytes` counts them.
+
+    Reading the state costs (5 KB for the CPU generator: about 2 % of a small convolution stack's
+    training step when read at every call), so a forward whose previous one drew nothing reads it only
+    before and after the loop (`drew_since_start`); see `_AdjointStackFunction.forward` for what it
+    does when the blocks did draw.
     """
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self.slots: dict[tuple, tuple] = {}  # call key → (CPU state index or None, CUDA state index or None)
         self.tensors: list[Tensor] = []
+        # The state the next call starts from: the one the previous call ended with, as nothing between two
+        # block calls of the forward draws — one state read per call. Compared as bytes (torch.equal's
+        # dispatch costs more than reading the 5 KB state).
+        self.start = self._last = self._current()
 
     def _current(self) -> tuple:
-        return torch.get_rng_state(), torch.cuda.get_rng_state() if self.cuda else None
+        states = (torch.get_rng_state(), torch.cuda.get_rng_state() if self.cuda else None)
+        return tuple(None if s is None else (s, s.numpy().tobytes()) for s in states)
 
-    def _keep(self, before: Optional[Tensor], after: Optional[Tensor]) -> Optional[int]:
-        if before is None or torch.equal(before, after):
+    def _keep(self, before: Optional[tuple], after: Optional[tuple]) -> Optional[int]:
+        if before is None or before[1] == after[1]:
             return None
-        self.tensors.append(before)
+        self.tensors.append(before[0])
         return len(self.tensors) - 1
 
-    @contextlib.contextmanager
-    def __call__(self, key: tuple):
-        before = self._current()
-        yield
-        slot = tuple(self._keep(b, a) for b, a in zip(before, self._current()))
+    def __call__(self, key: tuple, block: nn.Module, x: Tensor) -> Tensor:
+        before = self._last
+        out = block(x)
+        self._last = self._current()
+        slot = tuple(self._keep(b, a) for b, a in zip(before, self._last))
         if slot != (None, None):
             self.slots[key] = slot
+        return out
+
+    def drew_since_start(self) -> bool:
+        return any(s is not None and s[1] != now[1] for s, now in zip(self.start, self._current()))
+
+    def rewind(self) -> None:
+        """Back to the state the recorder started from (the blocks then draw again what they drew since)."""
+        cpu, cuda = self._last = self.start
+        torch.set_rng_state(cpu[0])
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda[0])
 
 
 class _RngReplay:
@@ -90,12 +134,10 @@ class _RngReplay:
     def __init__(self, slots: dict, tensors: Sequence[Tensor]):
         self.slots, self.tensors = slots, tensors
 
-    @contextlib.contextmanager
-    def __call__(self, key: tuple):
+    def __call__(self, key: tuple, block: nn.Module, x: Tensor) -> Tensor:
         slot = self.slots.get(key)
         if slot is None:
-            yield
-            return
+            return block(x)
         cpu, cuda = slot
         devices = [torch.cuda.current_device()] if cuda is not None else []
         with torch.random.fork_rng(devices=devices, enabled=True):
@@ -103,10 +145,12 @@ class _RngReplay:
                 torch.set_rng_state(self.tensors[cpu])
             if cuda is not None:
                 torch.cuda.set_rng_state(self.tensors[cuda])
-            yield
+            return block(x)
 
 
-RngContext = Callable[[tuple], contextlib.AbstractContextManager]  # an _RngRecorder or _RngReplay
+# An _RngRecorder or _RngReplay: runs block(x) for the block call `key` (plain functions, not context
+# managers: a generator-based context costs microseconds per block call)
+RngRunner = Callable[[tuple, nn.Module, Tensor], Tensor]
 
 
 class _AutocastState:
@@ -117,20 +161,45 @@ class _AutocastState:
         self.enabled = torch.is_autocast_enabled(self.device_type)
         self.dtype = torch.get_autocast_dtype(self.device_type)
 
-    def __call__(self):
-        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)
+    def replay(self) -> Callable[[], contextlib.AbstractContextManager]:
+        """A context factory for the re-runs: nothing to enter where the current state is the forward's
+        (entering and leaving torch.autocast costs microseconds per block call)."""
+        enabled = torch.is_autocast_enabled(self.device_type)
+        if enabled == self.enabled and (not enabled or torch.get_autocast_dtype(self.device_type) == self.dtype):
+            return contextlib.nullcontext
+        return lambda: torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)
 
 
 @contextlib.contextmanager
-def _buffers_restored(blocks: nn.Module):
-    """Re-run blocks without leaving a trace in their buffers (running statistics, counters)."""
-    saved = [(buf, buf.detach().clone()) for buf in blocks.buffers()]
+def _buffers_kept(blocks: nn.Module):
+    """Re-run blocks without leaving a trace in their buffers (running statistics, counters).
+
+    BatchNorm in training mode normalises with the batch statistics and only writes the running ones:
+    re-run with track_running_stats off, it computes the same output and gradients and writes nothing
+    (in torch's source F.batch_norm picks the same kernel with or without running buffers — native,
+    cuDNN or MIOpen — computes the batch statistics the same way and, in training mode, reads the
+    running buffers only to update them; a test checks it bit for bit on the CPU). In eval mode, or
+    without running statistics, it writes nothing anyway. Other modules' buffers are saved, and
+    restored if a re-run wrote to them."""
+    modules = list(blocks.modules())
+    tracking = [m for m in modules if isinstance(m, _BatchNorm) and m.training and m.track_running_stats]
+    # m._buffers rather than m.buffers(recurse=False): a generator per module costs more than the rest
+    saved = [(buf, buf._version, buf.detach().clone()) for m in modules if not isinstance(m, _BatchNorm)
+             for buf in m._buffers.values() if buf is not None]  # fmt: skip
+    for m in tracking:
+        m.track_running_stats = False
     try:
         yield
     finally:
+        for m in tracking:
+            m.track_running_stats = True
         with torch.no_grad():
-            for buf, value in saved:
-                buf.copy_(value)
+            for buf, version, value in saved:
+                if buf._version != version:
+                    buf.copy_(value)
+
+
+_ACCUMULATE_GRAD = torch._C._functions.AccumulateGrad
 
 
 def _unlisted_leaves(out: Tensor, listed: list) -> list:
@@ -145,12 +214,23 @@ def _unlisted_leaves(out: Tensor, listed: list) -> list:
         if node is None or node in seen or node in stops:
             continue
         seen.add(node)
-        if hasattr(node, "variable"):  # AccumulateGrad
+        if type(node) is _ACCUMULATE_GRAD:  # not hasattr(node, "variable"): it raises and catches at every other node
             if id(node.variable) not in listed_leaves:
                 found.append(node.variable)
             continue
-        pending.extend(fn for fn, _ in node.next_functions)
+        for fn, _ in node.next_functions:
+            pending.append(fn)
     return found
+
+
+def _forward_states(stack, x: Tensor, positions: list, rng: Optional["_RngRecorder"]) -> tuple:
+    """(x_L, [x_a for a in positions]): the forward loop, keeping the anchors' input states."""
+    stored, anchors = set(positions), []
+    for n in range(stack.depth):
+        if n in stored:
+            anchors.append(x)
+        x = stack.step(x, n, rng)
+    return x, anchors
 
 
 class _AdjointStackFunction(torch.autograd.Function):
@@ -162,15 +242,19 @@ class _AdjointStackFunction(torch.autograd.Function):
         inputs that are not among them; `listed_params`: the positions of those parameters that the
         caller listed as extra inputs too (read by other layers than their own)."""
         positions = stack.anchor_layout()
-        stored = set(positions)
         rng = _RngRecorder(x.device) if stack.preserve_rng_state else None
-        anchors = []
-        state = x.detach()
+        per_call = rng is not None and stack._blocks_drew
         with torch.no_grad():
-            for n in range(stack.depth):
-                if n in stored:
-                    anchors.append(state)
-                state = stack.step(state, n, rng)
+            state, anchors = _forward_states(stack, x.detach(), positions, rng if per_call else None)
+            if rng is not None and not per_call and rng.drew_since_start():
+                # The blocks drew random numbers, unlike in the previous call: the forward again from the
+                # same RNG state, recording each call's (the same draws, so the same result; the running
+                # statistics left as the first pass updated them).
+                rng.rewind()
+                with _buffers_kept(stack.blocks):
+                    state, anchors = _forward_states(stack, x.detach(), positions, rng)
+        if rng is not None:
+            stack._blocks_drew = bool(rng.slots)
         rng_states = [] if rng is None else rng.tensors
         ctx.stack, ctx.autocast, ctx.positions = stack, _AutocastState(x.device), positions
         ctx.rng_slots = None if rng is None else rng.slots
@@ -183,31 +267,39 @@ class _AdjointStackFunction(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         """Segment by segment from the top (a segment: from a stored state to the next; plain adjoint
         has one, whose stored x_0 only measures the drift): per layer the state — reconstructed, or
-        stored at the segment's first layer — and the layer's VJP by autograd on a recompute. With
-        anchor_every="auto", each segment's drift, strict's exact redo of those above drift_tol, and
-        the controller's layout for the next call (odenets_fast.segments)."""
+        stored at the segment's first layer — and the layer's VJP by autograd: on a recompute at that
+        state, or (vjp_at="reconstruction", where no state is stored) on the reconstruction's own block
+        evaluations. With anchor_every="auto", each segment's drift, strict's exact redo of those above
+        drift_tol, and the controller's layout for the next call (odenets_fast.segments)."""
         if torch.is_grad_enabled():
             raise RuntimeError(
                 "double backward (create_graph=True) through an adjoint-mode stack is not supported: its backward "
                 "reconstructs states instead of recording them. Use backward='backprop' for higher-order gradients."
             )
-        stack, autocast = ctx.stack, ctx.autocast
+        stack, autocast = ctx.stack, ctx.autocast.replay()
         final, *saved = ctx.saved_tensors
         anchors, saved = saved[: ctx.num_anchors], saved[ctx.num_anchors :]
         rng_states, inputs = saved[: ctx.num_rng_states], saved[ctx.num_rng_states :]
-        replay = None if ctx.rng_slots is None else _RngReplay(ctx.rng_slots, rng_states)
+        replay = _RngReplay(ctx.rng_slots, rng_states) if ctx.rng_slots else None
         extras = [inputs[i] for i in ctx.listed_params] + [t for t in inputs[ctx.num_params :] if t.requires_grad]
         vjp = _LayerVJP(stack, autocast, replay, extras)
         anchored = stack.anchor_every is not None  # the stored states replace the reconstruction
         auto = stack.anchor_every == AUTO
+        at_reconstruction = stack.vjp_at == "reconstruction"
         totals = dict.fromkeys(inputs)
         drifts = {}
         x_next, g = final, grad_out
-        with _buffers_restored(stack.blocks):
+        with _buffers_kept(stack.blocks):
             for j, (a, end) in reversed(list(enumerate(segments.bounds(ctx.positions, stack.depth)))):
                 g_top, layer_grads = g, {}
                 for n in reversed(range(a, end)):
                     use_anchor = anchored and n == a
+                    if at_reconstruction and not use_anchor:
+                        x, g = vjp.at_reconstruction(x_next, g, n, layer_grads)
+                        if n == a:
+                            drifts[a] = relative_drift(x, anchors[j])
+                        x_next = x
+                        continue
                     if not use_anchor or auto or n == 0:  # the drift is measured at the segment's anchor
                         with torch.no_grad(), autocast():
                             reconstructed = stack.reverse_step(x_next, n, replay)
@@ -228,35 +320,78 @@ class _AdjointStackFunction(torch.autograd.Function):
         return (g, None, None, None) + tuple(totals[t] for t in inputs)
 
 
+def _scaled(g: Tensor, scale: float, like: Tensor) -> Tensor:
+    """scale · g as the cotangent of `like`, rounded as autograd rounds the cotangent of scale · like (in
+    like's dtype: the autocast dtype of a block's output)."""
+    return g.to(like.dtype) * scale
+
+
 class _LayerVJP:
-    """The VJP of forward layers first … stop − 1 at x: recomputed under autograd (the forward's RNG
-    state and autocast), differentiated with respect to x, the layers' parameters and the extra inputs."""
+    """Layer VJPs under autograd (the forward's RNG state and autocast), with respect to the state, the
+    layers' parameters and the extra inputs: at a state (`__call__`) or at the reconstruction's
+    evaluation points (`at_reconstruction`)."""
 
     def __init__(self, stack, autocast, replay, extras):
         self.stack, self.autocast, self.replay, self.extras = stack, autocast, replay, extras
 
     def __call__(self, x: Tensor, g: Tensor, first: int, stop: int, grads: dict) -> Tensor:
+        """The VJP of forward layers first … stop − 1 at x, recomputed. One layer (all but strict's redo
+        of a segment): x + c Δ's identity path added by hand, only Δ differentiated — the recompute
+        skips forming x + c Δ, whose value nothing reads, and its backward."""
         stack = self.stack
-        params = [p for n in range(first, stop) for p in stack.layer_parameters(n) if p.requires_grad]
-        wrt = list(dict.fromkeys(params + self.extras))
+        params = [p for n in range(first, stop) for p in stack.layer_parameters(n)]
         with torch.enable_grad(), self.autocast():
             x_in = x.detach().requires_grad_(True)
+            if stop == first + 1:
+                scale, direction = stack.increment(x_in, first, self.replay)
+                return g + self._vjp(direction, x_in, params, _scaled(g, scale, direction), first, grads)
             out = x_in
             for n in range(first, stop):
                 out = stack.step(out, n, self.replay)
-            unlisted = _unlisted_leaves(out, [x_in] + wrt)
-            if unlisted:
-                raise RuntimeError(
-                    f"layer {first} of an adjoint-mode AdjointResidualStack reads a tensor that requires grad "
-                    f"(a leaf of shape {tuple(unlisted[0].shape)}) other than x, the layer's own parameters "
-                    "and extra_inputs: the adjoint backward would give it no gradient. Pass the tensor the "
-                    "blocks read as stack(x, extra_inputs=[...]), or use backward='backprop'."
-                )
-            g, *dinputs = torch.autograd.grad(out, [x_in] + wrt, g, allow_unused=True)
+            return self._vjp(out, x_in, params, g, first, grads)
+
+    def at_reconstruction(self, x_next: Tensor, g: Tensor, n: int, grads: dict) -> tuple:
+        """(x̃_n, g_n): layer n's reconstruction from x̃_{n+1}, its block evaluations under autograd giving
+        the VJP (module docstring); each backward runs as soon as its evaluation is done, so that one
+        block's graph is alive at a time."""
+        stack, h = self.stack, self.stack.step_size
+        with torch.enable_grad(), self.autocast():
+            z = x_next.detach().requires_grad_(True)
+            if stack.method == "euler":
+                k = stack._call(n, z, self.replay, (n, 0))
+                with torch.no_grad():  # the same arithmetic as reverse_step's
+                    x = x_next - h * k
+                return x, g + self._vjp(k, z, self._own_parameters(n), _scaled(g, h, k), n, grads)
+            k_next = stack._call(n + 1, z, self.replay, (n, 1))
+            with torch.no_grad():
+                y = (x_next - h * k_next).requires_grad_(True)
+            gy = self._vjp(k_next, z, self._own_parameters(n + 1), _scaled(g, 0.5 * h, k_next), n, grads)
+            k = stack._call(n, y, self.replay, (n, 0))
+            with torch.no_grad():
+                x = x_next - (0.5 * h) * (k_next + k)
+            u1 = _scaled(g, 0.5 * h, k) + _scaled(gy, h, k)
+            return x, g + gy + self._vjp(k, y, self._own_parameters(n), u1, n, grads)
+
+    def _own_parameters(self, block: int) -> list:
+        return list(self.stack.blocks[block].parameters())
+
+    def _vjp(self, out: Tensor, x_in: Tensor, params: list, cotangent: Tensor, layer: int, grads: dict) -> Tensor:
+        """The cotangent of x_in (zeros where out does not depend on it); the gradients of the parameters
+        that require grad and of the extra inputs are added to `grads`."""
+        wrt = list(dict.fromkeys([p for p in params if p.requires_grad] + self.extras))
+        unlisted = _unlisted_leaves(out, [x_in] + wrt)
+        if unlisted:
+            raise RuntimeError(
+                f"layer {layer} of an adjoint-mode AdjointResidualStack reads a tensor that requires grad "
+                f"(a leaf of shape {tuple(unlisted[0].shape)}) other than x, the layer's own parameters "
+                "and extra_inputs: the adjoint backward would give it no gradient. Pass the tensor the "
+                "blocks read as stack(x, extra_inputs=[...]), or use backward='backprop'."
+            )
+        gx, *dinputs = torch.autograd.grad(out, [x_in] + wrt, cotangent, allow_unused=True)
         for t, d in zip(wrt, dinputs):
             if d is not None:
                 grads[t] = d if t not in grads else grads[t] + d
-        return g
+        return torch.zeros_like(x_in) if gx is None else gx
 
 
 class AdjointResidualStack(nn.Module):
@@ -272,6 +407,10 @@ class AdjointResidualStack(nn.Module):
             each backward measures every segment's drift (one more block evaluation per segment) and
             sets the layout of the next call, kept in the buffer ``anchor_mask`` (in ``state_dict``).
         preserve_rng_state: re-run each block call with the RNG state of its forward (dropout).
+        vjp_at: adjoint mode's VJP points (module docstring, DESIGN.md §4): ``"state"`` (default)
+            recomputes each step at its reconstructed (or stored) input state; ``"reconstruction"``
+            differentiates the reconstruction's own block evaluations — one block evaluation per
+            layer less (Heun: two), the Jacobians taken O(h) (Heun: O(h²)) from the forward's points.
 
     ``last_drift``: ‖x̃_0 − x_0‖ / ‖x_0‖ of the latest adjoint backward (None before one);
     ``last_segment_drift``: (first layer, length, drift) of its segments (anchor_every="auto").
@@ -288,6 +427,7 @@ class AdjointResidualStack(nn.Module):
         drift_tol: Optional[float] = None,
         strict: bool = False,
         preserve_rng_state: bool = True,
+        vjp_at: str = "state",
     ):
         super().__init__()
         blocks = list(blocks)  # a generator would be spent by the type check
@@ -305,7 +445,14 @@ class AdjointResidualStack(nn.Module):
         self.anchor_every = check_anchor_every(anchor_every, backward)
         self.drift_tol, self.strict = check_error_control(self.anchor_every, drift_tol, strict)
         self.preserve_rng_state = check_bool("preserve_rng_state", preserve_rng_state)
+        self.vjp_at = check_choice("vjp_at", vjp_at, VJP_POINTS)
+        if self.vjp_at != "state" and self.backward_mode != "adjoint":
+            raise ValueError(f"vjp_at is only meaningful with backward='adjoint' (backprop differentiates the forward "
+                             f"itself); got vjp_at={vjp_at!r} with backward={backward!r}")  # fmt: skip
         self._drift: Optional[Tensor] = None
+        # Whether the latest adjoint forward's blocks drew random numbers: if not, the next one reads the RNG
+        # state before and after its loop only, not at every block call (_RngRecorder).
+        self._blocks_drew = True
         if self.anchor_every == AUTO:  # the controller's state, from plain adjoint's one segment on
             self.register_buffer("anchor_mask", torch.zeros(self.depth, dtype=torch.bool))
             self.register_buffer("segment_drift", torch.full((self.depth,), segments.NO_SEGMENT), persistent=False)
@@ -340,15 +487,21 @@ class AdjointResidualStack(nn.Module):
         # dict: a block reused at several depths (weight tying) must be differentiated once per call
         return list(dict.fromkeys(p for block in blocks for p in block.parameters()))
 
-    def step(self, x: Tensor, n: int, rng: Optional[RngContext] = None) -> Tensor:
-        """Forward layer n (DESIGN.md §3). `rng(key)`, if given, surrounds each block call (see `_RngRecorder`)."""
+    def step(self, x: Tensor, n: int, rng: Optional[RngRunner] = None) -> Tensor:
+        """Forward layer n (DESIGN.md §3): x + c Δ of `increment`."""
+        scale, direction = self.increment(x, n, rng)
+        return x + scale * direction
+
+    def increment(self, x: Tensor, n: int, rng: Optional[RngRunner] = None) -> tuple:
+        """(c, Δ) with x_{n+1} = x_n + c Δ: (h, k1) for Euler, (h/2, k1 + k2) for Heun. `rng`, if given,
+        runs each block call (see `_RngRecorder`)."""
         h = self.step_size
         k1 = self._call(n, x, rng, (n, 0))
         if self.method == "euler":
-            return x + h * k1
-        return x + (0.5 * h) * (k1 + self._call(n + 1, x + h * k1, rng, (n, 1)))
+            return h, k1
+        return 0.5 * h, k1 + self._call(n + 1, x + h * k1, rng, (n, 1))
 
-    def reverse_step(self, x_next: Tensor, n: int, rng: Optional[RngContext] = None) -> Tensor:
+    def reverse_step(self, x_next: Tensor, n: int, rng: Optional[RngRunner] = None) -> Tensor:
         """x̃_n from x̃_{n+1} by the forward rule run backwards (DESIGN.md §4); each block call keyed as
         the same call of `step(·, n)`, so that a replay gives it the random numbers it drew there."""
         h = self.step_size
@@ -357,11 +510,8 @@ class AdjointResidualStack(nn.Module):
         k_next = self._call(n + 1, x_next, rng, (n, 1))
         return x_next - (0.5 * h) * (k_next + self._call(n, x_next - h * k_next, rng, (n, 0)))
 
-    def _call(self, block: int, x: Tensor, rng: Optional[RngContext], key: tuple) -> Tensor:
-        if rng is None:
-            return self.blocks[block](x)
-        with rng(key):
-            return self.blocks[block](x)
+    def _call(self, block: int, x: Tensor, rng: Optional[RngRunner], key: tuple) -> Tensor:
+        return self.blocks[block](x) if rng is None else rng(key, self.blocks[block], x)
 
     def __prepare_scriptable__(self):
         raise RuntimeError(torchscript_unsupported("AdjointResidualStack"))
@@ -393,6 +543,6 @@ class AdjointResidualStack(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"depth={self.depth}, method={self.method!r}, T={self.T}, backward={self.backward_mode!r}, "
-            f"anchor_every={self.anchor_every!r}, preserve_rng_state={self.preserve_rng_state}"
+            f"anchor_every={self.anchor_every!r}, preserve_rng_state={self.preserve_rng_state}, vjp_at={self.vjp_at!r}"
             + (f", drift_tol={self.drift_tol}, strict={self.strict}" if self.anchor_every == AUTO else "")
         )

@@ -186,6 +186,7 @@ def test_torch_compile_follows_layout_changes_without_recompiling():
     """The layout is a tensor read inside the op: a changed layout is no recompilation, and the
     compiled steps give the eager steps' gradients and layouts."""
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()  # reset() keeps the graphs counted by earlier tests
     eager, compiled_model = _rough_mlp(L=32, anchor_every="auto", drift_tol=3e-4), _rough_mlp(L=32, anchor_every="auto",
                                                                                               drift_tol=3e-4)  # fmt: skip
     compiled = torch.compile(compiled_model, fullgraph=True)
