@@ -60,7 +60,7 @@ CLASSES, SIGNAL_LENGTH = 10, 40
 PUBLISHED_ACCURACY = {"mlp": 68.0, "conv": 94.0}  # the MNIST-1D paper's MLP and CNN baselines, %
 
 # Each model's settings for the default run: sizes, optimizer (Adam with a one-cycle schedule), epochs,
-# depths; 10 minutes of one core (594 s of CPU time on the 2-core machine). mlp: T = 2 learns faster than
+# depths; 13 minutes on the 2-core machine at load 2 (769 s; 1,102 s at load 6). mlp: T = 2 learns faster than
 # T = 1 (backprop, L = 8, seed 0: 66 % against 62 % test accuracy after 20 epochs) and keeps the step
 # h = T/L ≤ 1/4; at lr 0.1 plain adjoint diverged at L = 8 where backprop did not, hence 3e-2.
 SETTINGS = {
