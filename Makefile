@@ -22,6 +22,8 @@ bench: $(STAMP)
 	$(PY) -m bench.repro_gradient_error
 	$(PY) -m bench.repro_smoothness
 	$(PY) -m bench.error_control
+	$(PY) -m bench.mnist1d
+	$(PY) -m bench.mnist1d --long
 	$(PY) -m bench.dispatch_overhead
 	$(PY) -m pytest -q bench/test_micro.py --benchmark-only -rs --benchmark-json=bench/results/micro-cpu-$$(date +%Y%m%d).json
 

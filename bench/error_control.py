@@ -22,17 +22,13 @@ import math
 import statistics
 import time
 
-import matplotlib
+import torch
+from torch import nn
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-from bench.conv_example import CHANNELS, preactivation_block  # noqa: E402
-from bench.report import environment, markdown_table, output_stem, write_json  # noqa: E402
-from odenets_fast import AdjointResidualStack, ODEMLP, diagnostics  # noqa: E402
+from bench.conv_example import CHANNELS, preactivation_block
+from bench.plotting import plt, save_figure
+from bench.report import environment, markdown_table, output_stem, write_json
+from odenets_fast import AdjointResidualStack, ODEMLP, diagnostics
 
 
 def modes(depth: int, drift_tol: float) -> dict:
@@ -154,11 +150,7 @@ def _plot(path, results: dict, drift_tol: float) -> None:
         ax.set_title(title)
         ax.set_xlabel("drift" if ax is axes[2] else "training step")
         ax.set_ylabel(ylabel)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize="x-small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, axes, path, dpi=110)
 
 
 def main(argv=None) -> dict:

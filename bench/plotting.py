@@ -24,11 +24,18 @@ def save_loglog_panels(path: Path, panels: list, title: str) -> None:
         ax.set_title(panel["title"])
         ax.set_xlabel(panel["xlabel"])
         ax.set_ylabel(panel["ylabel"])
-        ax.grid(True, which="both", alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:  # a panel whose every value was left out has no series
-            ax.legend(fontsize="small")
     fig.suptitle(title, fontsize="medium")
+    save_figure(fig, axes.flat, path, dpi=120, legend_size="small")
+
+
+def save_figure(fig, axes, path: Path, dpi: int, legend_size: str = "x-small") -> None:
+    """A grid on every panel and a legend on those with a series (a panel whose every value was left out
+    has none); the figure written to `path` and closed."""
+    for ax in axes:
+        ax.grid(True, which="both", alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=legend_size)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)

@@ -425,3 +425,42 @@ def test_every_tuned_configuration_has_tile_candidates_led_by_the_tables_tiles()
         for kind, tiles in zip(("forward", "reverse"), table):
             assert candidates[kind][0] == (tiles.block_b, tiles.block_m, tiles.num_warps), (config["name"], kind)
         assert candidates["product"][0] == tuple(mlp_step.product_config(itemsize, interpreted=False))
+
+
+def test_mnist1d_quick(tmp_path, monkeypatch):
+    """Every model and backward mode trains on the real MNIST-1D split, generated offline: no network, no
+    file outside the output folder; backprop learns, and adjoint memory is flat in depth."""
+    import socket
+
+    from bench import mnist1d
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("bench.mnist1d tried to reach the network")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    working_dir = tmp_path / "cwd"
+    working_dir.mkdir()
+    monkeypatch.chdir(working_dir)
+    threads = torch.get_num_threads()
+    mnist1d.main(["--quick", "--out", str(tmp_path)])
+    assert torch.get_num_threads() == threads  # the one-thread policy ends with the run
+    assert not any(working_dir.iterdir())
+    report = _outputs(tmp_path, "mnist1d")
+    assert report["data"] == {"train": 4000, "test": 1000, "length": 40, "classes": 10}
+    results = report["results"]
+    modes = {"backprop", "adjoint", "heun", "anchors √L", "auto"}
+    assert {kind: set(per_depth) for kind, per_depth in results.items()} == {"mlp": {"2", "4"}, "conv": {"2"}, "rough-mlp": {"2"}}
+    assert set(results["mlp"]["4"]["summary"]) == modes and set(results["rough-mlp"]["2"]["summary"]) == modes | {"auto strict"}
+    for kind, per_depth in results.items():
+        for depth, result in per_depth.items():
+            (seed,) = result["seeds"]
+            assert all(0 <= run["test_accuracy"] <= 1 for run in seed.values())
+            assert set(seed["backprop"]["gradient_error"].values()) == {0.0}
+            if kind != "rough-mlp":  # one epoch lifts backprop well above chance (10 %)
+                assert seed["backprop"]["test_accuracy"] > 0.2, (kind, depth)
+    memory = {(name, depth): r["summary"][name]["activation_bytes"] for depth, r in results["mlp"].items() for name in modes}
+    for name in ("adjoint", "heun"):
+        assert memory[(name, "2")] == memory[(name, "4")] < memory[("backprop", "2")] < memory[("backprop", "4")]
+    for depth in ("2", "4"):  # after training the residuals are non-zero: the adjoint gradient is approximate
+        errors = {name: results["mlp"][depth]["summary"][name]["final_gradient_error"] for name in ("adjoint", "heun")}
+        assert 0 < errors["heun"] < errors["adjoint"] < 0.1, errors
