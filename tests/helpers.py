@@ -1,8 +1,25 @@
-"""Shared test inputs: random stacks, depth-smooth stacks, and a stack that shows σ and σ' of given values."""
+"""Shared test inputs: random stacks, depth-smooth stacks, and a stack that shows σ and σ' of given values;
+the `backend` fixture that runs a test on every backend and Triton path."""
 
 import math
 
+import pytest
 import torch
+
+from odenets_fast import planner
+
+BACKENDS = ("reference", "cpp", "triton", "triton/layered")  # the Triton backend's two paths
+
+
+@pytest.fixture
+def backend(request, monkeypatch):
+    """The backend name to pass (parametrize indirectly with BACKENDS); "triton/layered" is "triton"
+    with the layered path forced."""
+    name, _, path = request.param.partition("/")
+    if path:
+        monkeypatch.setenv(planner.PATH_ENV, path)
+    return name
+
 
 def make_stack(B=7, q=5, m=6, L=4, *, method="euler", bias=False, dtype=torch.float64, seed=0, v_scale=1.0):
     """Random inputs and stacked parameters with O(1) residuals, so every term is exercised."""

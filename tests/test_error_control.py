@@ -7,12 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import make_stack
-from odenets_fast import AdjointResidualStack, ODEMLP, diagnostics, ode_mlp, planner, segments
+from helpers import BACKENDS, backend, make_stack  # noqa: F401 (backend: a fixture)
+from odenets_fast import AdjointResidualStack, ODEMLP, diagnostics, ode_mlp, segments
 from odenets_fast.reference import forward as reference_forward
 from odenets_fast.spec import check_stack
 
-BACKENDS = ["reference", "cpp", "triton", "triton/layered"]
 
 
 def _grads(model, x, y):
@@ -85,14 +84,6 @@ def test_smooth_stacks_grow_to_plain_adjoints_memory(init, method):
     saved = {name: diagnostics.saved_tensor_bytes(lambda m=m: m(x), exclude=tuple(m.parameters()))
              for name, m in (("auto", model), ("plain", plain))}  # fmt: skip
     assert saved["auto"] == saved["plain"] + 8  # and the int64 index of the one anchored layer
-
-
-@pytest.fixture
-def backend(request, monkeypatch):
-    name, _, path = request.param.partition("/")
-    if path:
-        monkeypatch.setenv(planner.PATH_ENV, path)
-    return name
 
 
 @pytest.mark.parametrize("strict", [False, True])

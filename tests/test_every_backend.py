@@ -5,21 +5,11 @@ the scalar arguments, made once before dispatch so that each backend raises the 
 import pytest
 import torch
 
-from helpers import make_stack
-from odenets_fast import ODEMLP, ode_mlp, planner
+from helpers import BACKENDS, backend, make_stack  # noqa: F401 (backend: a fixture)
+from odenets_fast import ODEMLP, ode_mlp
 
-BACKENDS = ("reference", "cpp", "triton", "triton/layered")  # the Triton backend's two paths
 MODES = [("backprop", None), ("adjoint", None), ("adjoint", 2)]
 INTERPRETER_DTYPES = (torch.float16, torch.float32)  # what Triton's interpreter runs
-
-
-@pytest.fixture
-def backend(request, monkeypatch):
-    """The backend name to pass; "triton/layered" is "triton" with the layered path forced."""
-    name, _, path = request.param.partition("/")
-    if path:
-        monkeypatch.setenv(planner.PATH_ENV, path)
-    return name
 
 
 def _dtypes(backend):
