@@ -30,9 +30,10 @@ bench: $(STAMP)
 install: $(STAMP)
 
 # No build isolation: a C++ extension must build against the torch installed from requirements.txt.
-$(STAMP): requirements.txt setup.py pyproject.toml $(wildcard csrc/*)
+$(STAMP): requirements.txt requirements-nodeps.txt setup.py pyproject.toml $(wildcard csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
 	$(PY) -m pip install -q --no-build-isolation -e .
 	touch $@
 

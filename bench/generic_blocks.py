@@ -10,11 +10,14 @@ Contenders, one training step each (forward, loss, backward):
 
     backprop                     the plain loop under autograd: every activation stored
     checkpoint_sqrtL             the loop in round(√L) segments under torch.utils.checkpoint (non-reentrant)
-    minimal_adjoint              the paper's algorithm written plainly (MinimalAdjoint below, written for this
-                                 benchmark as a stand-in for the paper's code, which is not vendored): per
-                                 layer a reconstruction, a recompute under autograd and its backward, with no
-                                 bookkeeping — no RNG replay, no autocast, no unlisted-input check, and its
+    minimal_adjoint              the paper's algorithm and arithmetic written plainly (MinimalAdjoint below, a
+                                 stand-in for the paper's code, which is not vendored): per layer a
+                                 reconstruction, a recompute of f(x) / L under autograd and its backward, with
+                                 no bookkeeping — no RNG replay, no autocast, no unlisted-input check, and its
                                  re-runs update BatchNorm's running statistics twice more per layer
+    memcnn                       memcnn 1.5.2's InvertibleModuleWrapper around each step (x + h f(x), its inverse
+                                 y − h f(y)): the same per-layer work by that library's machinery, which frees
+                                 each step's input after the forward and rebuilds it in backward
     adjoint                      AdjointResidualStack (vjp_at="state")
     adjoint_vjp_reconstruction   AdjointResidualStack(vjp_at="reconstruction")
 
@@ -52,7 +55,7 @@ from bench.repro_gradient_error import smooth_problem
 from odenets_fast import AdjointResidualStack
 
 CHANNELS, CLASSES = 16, 10
-CONTENDERS = ("backprop", "checkpoint_sqrtL", "minimal_adjoint", "adjoint", "adjoint_vjp_reconstruction")
+CONTENDERS = ("backprop", "checkpoint_sqrtL", "minimal_adjoint", "memcnn", "adjoint", "adjoint_vjp_reconstruction")
 VJP_POINTS = ("state", "reconstruction")
 
 
@@ -96,11 +99,16 @@ class CheckpointedLoop(PlainLoop):
 
 
 class _MinimalAdjointFunction(torch.autograd.Function):
+    """The paper's arithmetic (its resnet_memory.py): each step x + f(x) / L; in backward, per layer, the
+    reconstruction x − f(x) / L, then f(x) / L alone recomputed and differentiated, the identity path's
+    cotangent added by hand."""
+
     @staticmethod
     def forward(ctx, x, loop, *params):
+        depth = len(loop.blocks)
         with torch.no_grad():
             for block in loop.blocks:
-                x = x + loop.h * block(x)
+                x = x + block(x) / depth
         ctx.loop = loop
         ctx.save_for_backward(x)
         return x
@@ -109,13 +117,15 @@ class _MinimalAdjointFunction(torch.autograd.Function):
     def backward(ctx, g):
         (x,) = ctx.saved_tensors
         loop, grads = ctx.loop, []
+        depth = len(loop.blocks)
         for block in reversed(loop.blocks):
             with torch.no_grad():
-                x = x - loop.h * block(x)
+                x = x - block(x) / depth
             with torch.enable_grad():
                 x_in = x.detach().requires_grad_(True)
                 params = list(block.parameters())
-                g, *block_grads = torch.autograd.grad(x_in + loop.h * block(x_in), [x_in] + params, g)
+                gx, *block_grads = torch.autograd.grad(block(x_in) / depth, [x_in] + params, g)
+            g = g + gx
             grads = block_grads + grads
         return (g, None, *grads)
 
@@ -127,6 +137,43 @@ class MinimalAdjoint(PlainLoop):
         return _MinimalAdjointFunction.apply(x, self, *self.parameters())
 
 
+class InvertibleEulerStep(nn.Module):
+    """x + h f(x) with the inverse memcnn asks for: y − h f(y), the reconstruction (exact as h → 0)."""
+
+    def __init__(self, block: nn.Module, h: float):
+        super().__init__()
+        self.block, self.h = block, h
+
+    def forward(self, x):
+        return x + self.h * self.block(x)
+
+    def inverse(self, y):
+        return y - self.h * self.block(y)
+
+
+class MemcnnLoop(PlainLoop):
+    """Every step in memcnn's InvertibleModuleWrapper (keep_input=False): its input's storage freed after the
+    forward, rebuilt by the inverse in backward, then the step recomputed and differentiated. The loop's
+    input is cloned once: memcnn would free the stem's output, which the stem's ReLU saved for its backward
+    (not once per block, as a stack of wrappers needs no more)."""
+
+    def __init__(self, blocks):
+        super().__init__(blocks)
+        import warnings
+
+        with warnings.catch_warnings():  # memcnn 1.5.2 decorates with torch.cuda.amp's deprecated custom_fwd
+            warnings.simplefilter("ignore", FutureWarning)
+            from memcnn import InvertibleModuleWrapper
+        warnings.filterwarnings("ignore", "TypedStorage is deprecated", UserWarning, r"memcnn\.")  # its storage().resize_
+        self.steps = [InvertibleModuleWrapper(InvertibleEulerStep(b, self.h), keep_input=False) for b in self.blocks]
+
+    def forward(self, x):
+        x = x.clone()
+        for step in self.steps:
+            x = step(x)
+        return x
+
+
 def residual_part(contender: str, blocks: list) -> nn.Module:
     if contender == "backprop":
         return PlainLoop(blocks)
@@ -134,6 +181,8 @@ def residual_part(contender: str, blocks: list) -> nn.Module:
         return CheckpointedLoop(blocks)
     if contender == "minimal_adjoint":
         return MinimalAdjoint(blocks)
+    if contender == "memcnn":
+        return MemcnnLoop(blocks)
     vjp_at = "reconstruction" if contender == "adjoint_vjp_reconstruction" else "state"
     return AdjointResidualStack(blocks, vjp_at=vjp_at)
 
@@ -153,8 +202,9 @@ def training_step(net, images, labels) -> None:
 
 
 def parameter_gradients(net, images, labels) -> torch.Tensor:
-    loss = nn.functional.cross_entropy(net(images), labels)
-    return torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(net.parameters()))])
+    """By .backward(): memcnn's wrapper refuses torch.autograd.grad."""
+    training_step(net, images, labels)
+    return torch.cat([p.grad.flatten() for p in net.parameters()])
 
 
 def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:

@@ -48,7 +48,7 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 
-from .spec import BACKWARD_MODES, check_anchor_every, check_choice, check_real
+from .spec import BACKWARD_MODES, check_anchor_every, check_choice, check_real, check_vjp_at
 from .stack import AdjointResidualStack
 
 _ADDS = (operator.add, torch.add)
@@ -150,10 +150,12 @@ def convert(
     backward: str = "adjoint",
     step: Optional[float] = None,
     anchor_every: Optional[int] = None,
+    vjp_at: str = "state",
 ) -> nn.Module:
     """Replace every run of residual blocks in the `nn.Sequential`s of `model` (`model` itself
     included) by an `AdjointResidualStack` computing the same function, in place; blocks that cannot
-    be converted faithfully stay, with a warning (see the module docstring)."""
+    be converted faithfully stay, with a warning (see the module docstring). `backward`,
+    `anchor_every` and `vjp_at` are the stacks' (AdjointResidualStack)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module; got {type(model).__name__}")
     if check_choice("method", method, ("euler", "heun")) != "euler":
@@ -163,12 +165,14 @@ def convert(
         )
     check_choice("backward", backward, BACKWARD_MODES)
     check_anchor_every(anchor_every, backward)
+    check_vjp_at(vjp_at, backward)
     step = None if step is None else check_real("step", step, positive=True)
 
     def stack_of(increments: list, training: bool) -> AdjointResidualStack:
         h = step if step is not None else 1.0 / len(increments)
         fields = [ScaledIncrement(increment, h) for increment in increments]
-        stack = AdjointResidualStack(fields, T=h * len(fields), backward=backward, anchor_every=anchor_every)
+        stack = AdjointResidualStack(fields, T=h * len(fields), backward=backward, anchor_every=anchor_every,
+                                     vjp_at=vjp_at)  # fmt: skip
         # Only the new containers: .train() would also reset the blocks' own modes.
         stack.training = stack.blocks.training = training
         return stack

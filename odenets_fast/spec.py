@@ -178,6 +178,15 @@ def check_positive_int(name: str, value) -> int:
     return int(value)
 
 
+def check_vjp_at(vjp_at, backward: str) -> str:
+    """One of VJP_POINTS; other than "state" in adjoint mode only (backprop differentiates the forward)."""
+    vjp_at = check_choice("vjp_at", vjp_at, VJP_POINTS)
+    if vjp_at != "state" and backward != "adjoint":
+        raise ValueError(f"vjp_at is only meaningful with backward='adjoint' (backprop differentiates the forward "
+                         f"itself); got vjp_at={vjp_at!r} with backward={backward!r}")  # fmt: skip
+    return vjp_at
+
+
 def check_anchor_every(anchor_every, backward: str):
     """None, a positive int, or "auto" (adjoint mode only)."""
     if anchor_every is None:

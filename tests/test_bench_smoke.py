@@ -168,8 +168,10 @@ def test_generic_blocks(tmp_path, capsys):
     assert row["time_over_checkpoint_sqrtL"]["cpu"]["checkpoint_sqrtL"] == 1.0
     errors = row["gradient_error"]
     assert errors["backprop"] == 0 and errors["checkpoint_sqrtL"] < 1e-5
-    # the stand-in for the paper's code computes what the stack's default computes
-    assert errors["minimal_adjoint"] == errors["adjoint"] > 0 and errors["adjoint_vjp_reconstruction"] > 0
+    # memcnn, the stand-in for the paper's code and the stack's default compute the same but for rounding
+    assert errors["minimal_adjoint"] > 0 and errors["adjoint_vjp_reconstruction"] > 0
+    for contender in ("memcnn", "adjoint"):
+        assert errors[contender] == pytest.approx(errors["minimal_adjoint"], rel=1e-3)
     assert set(results["gradient_error_vs_depth"]) == {"conv, Euler", "MLP smooth, Euler", "MLP smooth, Heun",
                                                        "MLP iid, Euler", "MLP iid, Heun"}  # fmt: skip
 

@@ -125,6 +125,30 @@ def test_bad_arguments():
         convert(nn.Sequential(Residual(3)), method="heun")
     with pytest.raises(ValueError, match="step must be > 0"):
         convert(nn.Sequential(Residual(3)), step=0.0)
+    with pytest.raises(ValueError, match=r"vjp_at must be one of \['state', 'reconstruction'\]; got 'output'"):
+        convert(nn.Sequential(Residual(3)), vjp_at="output")
+    with pytest.raises(ValueError, match="vjp_at is only meaningful with backward='adjoint'"):
+        convert(nn.Sequential(Residual(3)), backward="backprop", vjp_at="reconstruction")
+
+
+def test_vjp_at_reaches_the_stacks():
+    """convert(vjp_at="reconstruction") gives stacks that take their VJPs at the reconstruction: the
+    gradients of a stack built directly with that option, bit for bit, and not the default's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*[Residual(3) for _ in range(4)]).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    grads = {}
+    for vjp_at in ("state", "reconstruction"):
+        converted = convert(copy.deepcopy(model), vjp_at=vjp_at)
+        (stack,) = [m for m in converted.modules() if isinstance(m, AdjointResidualStack)]
+        assert stack.vjp_at == vjp_at
+        xi = x.clone().requires_grad_(True)
+        grads[vjp_at] = torch.autograd.grad(converted(xi).square().sum(), [xi] + list(converted.parameters()))
+        direct = AdjointResidualStack(list(stack.blocks), T=stack.T, vjp_at=vjp_at)
+        xi = x.clone().requires_grad_(True)
+        for a, b in zip(grads[vjp_at], torch.autograd.grad(direct(xi).square().sum(), [xi] + list(direct.parameters()))):
+            assert torch.equal(a, b)
+    assert not torch.equal(grads["state"][0], grads["reconstruction"][0])
 
 
 class ModeDependent(Residual):
