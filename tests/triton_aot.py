@@ -10,7 +10,10 @@ distinct specialisation it makes is compiled the way Triton's JIT compiles it fo
 through the JIT's own argument binder (argument types, the divisibility by 16 of aligned pointers and
 integers) with the launch's constexprs and options. Run as a script (TRITON_INTERPRET must be unset):
 
-    python tests/triton_aot.py [--all]   → one line per specialisation, exit code 1 on any failure
+    python tests/triton_aot.py [--all] [--shard=K/N]   → one line per specialisation, exit code 1 on any failure
+
+(--shard=K/N: every N-th case from the K-th, 0 ≤ K < N, to spread --all over processes; Triton's
+cache then shares what two shards both compile.)
 
 Each line gives the shared memory, registers and stack (register spill) per thread, and the products'
 instructions: "wgmma" (Hopper's warpgroup tensor-core products, 64 rows per warpgroup), "mma" (the
@@ -212,6 +215,12 @@ def describe(kernel, kwargs) -> str:
 
 def main(argv: list) -> int:
     cases = EVERYTHING if "--all" in argv else SUBSET
+    for arg in argv:
+        if arg.startswith("--shard="):
+            index, count = map(int, arg.removeprefix("--shard=").split("/"))
+            if not 0 <= index < count:
+                sys.exit(f"--shard=K/N needs 0 <= K < N; got {arg}")
+            cases = cases[index::count]
     failures, seen = 0, set()
     for case in cases:
         label = "{} B={} q={} m={} L={} {} {} {} {} anchor={} {} {}".format(*case[:5], str(case[5]).removeprefix("torch."),
