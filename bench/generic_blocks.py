@@ -20,6 +20,7 @@ Contenders, one training step each (forward, loss, backward):
                                  each step's input after the forward and rebuilds it in backward
     adjoint                      AdjointResidualStack (vjp_at="state")
     adjoint_vjp_reconstruction   AdjointResidualStack(vjp_at="reconstruction")
+    adjoint_vjp_extrapolated     AdjointResidualStack(vjp_at="extrapolated")
 
 Time: contenders interleaved (each round runs every contender once, in a rotating order), each
 contender's time over backprop's in the same round, the median of those ratios over the rounds — for
@@ -29,9 +30,11 @@ it, parameter gradients excluded, in a fresh process per configuration (bench.pe
 with glibc serving blocks ≥ 64 KiB by mmap; --quick measures in this process). Gradient error:
 ‖g − g_backprop‖ / ‖g_backprop‖ over all parameters, same weights and batch, float32.
 
-Gradient error against depth (float64): the conv model above (batch 8) and MLP blocks
+Gradient error against depth (float64): the conv model above (batch 8), the same with one block tied
+across depth (f_n = f for every n, as in bench.mnist1d's conv model), and MLP blocks
 f(x) = V gelu(W x / √q) / √m (q = 8, m = 16, batch 64) with weights smooth in depth
-(bench.repro_gradient_error's θ(s)) and i.i.d. Gaussian, Euler and Heun, both VJP points.
+(bench.repro_gradient_error's θ(s)) and i.i.d. Gaussian, Euler and Heun; every VJP point (Heun: the
+state and the reconstruction).
 
     python -m bench.generic_blocks [--depths 8 16 32 64] [--rounds 41] [--threads 1] [--quick]
 """
@@ -53,10 +56,14 @@ from bench.peak_memory import in_fresh_process, peak_bytes
 from bench.report import environment, loglog_slope, markdown_table, output_stem, powers_of_two, write_json
 from bench.repro_gradient_error import smooth_problem
 from odenets_fast import AdjointResidualStack
+from odenets_fast.spec import VJP_POINTS
 
 CHANNELS, CLASSES = 16, 10
-CONTENDERS = ("backprop", "checkpoint_sqrtL", "minimal_adjoint", "memcnn", "adjoint", "adjoint_vjp_reconstruction")
-VJP_POINTS = ("state", "reconstruction")
+# AdjointResidualStack's contenders, by VJP point
+STACK_CONTENDERS = {"state": "adjoint", "reconstruction": "adjoint_vjp_reconstruction",
+                    "extrapolated": "adjoint_vjp_extrapolated"}  # fmt: skip
+CONTENDERS = ("backprop", "checkpoint_sqrtL", "minimal_adjoint", "memcnn", *STACK_CONTENDERS.values())
+HEUN_VJP_POINTS = ("state", "reconstruction")  # "extrapolated" is Euler's
 
 
 def residual_block() -> nn.Module:
@@ -183,15 +190,16 @@ def residual_part(contender: str, blocks: list) -> nn.Module:
         return MinimalAdjoint(blocks)
     if contender == "memcnn":
         return MemcnnLoop(blocks)
-    vjp_at = "reconstruction" if contender == "adjoint_vjp_reconstruction" else "state"
+    (vjp_at,) = (v for v, c in STACK_CONTENDERS.items() if c == contender)
     return AdjointResidualStack(blocks, vjp_at=vjp_at)
 
 
-def make_net(contender: str, depth: int, seed: int = 0, dtype=torch.float32) -> nn.Module:
-    """The tiny model with `contender`'s residual part; the same weights for every contender."""
+def make_net(contender: str, depth: int, seed: int = 0, dtype=torch.float32, tied: bool = False) -> nn.Module:
+    """The tiny model with `contender`'s residual part; the same weights for every contender (`tied`: one
+    block at every depth)."""
     torch.manual_seed(seed)
     stem = [nn.Conv2d(3, CHANNELS, 5, stride=3, bias=False), nn.BatchNorm2d(CHANNELS), nn.ReLU()]
-    blocks = [residual_block() for _ in range(depth)]
+    blocks = [residual_block()] * depth if tied else [residual_block() for _ in range(depth)]
     head = [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(CHANNELS, CLASSES)]
     return nn.Sequential(*stem, residual_part(contender, blocks), *head).to(dtype)
 
@@ -290,37 +298,42 @@ def _stack_gradients(stack, x, cotangent) -> torch.Tensor:
 
 
 def mlp_errors(weights: str, method: str, depth: int) -> dict:
-    """Per VJP point, the relative gradient error (input and weights together) against backprop."""
+    """Per VJP point (Heun: HEUN_VJP_POINTS), the relative gradient error (input and weights together)
+    against backprop."""
     x, W, V = mlp_problem(weights, depth, method)
     cotangent = torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=x.dtype)
     blocks = [MLPBlock(W[k], V[k]) for k in range(W.shape[0])]
     exact = _stack_gradients(AdjointResidualStack(blocks, method=method, backward="backprop"), x, cotangent)
+    points = VJP_POINTS if method == "euler" else HEUN_VJP_POINTS
     return {v: relative_error(_stack_gradients(AdjointResidualStack(blocks, method=method, vjp_at=v), x, cotangent),
-                              exact) for v in VJP_POINTS}  # fmt: skip
+                              exact) for v in points}  # fmt: skip
 
 
-def conv_errors(depth: int, batch: int) -> dict:
+def conv_errors(depth: int, batch: int, tied: bool = False) -> dict:
     """Per VJP point, the tiny conv model's relative gradient error against backprop, float64."""
     images, labels = (t.to(torch.float64) if t.is_floating_point() else t for t in synthetic_batch(batch))
-    exact = parameter_gradients(make_net("backprop", depth, dtype=torch.float64), images, labels)
-    contender = {"state": "adjoint", "reconstruction": "adjoint_vjp_reconstruction"}
-    return {v: relative_error(parameter_gradients(make_net(contender[v], depth, dtype=torch.float64), images, labels),
-                              exact) for v in VJP_POINTS}  # fmt: skip
+    exact = parameter_gradients(make_net("backprop", depth, dtype=torch.float64, tied=tied), images, labels)
+    return {v: relative_error(parameter_gradients(make_net(c, depth, dtype=torch.float64, tied=tied), images, labels),
+                              exact) for v, c in STACK_CONTENDERS.items()}  # fmt: skip
 
 
 def error_sweep(conv_depths: list, mlp_depths: list, conv_batch: int) -> dict:
-    """{series: {"depths", "state", "reconstruction", "ratio", "slope"}} for the conv and MLP models."""
+    """{series: {"depths", per VJP point its errors, "ratio": {point: its error over the default's},
+    "slope": {point: log-log slope}}} for the conv and MLP models."""
     series = {}
 
     def record(name, depths, measure):
         errors = [measure(depth) for depth in depths]
-        entry = {"depths": depths, **{v: [e[v] for e in errors] for v in VJP_POINTS}}
-        entry["ratio"] = [r / s for s, r in zip(entry["state"], entry["reconstruction"])]
-        entry["slope"] = {v: loglog_slope(depths, entry[v]) for v in VJP_POINTS}
+        points = list(errors[0])
+        entry = {"depths": depths, **{v: [e[v] for e in errors] for v in points}}
+        entry["ratio"] = {v: [r / s for s, r in zip(entry["state"], entry[v])] for v in points if v != "state"}
+        entry["slope"] = {v: loglog_slope(depths, entry[v]) for v in points}
         series[name] = entry
-        print(f"  {name}: reconstruction / state = " + " ".join(f"{r:.2f}" for r in entry["ratio"]), flush=True)
+        print(f"  {name}: over the default's error: " + "; ".join(
+            f"{v} " + " ".join(f"{r:.2f}" for r in ratios) for v, ratios in entry["ratio"].items()), flush=True)  # fmt: skip
 
     record("conv, Euler", conv_depths, lambda depth: conv_errors(depth, conv_batch))
+    record("conv tied, Euler", conv_depths, lambda depth: conv_errors(depth, conv_batch, tied=True))
     for weights in ("smooth", "iid"):
         for method in ("euler", "heun"):
             record(f"MLP {weights}, {method.capitalize()}", mlp_depths,
@@ -382,9 +395,9 @@ def main(argv=None) -> dict:
     sweep = results["gradient_error_vs_depth"]
     save_loglog_panels(stem.with_suffix(".png"), [
         dict(title=name, xlabel="depth L", ylabel="relative gradient error vs backprop",
-             series={f"vjp_at={v} (slope {entry['slope'][v]:.2f})": (entry["depths"], entry[v]) for v in VJP_POINTS})
+             series={f"vjp_at={v} (slope {slope:.2f})": (entry["depths"], entry[v]) for v, slope in entry["slope"].items()})
         for name, entry in sweep.items()
-    ], "AdjointResidualStack: gradient error of the two VJP points against depth (float64)")  # fmt: skip
+    ], "AdjointResidualStack: gradient error of the VJP points against depth (float64)")  # fmt: skip
     print(report(results, args))
     print(f"wrote {stem}.json and .png")
     return results
@@ -392,12 +405,13 @@ def main(argv=None) -> dict:
 
 def goals(results: dict, depths: list) -> dict:
     """The issue's goals as measured ratios (CPU time), to hold against their targets: adjoint time ≤ the
-    minimal loop's at every depth; vjp_at="reconstruction" ≤ 1.5× backprop and ≤ √L checkpointing at
-    L ≥ 16, its gradient error within 2× of the default's; memory flat in depth."""
+    minimal loop's at every depth; vjp_at="reconstruction" (and "extrapolated") ≤ 1.5× backprop and ≤ √L
+    checkpointing at L ≥ 16, its gradient error within 2× of the default's (here, and per series of the
+    float64 sweep); memory flat in depth."""
     rows = {str(d): results["depths"][str(d)] for d in depths}
     deep = [d for d in rows if int(d) >= 16]
     errors = {d: r["gradient_error"] for d, r in rows.items()}
-    peak = {c: [rows[d]["peak_bytes"][c] for d in rows] for c in ("adjoint", "adjoint_vjp_reconstruction")}
+    peak = {c: [rows[d]["peak_bytes"][c] for d in rows] for c in STACK_CONTENDERS.values()}
 
     def time_over(base, contender, depths):
         return {d: rows[d][f"time_over_{base}"]["cpu"][contender] for d in depths}
@@ -406,8 +420,12 @@ def goals(results: dict, depths: list) -> dict:
         "adjoint_over_minimal_time": time_over("minimal_adjoint", "adjoint", rows),
         "reconstruction_over_backprop_time": time_over("backprop", "adjoint_vjp_reconstruction", deep),
         "reconstruction_over_checkpoint_time": time_over("checkpoint_sqrtL", "adjoint_vjp_reconstruction", deep),
-        "reconstruction_over_state_gradient_error": {d: e["adjoint_vjp_reconstruction"] / e["adjoint"]
-                                                     for d, e in errors.items()},  # fmt: skip
+        "extrapolated_over_backprop_time": time_over("backprop", "adjoint_vjp_extrapolated", deep),
+        **{f"{v}_over_state_gradient_error": {d: e[STACK_CONTENDERS[v]] / e["adjoint"] for d, e in errors.items()}
+           for v in ("reconstruction", "extrapolated")},  # fmt: skip
+        "worst_over_state_gradient_error_vs_depth": {
+            name: {v: max(r) for v, r in entry["ratio"].items()} for name, entry in results["gradient_error_vs_depth"].items()
+        },  # fmt: skip
         "peak_deepest_over_shallowest": {c: p[-1] / p[0] for c, p in peak.items()},
     }
 
@@ -421,8 +439,9 @@ def report(results: dict, args) -> str:
     error_rows = [[c] + [f"{rows[d]['gradient_error'][c]:.1e}" for d in depths] for c in CONTENDERS]
     head = ["contender"] + [f"L = {d}" for d in depths]
     sweep = results["gradient_error_vs_depth"]
-    sweep_rows = [[name, f"{e['slope']['state']:.2f}", f"{e['slope']['reconstruction']:.2f}",
-                   " / ".join(f"{r:.1f}" for r in e["ratio"])] for name, e in sweep.items()]  # fmt: skip
+    sweep_rows = [[name] + [f"{e['slope'][v]:.2f}" if v in e["slope"] else "–" for v in VJP_POINTS]
+                  + [" / ".join(f"{r:.2f}" for r in e["ratio"][v]) if v in e["ratio"] else "–" for v in VJP_POINTS[1:]]
+                  for name, e in sweep.items()]  # fmt: skip
     env = results["environment"]
     return "\n\n".join([
         f"{env['device']}, torch {env['torch']}, {args.threads} thread(s), batch {args.batch}, {args.rounds} rounds; "
@@ -431,8 +450,9 @@ def report(results: dict, args) -> str:
         f"Peak memory of a step, MiB ({results['memory_measured']}, parameter gradients excluded):\n"
         + markdown_table(head, memory_rows),
         "Gradient error against backprop (float32):\n" + markdown_table(head, error_rows),
-        "Gradient error against depth (float64), slopes and the reconstruction / state ratio per depth:\n"
-        + markdown_table(["model", "slope, state", "slope, reconstruction", "ratio per depth"], sweep_rows),
+        "Gradient error against depth (float64): log-log slopes, and each point's error over the default's per depth:\n"
+        + markdown_table(["model"] + [f"slope, {v}" for v in VJP_POINTS] + [f"{v} / state" for v in VJP_POINTS[1:]],
+                         sweep_rows),  # fmt: skip
         "Goals: " + json.dumps(results["goals"], indent=1),
     ])  # fmt: skip
 

@@ -17,7 +17,7 @@ from .activations import ACTIVATIONS
 
 METHODS = ("euler", "heun")
 BACKWARD_MODES = ("adjoint", "backprop")
-VJP_POINTS = ("state", "reconstruction")  # AdjointResidualStack's vjp_at
+VJP_POINTS = ("state", "reconstruction", "extrapolated")  # AdjointResidualStack's vjp_at
 INPUT_PRECISIONS = ("ieee", "tf32", "tf32x3")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -178,12 +178,16 @@ def check_positive_int(name: str, value) -> int:
     return int(value)
 
 
-def check_vjp_at(vjp_at, backward: str) -> str:
-    """One of VJP_POINTS; other than "state" in adjoint mode only (backprop differentiates the forward)."""
+def check_vjp_at(vjp_at, backward: str, method: str = "euler") -> str:
+    """One of VJP_POINTS; other than "state" in adjoint mode only (backprop differentiates the forward);
+    "extrapolated" for Euler only."""
     vjp_at = check_choice("vjp_at", vjp_at, VJP_POINTS)
     if vjp_at != "state" and backward != "adjoint":
         raise ValueError(f"vjp_at is only meaningful with backward='adjoint' (backprop differentiates the forward "
                          f"itself); got vjp_at={vjp_at!r} with backward={backward!r}")  # fmt: skip
+    if vjp_at == "extrapolated" and method != "euler":
+        raise ValueError(f"vjp_at='extrapolated' is defined for method='euler' (Heun's reconstruction points are "
+                         f"O(h²) from the forward's already: use vjp_at='reconstruction'); got method={method!r}")  # fmt: skip
     return vjp_at
 
 

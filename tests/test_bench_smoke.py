@@ -170,10 +170,16 @@ def test_generic_blocks(tmp_path, capsys):
     assert errors["backprop"] == 0 and errors["checkpoint_sqrtL"] < 1e-5
     # memcnn, the stand-in for the paper's code and the stack's default compute the same but for rounding
     assert errors["minimal_adjoint"] > 0 and errors["adjoint_vjp_reconstruction"] > 0
+    assert errors["adjoint_vjp_extrapolated"] > 0
     for contender in ("memcnn", "adjoint"):
         assert errors[contender] == pytest.approx(errors["minimal_adjoint"], rel=1e-3)
-    assert set(results["gradient_error_vs_depth"]) == {"conv, Euler", "MLP smooth, Euler", "MLP smooth, Heun",
-                                                       "MLP iid, Euler", "MLP iid, Heun"}  # fmt: skip
+    sweep = results["gradient_error_vs_depth"]
+    assert set(sweep) == {"conv, Euler", "conv tied, Euler", "MLP smooth, Euler", "MLP smooth, Heun",
+                          "MLP iid, Euler", "MLP iid, Heun"}  # fmt: skip
+    assert set(sweep["MLP smooth, Euler"]["ratio"]) == {"reconstruction", "extrapolated"}
+    assert set(sweep["MLP smooth, Heun"]["ratio"]) == {"reconstruction"}  # extrapolation is Euler's
+    worst = results["goals"]["worst_over_state_gradient_error_vs_depth"]
+    assert worst["conv tied, Euler"]["extrapolated"] == max(sweep["conv tied, Euler"]["ratio"]["extrapolated"])
 
 
 def test_generic_blocks_memory_worker_measures_the_adjoint_peak_flat_in_depth():

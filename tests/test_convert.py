@@ -125,7 +125,7 @@ def test_bad_arguments():
         convert(nn.Sequential(Residual(3)), method="heun")
     with pytest.raises(ValueError, match="step must be > 0"):
         convert(nn.Sequential(Residual(3)), step=0.0)
-    with pytest.raises(ValueError, match=r"vjp_at must be one of \['state', 'reconstruction'\]; got 'output'"):
+    with pytest.raises(ValueError, match=r"vjp_at must be one of \['state', 'reconstruction', 'extrapolated'\]; got 'output'"):
         convert(nn.Sequential(Residual(3)), vjp_at="output")
     with pytest.raises(ValueError, match="vjp_at is only meaningful with backward='adjoint'"):
         convert(nn.Sequential(Residual(3)), backward="backprop", vjp_at="reconstruction")

@@ -384,8 +384,8 @@ def test_extra_inputs_must_be_tensors():
 # --- bookkeeping only where it is needed ---
 
 
-@pytest.mark.parametrize("vjp_at", ["state", "reconstruction"])
-@pytest.mark.parametrize("method", ["euler", "heun"])
+@pytest.mark.parametrize("method, vjp_at", [("euler", "state"), ("euler", "reconstruction"), ("euler", "extrapolated"),
+                                            ("heun", "state"), ("heun", "reconstruction")])  # fmt: skip
 def test_backward_writes_no_batchnorm_buffer(method, vjp_at):
     """The re-runs normalise with batch statistics without touching the running ones (track_running_stats
     off while they run): no write at all, not a write and a restore."""
@@ -429,7 +429,7 @@ class CountingBlock(nn.Module):
         return torch.tanh(self.lin(x))
 
 
-@pytest.mark.parametrize("vjp_at", ["state", "reconstruction"])
+@pytest.mark.parametrize("vjp_at", ["state", "reconstruction", "extrapolated"])
 def test_other_buffers_written_by_reruns_are_restored(vjp_at):
     blocks = [CountingBlock(3) for _ in range(4)]
     stack = AdjointResidualStack(blocks, vjp_at=vjp_at)
@@ -475,7 +475,8 @@ class AutocastLoggingBlock(nn.Module):
         return torch.tanh(self.lin(x))
 
 
-@pytest.mark.parametrize("vjp_at, anchor_every", [("state", None), ("reconstruction", None), ("reconstruction", 2)])
+@pytest.mark.parametrize("vjp_at, anchor_every", [("state", None), ("reconstruction", None), ("reconstruction", 2),
+                                                  ("extrapolated", None)])  # fmt: skip
 def test_every_rerun_runs_under_the_forwards_autocast(vjp_at, anchor_every):
     log = []
     blocks = [AutocastLoggingBlock(log) for _ in range(4)]
@@ -700,9 +701,104 @@ def test_reconstruction_vjp_gives_extra_inputs_their_gradient(method):
         AdjointResidualStack(blocks, method=method, vjp_at="reconstruction")(x).square().sum().backward()
 
 
+# --- vjp_at="extrapolated" ---
+
+
+def _extrapolated_by_the_formulas(blocks, x_L, g, h):
+    """vjp_at="extrapolated" written out (Euler): per layer from the top, z = x̃ − c h k_{n+1} with
+    c = clamp(⟨k_{n+1}, k_{n+2}⟩ / ‖k_{n+2}‖², 0, 1) (z = x̃ while fewer than two block outputs are known),
+    k = f_n(z) differentiated at z, x̃ ← x̃ − h k. Returns (g_0, {param: grad})."""
+    grads, outputs, x = {}, [], x_L
+    for n in reversed(range(len(blocks))):
+        z = x
+        if len(outputs) >= 2:
+            k1, k2 = outputs[-1], outputs[-2]
+            z = x - min(max(float((k1 * k2).sum() / (k2 * k2).sum()), 0.0), 1.0) * h * k1
+        z = z.detach().requires_grad_(True)
+        k = blocks[n](z)
+        params = list(blocks[n].parameters())
+        d_in, *d_params = torch.autograd.grad(k, [z] + params, h * g)
+        for p, d in zip(params, d_params):
+            grads[p] = grads[p] + d if p in grads else d
+        x, g = (x - h * k).detach(), g + d_in
+        outputs.append(k.detach())
+    return g, grads
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_extrapolated_vjp_is_the_documented_chain_rule(tied):
+    x, W, V, stack = _mlp_stack("euler", L=6, vjp_at="extrapolated")
+    if tied:
+        stack = AdjointResidualStack([stack.blocks[0]] * len(stack.blocks), vjp_at="extrapolated")
+    grad_out = torch.randn_like(x)
+    got = _grads(stack, x, grad_out)
+    g0, grads = _extrapolated_by_the_formulas(list(stack.blocks), got[0], grad_out, stack.step_size)
+    torch.testing.assert_close(got[1], g0, rtol=1e-12, atol=1e-14)
+    for p, d in zip(stack.parameters(), got[2:]):
+        torch.testing.assert_close(d, grads[p], rtol=1e-12, atol=1e-14)
+
+
+def _errors_by_vjp_point(W, V, x, points):
+    """{vjp_at: relative error of the input and weight gradients against backprop} for MLP blocks W, V."""
+    blocks = [MLPBlock(W[n], V[n]) for n in range(W.shape[0])]
+    grad_out = torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=x.dtype)
+    exact = torch.cat([t.flatten() for t in _grads(AdjointResidualStack(blocks, backward="backprop"), x, grad_out)[1:]])
+    return {v: _gradient_error(AdjointResidualStack(blocks, vjp_at=v), exact, x, grad_out) for v in points}
+
+
+def test_extrapolated_vjp_is_second_order_where_the_blocks_vary_smoothly_with_depth():
+    """Depth-smooth MLP blocks: c → 1 and z_n is O(h²) from x_n, so the error falls as 1/L² — below the
+    default's from some depth on (bench.generic_blocks: 1.16× at L = 8, 0.03× at L = 512)."""
+    errors = {L: _errors_by_vjp_point(*smooth_stack(L, method="euler")[1:3], smooth_stack(L, method="euler")[0],
+                                      ("state", "extrapolated")) for L in (16, 64)}  # fmt: skip
+    assert errors[16]["extrapolated"] / errors[64]["extrapolated"] > 10  # 4× the depth: 16× (1/L²)
+    assert errors[64]["extrapolated"] < 0.5 * errors[64]["state"], errors
+
+
+def test_extrapolated_vjp_is_the_reconstructions_where_consecutive_blocks_are_unrelated():
+    """Blocks drawn independently at each depth: their outputs are nearly orthogonal, c ≈ 0, and the error
+    is vjp_at="reconstruction"'s (bench.generic_blocks: within 1 % of it at L = 8 … 512)."""
+    gen = torch.Generator().manual_seed(0)
+    L = 32
+    x = torch.randn(64, 8, generator=gen, dtype=torch.float64)
+    W, V = (torch.randn(L, 16, 8, generator=gen, dtype=torch.float64),
+            torch.randn(L, 8, 16, generator=gen, dtype=torch.float64))  # fmt: skip
+    errors = _errors_by_vjp_point(W, V, x, ("reconstruction", "extrapolated"))
+    assert errors["extrapolated"] == pytest.approx(errors["reconstruction"], rel=0.05), errors
+
+
+def test_extrapolated_vjp_starts_afresh_below_every_stored_state():
+    """A layer's VJP at a stored state forgets the outputs above it: with segments of two layers no layer has
+    two reconstructed outputs above it in its segment, so every point is vjp_at="reconstruction"'s; with
+    segments of four the lower two layers extrapolate."""
+    x, W, V, _ = _mlp_stack("euler", L=8)
+    grad_out = torch.randn_like(x)
+    blocks = [MLPBlock(W[n], V[n]).double() for n in range(W.shape[0])]
+    for anchor_every, same in ((2, True), (4, False)):
+        got = {v: _grads(AdjointResidualStack(blocks, vjp_at=v, anchor_every=anchor_every), x, grad_out)
+               for v in ("reconstruction", "extrapolated")}  # fmt: skip
+        assert all(torch.equal(a, b) for a, b in zip(*got.values())) == same
+
+
+def test_extrapolated_vjp_with_error_control():
+    """anchor_every="auto" measures the drift of the extrapolated reconstruction; with strict=True and a
+    tolerance nothing meets, every segment is redone exactly from its anchor: backprop's gradients."""
+    x, W, V, _ = _mlp_stack("euler", L=12)
+    grad_out = torch.randn_like(x)
+    blocks = [MLPBlock(W[n], V[n]).double() for n in range(W.shape[0])]
+    exact = _grads(AdjointResidualStack(blocks, backward="backprop"), x, grad_out)
+    stack = AdjointResidualStack(blocks, vjp_at="extrapolated", anchor_every="auto", drift_tol=1e-15, strict=True)
+    for _ in range(2):
+        for a, b in zip(_grads(stack, x, grad_out), exact):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+        assert all(drift > 1e-15 for first, length, drift in stack.last_segment_drift if length > 1)
+
+
 def test_bad_vjp_at():
-    with pytest.raises(ValueError, match=r"vjp_at must be one of \['state', 'reconstruction'\]; got 'output'"):
+    with pytest.raises(ValueError, match=r"vjp_at must be one of \['state', 'reconstruction', 'extrapolated'\]; got 'output'"):
         AdjointResidualStack([nn.Identity()], vjp_at="output")
+    with pytest.raises(ValueError, match="vjp_at='extrapolated' is defined for method='euler'"):
+        AdjointResidualStack([nn.Identity()] * 2, method="heun", vjp_at="extrapolated")
     with pytest.raises(TypeError, match="vjp_at must be a string"):
         AdjointResidualStack([nn.Identity()], vjp_at=None)
     with pytest.raises(ValueError, match="vjp_at is only meaningful with backward='adjoint'"):
@@ -710,13 +806,13 @@ def test_bad_vjp_at():
     assert "vjp_at='reconstruction'" in repr(AdjointResidualStack([nn.Identity()], vjp_at="reconstruction"))
 
 
-@pytest.mark.parametrize("vjp_at", ["state", "reconstruction"])
-def test_torch_compile_gives_the_eager_adjoint_gradients(vjp_at):
+@pytest.mark.parametrize("method, vjp_at", [("heun", "state"), ("heun", "reconstruction"), ("euler", "extrapolated")])
+def test_torch_compile_gives_the_eager_adjoint_gradients(method, vjp_at):
     """torch.compile breaks the graph at the adjoint stack's autograd.Function (fullgraph=True is not
     supported: dynamo does not trace torch.get_rng_state), which then runs eagerly: the eager gradients
     and drift, call after call, and the same learnt "the blocks draw nothing"."""
     torch._dynamo.reset()
-    x, W, V, stack = _mlp_stack("heun", L=4, vjp_at=vjp_at)
+    x, W, V, stack = _mlp_stack(method, L=4, vjp_at=vjp_at)
     grad_out = torch.randn_like(x)
     eager = _grads(stack, x, grad_out)
     eager_drift = stack.last_drift
