@@ -430,7 +430,7 @@ class _LayerVJP:
             return x_next
         k1, k2 = (k.reshape(-1).to(x_next.dtype) for k in self.recent)
         c = (torch.dot(k1, k2) / torch.dot(k2, k2).clamp_min(torch.finfo(k2.dtype).tiny)).clamp(0.0, 1.0)
-        return x_next - (c * self.stack.step_size) * self.recent[0]
+        return torch.addcmul(x_next, self.recent[0], c, value=-self.stack.step_size)  # one pass; c a tensor: no sync
 
     def _layer_parameters(self, n: int) -> list:
         """Parameters that forward layer n reads: f_n's (and f_{n+1}'s for Heun); `_vjp` removes repeats."""
