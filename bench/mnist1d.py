@@ -15,7 +15,8 @@ order and has the same optimizer and schedule):
     rough-mlp  the failure case: the mlp with iid init, ReLU and step h = T/L = 1 (T = L, the step of a
                standard ResNet), trained with a larger learning rate
 Modes: backprop; adjoint (Euler); heun (Heun's method, adjoint); anchors √L (Euler, anchor_every =
-round(√L)); auto (Euler, anchor_every="auto" with drift_tol); the failure case adds auto strict.
+round(√L)); auto (Euler, anchor_every="auto" with drift_tol); the failure case adds auto strict, the
+conv model extrapolated (Euler, AdjointResidualStack's vjp_at="extrapolated").
 
 Per run: test accuracy after training (mean ± std over seeds in the tables), activation memory
 (diagnostics.saved_tensor_bytes of one training forward on a batch, parameters and the input batch
@@ -105,6 +106,8 @@ def modes(kind: str, depth: int, drift_tol: float) -> dict:
     }
     if kind == "rough-mlp":
         table["auto strict"] = dict(anchor_every="auto", drift_tol=drift_tol, strict=True)
+    if kind == "conv":  # an AdjointResidualStack: the VJP points are its option
+        table["extrapolated"] = dict(vjp_at="extrapolated")
     return table
 
 

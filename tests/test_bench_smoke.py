@@ -459,6 +459,7 @@ def test_mnist1d_quick(tmp_path, monkeypatch):
     modes = {"backprop", "adjoint", "heun", "anchors √L", "auto"}
     assert {kind: set(per_depth) for kind, per_depth in results.items()} == {"mlp": {"2", "4"}, "conv": {"2"}, "rough-mlp": {"2"}}
     assert set(results["mlp"]["4"]["summary"]) == modes and set(results["rough-mlp"]["2"]["summary"]) == modes | {"auto strict"}
+    assert set(results["conv"]["2"]["summary"]) == modes | {"extrapolated"}
     for kind, per_depth in results.items():
         for depth, result in per_depth.items():
             (seed,) = result["seeds"]
