@@ -405,7 +405,7 @@ class _LayerVJP:
             if stack.method == "euler":
                 z = (self._extrapolated(x_next) if self.extrapolate else x_next).detach().requires_grad_(True)
                 k = stack._call(n, z, self.replay, (n, 0))
-                with torch.no_grad():  # the same arithmetic as reverse_step's
+                with torch.no_grad():  # x̃_{n+1} − h k as reverse_step computes it (extrapolated: k taken at z)
                     x = _add_scaled(x_next, k, -h)
                 if self.extrapolate:
                     self.recent = [k.detach()] + self.recent[:1]
