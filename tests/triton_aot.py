@@ -38,6 +38,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":  # noqa: E402 — checked before t
 
 import torch  # noqa: E402
 import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
@@ -151,12 +152,17 @@ def specialisation_key(kernel, args, kwargs) -> tuple:
     return kernel.__name__, repr(specialization), tuple(sorted((k, repr(v)) for k, v in kwargs.items()))
 
 
-def resource_usage(compiled) -> tuple:
-    """(registers, stack bytes) per thread of a compiled kernel, from cuobjdump's report on its cubin."""
+def _cuobjdump(compiled, flag: str) -> str:
+    """cuobjdump's report (`-res-usage`, `-sass`) on the kernel's cubin."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])
         cubin.flush()
-        report = subprocess.run([CUOBJDUMP, "-res-usage", cubin.name], capture_output=True, text=True, check=True).stdout
+        return subprocess.run([CUOBJDUMP, flag, cubin.name], capture_output=True, text=True, check=True).stdout
+
+
+def resource_usage(compiled) -> tuple:
+    """(registers, stack bytes) per thread of a compiled kernel, from cuobjdump's report on its cubin."""
+    report = _cuobjdump(compiled, "-res-usage")
     found = re.search(r"REG:(\d+) STACK:(\d+)", report)
     if found is None:
         raise RuntimeError(f"no resource usage in cuobjdump's report: {report[-300:]}")
@@ -200,10 +206,27 @@ def expectations(kernel, args, kwargs, q: int) -> dict:
 
 
 def atomics_relaxed(compiled) -> bool:
-    """Whether the kernel's atomic reductions are relaxed ones, with no memory barrier around them (the
-    default acq_rel semantics bracket each with MEMBAR.ALL.GPU and a cache invalidation)."""
-    ptx = compiled.asm["ptx"]
-    return bool(re.search(r"\bred\.global\.gpu\.relaxed\.", ptx)) and not re.search(r"\bmembar\.gl\b|fence\.acq_rel", ptx)
+    """Whether the kernel has atomic reductions and none is fenced: the default acq_rel semantics bracket
+    each with MEMBAR.ALL.GPU and a cache invalidation (CCTL.IVALL). Read in the machine code, not the PTX:
+    triton 3.9 writes relaxed reductions as `red.global.gpu.relaxed`, 3.6 as `atom.global.gpu.relaxed`
+    with the result unused, and ptxas makes both the same REDG."""
+    sass = _cuobjdump(compiled, "-sass")
+    return bool(re.search(r"\b(REDG|ATOMG|RED|ATOM)\.", sass)) and not re.search(r"\bMEMBAR\.\w+\.GPU\b|\bCCTL\.IVALL\b", sass)
+
+
+@triton.jit
+def _fenced_atomic_kernel(out_ptr):
+    # acq_rel (the default): what atomics_relaxed must reject
+    tl.atomic_add(out_ptr + tl.arange(0, 32), tl.full((32,), 1.0, tl.float32))
+
+
+def check_the_atomics_check():
+    """atomics_relaxed rejects the default semantics in this Triton release (its instruction names are
+    release-dependent, and a check that cannot fail would pass every kernel)."""
+    out = torch.zeros(32)
+    compiled = compile_launch(_fenced_atomic_kernel, (out,), {})
+    if atomics_relaxed(compiled):
+        raise AssertionError("atomics_relaxed accepts an acq_rel atomic: its SASS patterns are out of date")
 
 
 def describe(kernel, kwargs) -> str:
@@ -221,6 +244,7 @@ def main(argv: list) -> int:
             if not 0 <= index < count:
                 sys.exit(f"--shard=K/N needs 0 <= K < N; got {arg}")
             cases = cases[index::count]
+    check_the_atomics_check()
     failures, seen = 0, set()
     for case in cases:
         label = "{} B={} q={} m={} L={} {} {} {} {} anchor={} {} {}".format(*case[:5], str(case[5]).removeprefix("torch."),
