@@ -37,6 +37,14 @@ import torch
 PATHS = ("layered", "fused")
 PATH_ENV = "ODENETS_FAST_TRITON_PATH"
 MAX_FUSED_WIDTH = 256  # q: the fused kernels keep a (BLOCK_B, q) float32 block on-chip (mlp_step.MAX_STATE_WIDTH)
+# "tf32x3" splits every float32 operand of the fused kernels into three TF32 parts, and above q = 128 their
+# reverse kernel does not fit in registers with any tile tried: 0.6–2.1 KiB of spill a thread under triton
+# 3.9, and under 3.6 (the GPU machine's release) Euler's anchored adjoint reverse compiles to 32 registers
+# and 6.0–7.6 KiB of stack with each of five tiles — the same with the ptxas of CUDA 12.8, 12.9 and 13.0
+# (tests/triton_aot.py --all; bench/results/triton-aot-sm90-*). The model has no term for spills, so it
+# cannot price that; above this width such stacks take the layered path (float32 cuBLAS products:
+# at least as accurate as three TF32 passes).
+MAX_FUSED_WIDTH_TF32X3 = 128
 
 
 @dataclass(frozen=True)
@@ -396,6 +404,10 @@ def plan(
     elif "fused" not in estimates:
         path = "layered"
         reason = f"q = {q} > {MAX_FUSED_WIDTH}: the fused kernels keep q on-chip up to {MAX_FUSED_WIDTH}"
+    elif precision == "tf32x3" and dtype == torch.float32 and q > MAX_FUSED_WIDTH_TF32X3:
+        path = "layered"
+        reason = (f"tf32x3 at q = {q} > {MAX_FUSED_WIDTH_TF32X3}: the fused reverse kernel spills KiBs of registers "
+                  f"a thread as compiled for sm_90, which the model does not price")  # fmt: skip
     else:
         path = min(("layered", "fused"), key=lambda p: estimates[p].step_ms)
         other = "fused" if path == "layered" else "layered"

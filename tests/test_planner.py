@@ -39,6 +39,20 @@ def test_states_wider_than_the_fused_kernels_take_the_layered_path():
     assert result.path == "layered" and "fused" not in result.estimates and "q = 300 > 256" in result.reason
 
 
+@pytest.mark.parametrize("dim, want", [(256, "layered"), (200, "layered"), (128, "fused"), (64, "fused")])
+def test_tf32x3_above_q_128_takes_the_layered_path(dim, want):
+    """Three TF32 passes make the fused reverse kernel spill above q = 128 (triton 3.6: 32 registers and
+    6 KiB of stack a thread); the model prices no spills, so those widths are not offered to it even
+    where its estimate is lower — but the estimate is still shown, and the override still runs it."""
+    shape = dict(WIDE, dim=dim)
+    result = plan(**shape, input_precision="tf32x3", anchor_every=8)
+    assert result.path == want and "fused" in result.estimates
+    if want == "layered":
+        assert "tf32x3 at q = " in result.reason and "spills" in result.reason
+    for other in (dict(dtype=torch.bfloat16, input_precision="tf32x3"), dict(input_precision="tf32")):
+        assert plan(**shape, **other).reason.startswith("predicted")  # 16-bit operands and TF32: the model decides
+
+
 def test_the_override_is_the_plan(monkeypatch):
     monkeypatch.setenv(planner.PATH_ENV, "fused")
     assert plan(**WIDE).path == "fused" and plan(**WIDE).reason == "ODENETS_FAST_TRITON_PATH=fused"

@@ -59,7 +59,7 @@ NARROW_Q = 64  # the fused path's goal shape: tensor-core products there must be
 MAX_STACK_BYTES_TF32_NARROW = 128
 # Heun's anchored adjoint reverse (it reconstructs and loads anchors, the heaviest variant) spills at
 # every 64-row tile at q = 64 under triton 3.9: 136–176 bytes a thread with 16-bit operands, 320–352
-# with TF32's at the table's (64, 16, 8); 112–480 with one stage or other 64-row tiles, 464–1072 with
+# with TF32's at the table's (64, 16, 8) (triton 3.6: 56–80 and 216–248); 112–480 with one stage or other 64-row tiles, 464–1072 with
 # 4 or 16 warps. 32-row tiles spill 0–40 bytes but lose wgmma; the tune stage times both.
 MAX_STACK_BYTES_NARROW_ANCHORED_HEUN = 384
 
