@@ -80,14 +80,17 @@ CROSSOVER_CONTENDERS = ("fused_forward", "per_layer_forward", "fused_adjoint_ste
 
 # Tile candidates "BLOCK_B,BLOCK_M,num_warps" per (padded q, operand bytes) and kernel for the tune
 # mode: the table's choice first (mlp_step.kernel_configs), then the tiles used before the
-# register-spill analysis, then neighbours with small spills in ptxas's report. For 16-bit operands at
-# q = 256, (64, 16, 8) is the tile whose products compile to Hopper's wgmma (tests/triton_aot.py shows
-# the instructions): the table's 32- and 16-row tiles compile to the older mma, since wgmma needs 64
-# rows per warpgroup, but 64 rows leave only 64 programs at B = 4096 for 132 SMs. At q = 64 (the narrow
-# goal shape) the table's 64-row tiles put the products on wgmma; (32, 16, 8) is mma but spill-free in
-# Heun's anchored reverse, which spills at every 64-row tile (tests/triton_aot.py). The (64, 64, 4)
-# tiles of earlier tables are gone: as the JIT compiles them, 32 registers and 9–13 KB of stack a
-# thread. Each is timed through
+# register-spill analysis, then neighbours with small spills in ptxas's report (`python
+# tests/triton_aot.py --tune` compiles every candidate as this mode launches it; all within 0–560 bytes
+# of stack a thread under triton 3.6 and 3.9, bench/results/triton-aot-tune-sm90-triton3.6-20261203.txt).
+# For 16-bit operands at q = 256, (64, 16, 8) is the forward tile whose products compile to Hopper's
+# wgmma: the table's 32- and 16-row tiles compile to the older mma, since wgmma needs 64 rows per
+# warpgroup, but 64 rows leave only 64 programs at B = 4096 for 132 SMs. The same reverse tile is gone:
+# it holds four (64, 256) float32 blocks and spills 0.9 KiB a thread (Euler) and 1.9 KiB (Heun) under
+# both releases. At q = 64 (the narrow goal shape) the table's 64-row tiles put the products on wgmma;
+# (32, 16, 8) is mma but spill-free in Heun's anchored reverse, which spills at every 64-row tile
+# (tests/triton_aot.py). The (64, 64, 4) tiles of earlier tables are gone: as the JIT compiles them,
+# 32 registers and 9–13 KB of stack a thread. Each is timed through
 # ODENETS_FAST_TRITON_{FORWARD,REVERSE}_TILES, with the table's num_stages. "product": tiles
 # "BLOCK_R,BLOCK_C,BLOCK_K,num_warps,num_stages" of the workspace products (mlp_step.product_config
 # first), timed through ODENETS_FAST_TRITON_PRODUCT_TILES in an adjoint step that uses the workspace.
@@ -104,7 +107,7 @@ TUNE_CANDIDATES = {
                "reverse": [(16, 16, 8), (32, 32, 8), (32, 16, 8), (16, 16, 16)],
                "product": _PRODUCT_CANDIDATES[4]},
     (256, 2): {"forward": [(32, 16, 8), (32, 32, 8), (16, 16, 8), (64, 16, 8)],
-               "reverse": [(16, 16, 8), (32, 32, 8), (32, 16, 8), (16, 32, 8), (64, 16, 8)],
+               "reverse": [(16, 16, 8), (32, 32, 8), (32, 16, 8), (16, 32, 8)],
                "product": _PRODUCT_CANDIDATES[2]},
 }  # fmt: skip
 TUNE_CONFIGS = GOAL_CONFIGS  # the goal shapes: wide float32 and bfloat16, narrow bfloat16 and TF32

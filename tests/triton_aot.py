@@ -11,6 +11,7 @@ through the JIT's own argument binder (argument types, the divisibility by 16 of
 integers) with the launch's constexprs and options. Run as a script (TRITON_INTERPRET must be unset):
 
     python tests/triton_aot.py [--all] [--shard=K/N]   → one line per specialisation, exit code 1 on any failure
+    python tests/triton_aot.py --tune                  → the same for every tile candidate of bench.triton_step's tune mode
 
 (--shard=K/N: every N-th case from the K-th, 0 ≤ K < N, to spread --all over processes; Triton's
 cache then shares what two shards both compile.)
@@ -236,7 +237,62 @@ def describe(kernel, kwargs) -> str:
     return f"{kernel.__name__} [{tiles}; warps={kwargs.get('num_warps')}, stages={kwargs.get('num_stages')}] {flags}"
 
 
+def tune_cases() -> list:
+    """(case, tile variable, its value, kernel name) for every tile candidate that `python -m
+    bench.triton_step --mode tune` times, at its configurations: each candidate's kernel in an Euler
+    and a Heun adjoint step (the tune mode times Euler; the table serves both) with biases (the heavier
+    variant), the forward and reverse tiles with the table's pipeline stages, as the tune mode sets them."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from bench import triton_step
+
+    cases = []
+    for config in triton_step.TUNE_CONFIGS:
+        dtype = getattr(torch, config["dtype"])
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        candidates = triton_step.TUNE_CANDIDATES[max(64, triton.next_power_of_2(config["q"])), itemsize]
+        table = triton_backend.kernel_configs(config["q"], config["m"], itemsize)
+        for method in ("euler", "heun"):
+            for kind, env, kernel, grads in (("forward", triton_backend.TILES_ENV.forward, "forward_layers_kernel", None),
+                                             ("reverse", triton_backend.TILES_ENV.reverse, "reverse_layers_kernel", None),
+                                             ("product", triton_backend.PRODUCT_TILES_ENV, "workspace_grads_kernel",
+                                              "workspace")):  # fmt: skip
+                case = (config["name"], config["B"], config["q"], config["m"], config["L"], dtype,
+                        config.get("precision", "ieee"), method, "adjoint", None, "fused", grads)  # fmt: skip
+                stages = () if kind == "product" else (getattr(table, kind).num_stages,)
+                cases += [(case, env, ",".join(map(str, (*tiles, *stages))), kernel) for tiles in candidates[kind]]
+    return cases
+
+
+def main_tune() -> int:
+    """Compile every tune candidate (tune_cases); a failure is a compile error, shared memory beyond the
+    H100's or a stack beyond MAX_STACK_BYTES — candidates that spill less are reported, for the table."""
+    failures = 0
+    for case, env, value, name in tune_cases():
+        label = "{} {} {} {}".format(case[0], str(case[5]).removeprefix("torch."), case[6], case[7])
+        previous = os.environ.get(env)
+        os.environ[env] = value
+        try:
+            kernel, args, kwargs = next(launch for launch in launches_of(case) if launch[0].__name__ == name)
+            compiled = compile_launch(kernel, args, kwargs)
+            shared, (registers, stack) = compiled.metadata.shared, resource_usage(compiled)
+            problems = [f"shared memory {shared} > {H100_SHARED_MEMORY}"] if shared > H100_SHARED_MEMORY else []
+            problems += [f"stack {stack} > {MAX_STACK_BYTES}"] if stack > MAX_STACK_BYTES else []
+            print(f"{'ok ' if not problems else 'BAD'} {name} {env.removeprefix('ODENETS_FAST_TRITON_')}={value} ({label}): "
+                  f"{shared} bytes of shared memory, {registers} registers, {stack} bytes of stack per thread, products "
+                  f"{product_instructions(compiled)}" + (f" — {'; '.join(problems)}" if problems else ""), flush=True)  # fmt: skip
+            failures += bool(problems)
+        except Exception as err:  # report every failing candidate, not just the first
+            failures += 1
+            print(f"ERR {name} {env}={value} ({label}): {type(err).__name__}: "
+                  f"{str(err).splitlines()[-1] if str(err) else ''}", flush=True)  # fmt: skip
+        finally:
+            os.environ.pop(env, None) if previous is None else os.environ.__setitem__(env, previous)
+    return 1 if failures else 0
+
+
 def main(argv: list) -> int:
+    if "--tune" in argv:
+        return main_tune()
     cases = EVERYTHING if "--all" in argv else SUBSET
     for arg in argv:
         if arg.startswith("--shard="):
