@@ -237,6 +237,28 @@ def describe(kernel, kwargs) -> str:
     return f"{kernel.__name__} [{tiles}; warps={kwargs.get('num_warps')}, stages={kwargs.get('num_stages')}] {flags}"
 
 
+def check_launch(kernel, args, kwargs, title: str, label: str, want: dict, max_stack: int) -> bool:
+    """Compile one launch and print its line: shared memory, registers, stack, products, and what breaks
+    the bounds or `want` (expectations); True where something does (a compile error included)."""
+    try:
+        compiled = compile_launch(kernel, args, kwargs)
+        shared, (registers, stack) = compiled.metadata.shared, resource_usage(compiled)
+        instructions = product_instructions(compiled)
+        problems = [f"shared memory {shared} > {H100_SHARED_MEMORY}"] if shared > H100_SHARED_MEMORY else []
+        problems += [f"stack {stack} > {want.get('stack', max_stack)}"] if stack > want.get("stack", max_stack) else []
+        if want.get("instruction", instructions) != instructions:
+            problems.append(f"products {instructions}, expected {want['instruction']}")
+        if want.get("relaxed_atomics") and not atomics_relaxed(compiled):
+            problems.append("atomics not relaxed")
+        print(f"{'ok ' if not problems else 'BAD'} {title} ({label}): {shared} bytes of shared memory, {registers} "
+              f"registers, {stack} bytes of stack per thread, products {instructions}"
+              + (f" — {'; '.join(problems)}" if problems else ""), flush=True)  # fmt: skip
+        return bool(problems)
+    except Exception as err:  # report every failing specialisation, not just the first
+        print(f"ERR {title} ({label}): {type(err).__name__}: {str(err).splitlines()[-1] if str(err) else ''}", flush=True)
+        return True
+
+
 def tune_cases() -> list:
     """(case, tile variable, its value, kernel name) for every tile candidate that `python -m
     bench.triton_step --mode tune` times, at its configurations: each candidate's kernel in an Euler
@@ -273,18 +295,11 @@ def main_tune() -> int:
         os.environ[env] = value
         try:
             kernel, args, kwargs = next(launch for launch in launches_of(case) if launch[0].__name__ == name)
-            compiled = compile_launch(kernel, args, kwargs)
-            shared, (registers, stack) = compiled.metadata.shared, resource_usage(compiled)
-            problems = [f"shared memory {shared} > {H100_SHARED_MEMORY}"] if shared > H100_SHARED_MEMORY else []
-            problems += [f"stack {stack} > {MAX_STACK_BYTES}"] if stack > MAX_STACK_BYTES else []
-            print(f"{'ok ' if not problems else 'BAD'} {name} {env.removeprefix('ODENETS_FAST_TRITON_')}={value} ({label}): "
-                  f"{shared} bytes of shared memory, {registers} registers, {stack} bytes of stack per thread, products "
-                  f"{product_instructions(compiled)}" + (f" — {'; '.join(problems)}" if problems else ""), flush=True)  # fmt: skip
-            failures += bool(problems)
-        except Exception as err:  # report every failing candidate, not just the first
+            title = f"{name} {env.removeprefix('ODENETS_FAST_TRITON_')}={value}"
+            failures += check_launch(kernel, args, kwargs, title, label, want={}, max_stack=MAX_STACK_BYTES)
+        except Exception as err:  # the planning itself failed
             failures += 1
-            print(f"ERR {name} {env}={value} ({label}): {type(err).__name__}: "
-                  f"{str(err).splitlines()[-1] if str(err) else ''}", flush=True)  # fmt: skip
+            print(f"ERR {name} {env}={value} ({label}): {type(err).__name__}: {err}", flush=True)
         finally:
             os.environ.pop(env, None) if previous is None else os.environ.__setitem__(env, previous)
     return 1 if failures else 0
@@ -319,24 +334,7 @@ def main(argv: list) -> int:
             wide_tf32x3 = kwargs.get("PRECISION") == "tf32x3" and kwargs.get("BLOCK_Q", 0) > 128
             max_stack = MAX_STACK_BYTES_TF32X3_WIDE if wide_tf32x3 else MAX_STACK_BYTES
             want = expectations(kernel, args, kwargs, case[2])
-            try:
-                compiled = compile_launch(kernel, args, kwargs)
-                shared, (registers, stack) = compiled.metadata.shared, resource_usage(compiled)
-                instructions = product_instructions(compiled)
-                problems = [f"shared memory {shared} > {H100_SHARED_MEMORY}"] if shared > H100_SHARED_MEMORY else []
-                problems += [f"stack {stack} > {want.get('stack', max_stack)}"] if stack > want.get("stack", max_stack) else []
-                if want.get("instruction", instructions) != instructions:
-                    problems.append(f"products {instructions}, expected {want['instruction']}")
-                if want.get("relaxed_atomics") and not atomics_relaxed(compiled):
-                    problems.append("atomics not relaxed")
-                print(f"{'ok ' if not problems else 'BAD'} {describe(kernel, kwargs)} ({label}): {shared} bytes of "
-                      f"shared memory, {registers} registers, {stack} bytes of stack per thread, products "
-                      f"{instructions}" + (f" — {'; '.join(problems)}" if problems else ""), flush=True)  # fmt: skip
-                failures += bool(problems)
-            except Exception as err:  # report every failing specialisation, not just the first
-                failures += 1
-                print(f"ERR {describe(kernel, kwargs)} ({label}): {type(err).__name__}: "
-                      f"{str(err).splitlines()[-1] if str(err) else ''}", flush=True)  # fmt: skip
+            failures += check_launch(kernel, args, kwargs, describe(kernel, kwargs), label, want, max_stack)
     return 1 if failures else 0
 
 
