@@ -306,7 +306,8 @@ def _tune_config(config: dict, device: torch.device, candidates: dict) -> dict:
             "table": {kind: ",".join(str(v) for v in table) for kind, table in tables.items()}}
 
 
-def _tune_candidates(config: dict, dry_run: bool) -> dict:
+def tune_candidates(config: dict, dry_run: bool) -> dict:
+    """The tile candidates the tune mode times for `config` (TUNE_CANDIDATES by padded q and operand bytes)."""
     if dry_run:
         return DRY_RUN_TUNE_CANDIDATES
     itemsize = torch.empty(0, dtype=getattr(torch, config["dtype"])).element_size()
@@ -415,7 +416,7 @@ def run_all(dry_run: bool = False, mode: str = "bench", on_result=None, deadline
         else:
             try:
                 if mode == "tune":
-                    results.append(tune_config(config, device, _tune_candidates(config, dry_run)))
+                    results.append(tune_config(config, device, tune_candidates(config, dry_run)))
                 else:
                     results.append(run_config(config, device, only))
             except Exception as err:  # noqa: BLE001 — recorded in the results file, not hidden

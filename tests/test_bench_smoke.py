@@ -427,7 +427,7 @@ def test_every_tuned_configuration_has_tile_candidates_led_by_the_tables_tiles()
     from odenets_fast.triton_kernels import mlp_step
 
     for config in triton_step.TUNE_CONFIGS:
-        candidates = triton_step._tune_candidates(config, dry_run=False)
+        candidates = triton_step.tune_candidates(config, dry_run=False)
         itemsize = torch.empty(0, dtype=getattr(torch, config["dtype"])).element_size()
         table = mlp_step.kernel_configs(config["q"], config["m"], itemsize, interpreted=False)
         for kind, tiles in zip(("forward", "reverse"), table):

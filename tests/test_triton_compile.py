@@ -6,8 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
-
 
 def _triton_aot(*args: str) -> str:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -26,13 +24,9 @@ def test_kernels_compile_for_sm90():
 def test_tune_candidates_compile_for_sm90():
     """Every tile candidate the GPU suite's tune stage would time compiles within the bounds (a
     candidate that does not would cost device time for an error)."""
-    import triton
-
     from bench import triton_step
 
     out = _triton_aot("--tune")
-    candidates = [triton_step.TUNE_CANDIDATES[max(64, triton.next_power_of_2(config["q"])),
-                                              torch.empty(0, dtype=getattr(torch, config["dtype"])).element_size()]
-                  for config in triton_step.TUNE_CONFIGS]  # fmt: skip
+    candidates = [triton_step.tune_candidates(config, dry_run=False) for config in triton_step.TUNE_CONFIGS]
     compiled = 2 * sum(len(tiles) for kinds in candidates for tiles in kinds.values())  # Euler and Heun
     assert out.count("\nok ") + out.startswith("ok ") == compiled, out

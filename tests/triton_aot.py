@@ -270,9 +270,8 @@ def tune_cases() -> list:
     cases = []
     for config in triton_step.TUNE_CONFIGS:
         dtype = getattr(torch, config["dtype"])
-        itemsize = torch.empty(0, dtype=dtype).element_size()
-        candidates = triton_step.TUNE_CANDIDATES[max(64, triton.next_power_of_2(config["q"])), itemsize]
-        table = triton_backend.kernel_configs(config["q"], config["m"], itemsize)
+        candidates = triton_step.tune_candidates(config, dry_run=False)
+        table = triton_backend.kernel_configs(config["q"], config["m"], torch.empty(0, dtype=dtype).element_size())
         for method in ("euler", "heun"):
             for kind, env, kernel, grads in (("forward", triton_backend.TILES_ENV.forward, "forward_layers_kernel", None),
                                              ("reverse", triton_backend.TILES_ENV.reverse, "reverse_layers_kernel", None),
