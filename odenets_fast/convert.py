@@ -143,6 +143,10 @@ def residual_increment(block: nn.Module) -> Optional[nn.Module]:
     return None
 
 
+def _full_name(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
 def convert(
     model: nn.Module,
     *,
@@ -177,7 +181,7 @@ def convert(
         stack.training = stack.blocks.training = training
         return stack
 
-    def replace_runs(seq: nn.Sequential, increments: dict) -> None:
+    def replace_runs(seq: nn.Sequential, path: str, increments: dict) -> None:
         """Each run of children with an increment becomes one stack, named after its first block."""
         parts = []  # (name, module)
         runs = itertools.groupby(seq._modules.items(), key=lambda item: increments[item[0]] is not None)
@@ -187,6 +191,14 @@ def convert(
                 parts.append((group[0][0], stack_of([increments[name] for name, _ in group], seq.training)))
             else:
                 parts.extend(group)
+        for (_, part), (name, after) in zip(parts, parts[1:]):
+            if isinstance(part, AdjointResidualStack) and backward == "adjoint" and getattr(after, "inplace", False):
+                # the adjoint backward starts its reconstruction from the stack's output: an in-place
+                # module after it would overwrite that (autograd's "modified by an inplace operation")
+                after.inplace = False
+                warnings.warn(f"convert: {_full_name(path, name)!r} ({type(after).__name__}) follows converted "
+                              "blocks and now runs with inplace=False: the adjoint backward reads the stack's "
+                              "output", stacklevel=3)  # fmt: skip
         numbered = list(seq._modules) == [str(i) for i in range(len(seq._modules))]
         seq._modules.clear()
         for position, (name, part) in enumerate(parts):
@@ -201,9 +213,9 @@ def convert(
             try:
                 increments[name] = residual_increment(child)
             except NotRecognised as why:
-                full_name = f"{path}.{name}" if path else name
-                warnings.warn(f"convert: {full_name!r} ({type(child).__name__}) left unconverted: {why}", stacklevel=2)
+                warnings.warn(f"convert: {_full_name(path, name)!r} ({type(child).__name__}) left unconverted: {why}",
+                              stacklevel=2)  # fmt: skip
                 increments[name] = None
         if any(increment is not None for increment in increments.values()):
-            replace_runs(module, increments)
+            replace_runs(module, path, increments)
     return model

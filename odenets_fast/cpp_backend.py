@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from . import _C  # noqa: F401  (registers torch.ops.odenets_fast.*)
-from .interface import Gradients, Saved
+from .interface import Gradients, Saved, in_grad_dtype
 from .spec import StackSpec, compute_dtype
 
 
@@ -48,10 +48,6 @@ def _to(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     return None if t is None else t.to(dtype)
 
 
-def _cast(t: Optional[Tensor], like: Optional[Tensor]) -> Optional[Tensor]:
-    return None if t is None else t.to(like.dtype)
-
-
 def forward(x: Tensor, W, V, b, c, spec: StackSpec) -> tuple[Tensor, Saved]:
     """Run x_0 → x_L, storing the states that `spec.backward` needs (DESIGN.md §5)."""
     dtype = compute_dtype(x.dtype)
@@ -69,6 +65,4 @@ def backward(grad_out: Tensor, saved: Saved, W, V, b, c, spec: StackSpec) -> Gra
         grad_out.to(dtype), final, anchors, stages, W.to(dtype), V.to(dtype), _to(b, dtype), _to(c, dtype),
         *_cpp_op_scalars(spec),
     )  # fmt: skip
-    return Gradients(
-        grad_x.to(grad_out.dtype), _cast(grad_W, W), _cast(grad_V, V), _cast(grad_b, b), _cast(grad_c, c), drift
-    )
+    return in_grad_dtype(grad_out, grad_x, grad_W, grad_V, grad_b, grad_c, drift)

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from . import reference
 from .ops import ode_mlp
-from .spec import check_stack
+from .spec import check_fixed_layout, check_stack
 
 
 def _relative(approx: Tensor, exact: Tensor, dims=None) -> Tensor:
@@ -42,6 +42,7 @@ def reconstruction_error(
     to x_n at every multiple of `anchor_every`). Entry L is 0 by construction. Computed by the
     reference in the compute dtype of x (float64 stays float64).
     """
+    check_fixed_layout(anchor_every, "reconstruction_error")
     spec = check_stack(
         x, W, V, b, c, method=method, activation=activation, T=T, backward="adjoint",
         anchor_every=anchor_every, scale_in=scale_in, scale_out=scale_out,

@@ -6,7 +6,9 @@
 
 `spec` is the validated `StackSpec`; x, grad_out and the stored states are 2-D (B, q) (the op flattens
 leading dimensions). Lower precisions compute in float32, float64 in float64 (`spec.compute_dtype(x.dtype)`):
-stored states are in the compute dtype, outputs and gradients in the dtypes of their inputs.
+stored states are in the compute dtype, outputs in x's dtype and gradients in grad_out's — the inputs'
+dtype (a call's tensors share one), or the compute dtype where a caller passes grad_out in it
+(segments.py, so that gradients cross segment boundaries unrounded).
 """
 
 from typing import NamedTuple, Optional, Protocol
@@ -26,7 +28,7 @@ class Saved(NamedTuple):
 
 
 class Gradients(NamedTuple):
-    """Gradients of one backward pass, in the dtypes of the inputs; b, c are None without biases.
+    """Gradients of one backward pass, in grad_out's dtype (`in_grad_dtype`); b, c are None without biases.
 
     `drift` is the 0-dim tensor ‖x̃_0 − x_0‖ / ‖x_0‖ (adjoint mode), None in backprop mode.
     """
@@ -47,7 +49,14 @@ class Backend(Protocol):
                  c: Optional[Tensor], spec: StackSpec) -> Gradients: ...  # fmt: skip
 
 
+def in_grad_dtype(grad_out: Tensor, x: Tensor, W: Tensor, V: Tensor, b: Optional[Tensor], c: Optional[Tensor],
+                  drift: Optional[Tensor]) -> Gradients:  # fmt: skip
+    """Gradients of x, W, V, b, c (computed in the compute dtype) in grad_out's dtype (module docstring)."""
+    return Gradients(*(None if t is None else t.to(grad_out.dtype) for t in (x, W, V, b, c)), drift)
+
+
 def relative_drift(reconstructed: Tensor, exact: Tensor) -> Tensor:
-    """‖x̃ − x‖ / ‖x‖ as a 0-dim tensor (no host sync); 0 for an empty or all-zero x."""
+    """‖x̃ − x‖ / ‖x‖ as a 0-dim tensor (no host sync); 0 for an empty x and where x̃ = x = 0. An all-zero x
+    has no scale to be relative to: there the error is divided by the smallest normal number."""
     err = torch.linalg.vector_norm(reconstructed - exact)
     return err / torch.linalg.vector_norm(exact).clamp_min(torch.finfo(exact.dtype).tiny)

@@ -146,6 +146,15 @@ class Plan:
         return "\n".join(lines)
 
 
+def _is_cpu(device: Union[str, torch.device, None]) -> bool:
+    if device is None or (isinstance(device, str) and device in DEVICES):
+        return False
+    try:
+        return torch.device(device).type == "cpu"
+    except (RuntimeError, TypeError):
+        return False
+
+
 def device_model(device: Union[str, torch.device, None]) -> DeviceModel:
     """The model of a named device ("H100", "H200") or of a live CUDA device."""
     if isinstance(device, str) and device in DEVICES:
@@ -157,6 +166,8 @@ def device_model(device: Union[str, torch.device, None]) -> DeviceModel:
         device = None  # not a device name either
     if device is None or device.type != "cuda":
         raise ValueError(f"device must be 'H100', 'H200' or a CUDA device; got {original!r}")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {original!r}: no CUDA device is available here; name a model ('H100' or 'H200')")
     props = torch.cuda.get_device_properties(device)
     for name, model in DEVICES.items():
         if name in props.name:
@@ -376,16 +387,18 @@ def plan(
     predicted forward and training-step times of the layered path, the fused path and eager PyTorch.
 
     `input_precision=None` is PyTorch's float32 matmul setting of the moment (as in `ode_mlp`)."""
-    from .spec import BACKWARD_MODES, METHODS, check_anchor_every, check_choice, check_positive_int, resolve_precision
+    from .spec import (BACKWARD_MODES, METHODS, check_anchor_every, check_choice, check_fixed_layout,
+                       check_positive_int, resolve_precision)
 
     B, q, m, L = (check_positive_int(name, value) for name, value in
                   (("batch", batch), ("dim", dim), ("hidden", hidden), ("depth", depth)))  # fmt: skip
     check_choice("method", method, METHODS)
     check_choice("backward", backward, BACKWARD_MODES)
     anchor_every = check_anchor_every(anchor_every, backward)
+    check_fixed_layout(anchor_every, "plan")
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"dtype must be float32, float16 or bfloat16 for the Triton backend; got {dtype}")
-    if not isinstance(device, str) and torch.device(device).type == "cpu":
+    if _is_cpu(device):
         return Plan("cpp", None, "CPU tensors run on the C++ backend (or the reference); the cost model covers "
                     "CUDA devices", "cpu", {})  # fmt: skip
     gpu = device_model(device)

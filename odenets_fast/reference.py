@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .activations import ACTIVATIONS
-from .interface import Gradients, Saved, relative_drift
+from .interface import Gradients, Saved, in_grad_dtype, relative_drift
 from .spec import StackSpec, compute_dtype
 
 
@@ -162,10 +162,7 @@ def backward(grad_out: Tensor, saved: Saved, W, V, b, c, spec: StackSpec) -> Gra
         g = _backward_step(stack, x, None if stages is None else stages[n], g, n, grads)
         x_next = x
 
-    def cast(t, like):
-        return None if t is None else t.to(like.dtype)
-
-    return Gradients(g.to(grad_out.dtype), cast(grads.W, W), cast(grads.V, V), cast(grads.b, b), cast(grads.c, c), drift)
+    return in_grad_dtype(grad_out, g, grads.W, grads.V, grads.b, grads.c, drift)
 
 
 def differentiable_forward(x: Tensor, W, V, b, c, spec: StackSpec) -> Tensor:

@@ -34,7 +34,7 @@ import math
 import torch
 from torch import Tensor
 
-from .interface import Gradients, Saved
+from .interface import Gradients, Saved, in_grad_dtype
 from .spec import StackSpec, compute_dtype
 
 # Merge two neighbouring segments when their drifts add up to less than drift_tol / GROW_BELOW: a cut
@@ -87,7 +87,7 @@ def backward(backend, grad_out: Tensor, saved: Saved, positions: list, W, V, b, 
     dtype = compute_dtype(grad_out.dtype)
     params = (W, V, b, c)
     totals = [None if t is None else torch.zeros(t.shape, dtype=dtype, device=t.device) for t in params]
-    g = grad_out
+    g = grad_out.to(dtype)  # carried between segments in the compute dtype, as within one (DESIGN.md §6)
     segments = bounds(positions, spec.depth)
     drifts, redone = [math.nan] * len(segments), [False] * len(segments)
     drift_of_first = None
@@ -112,10 +112,7 @@ def backward(backend, grad_out: Tensor, saved: Saved, positions: list, W, V, b, 
     if not spec.strict:  # one synchronisation for all of them
         drifts = torch.stack(drifts).tolist()
 
-    def cast(t, like):
-        return None if t is None else t.to(like.dtype)
-
-    gradients = Gradients(g, *(cast(t, like) for t, like in zip(totals, params)), drift_of_first)
+    gradients = in_grad_dtype(grad_out, g, *totals, drift_of_first)
     return gradients, drifts, redone
 
 

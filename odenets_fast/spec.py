@@ -207,6 +207,13 @@ def check_anchor_every(anchor_every, backward: str):
     return check_positive_int("anchor_every", anchor_every)
 
 
+def check_fixed_layout(anchor_every, what: str) -> None:
+    """`what` needs the stored states' layout before anything runs: "auto" (placed at run time) is an error."""
+    if anchor_every == AUTO:
+        raise ValueError(f"{what}: anchor_every='auto' places the stored states at run time; pass an int (the "
+                         f"typical distance between stored states) or None")  # fmt: skip
+
+
 def check_error_control(anchor_every, drift_tol, strict) -> tuple:
     """(drift_tol, strict) of a checked `anchor_every`: the tolerance (DEFAULT_DRIFT_TOL unless given)
     with "auto", and nothing without it, where either would silently do nothing."""

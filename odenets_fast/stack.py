@@ -249,6 +249,13 @@ def _unlisted_leaves(out: Tensor, listed: list) -> list:
     return found
 
 
+def _unlisted_message(layer: int, leaf: Tensor) -> str:
+    return (f"layer {layer} of an adjoint-mode AdjointResidualStack reads a tensor that requires grad (a leaf "
+            f"of shape {tuple(leaf.shape)}) other than x, the layer's own parameters and extra_inputs: the "
+            "adjoint backward would give it no gradient. Pass the tensor the blocks read as "
+            "stack(x, extra_inputs=[...]), or use backward='backprop'.")  # fmt: skip
+
+
 def _forward_states(stack, x: Tensor, positions: list, rng: Optional["_RngRecorder"]) -> tuple:
     """(x_L, [x_a for a in positions]): the forward loop, keeping the anchors' input states."""
     stored, anchors = set(positions), []
@@ -443,15 +450,12 @@ class _LayerVJP:
         """The cotangent of x_in (zeros where out does not depend on it); the gradients of the parameters
         that require grad and of the extra inputs are added to `grads`."""
         # dict: a block reused at several depths (weight tying) must be differentiated once per call
+        if not out.requires_grad:  # a block that reads nothing differentiable (zeros, a constant forcing)
+            return torch.zeros_like(x_in)
         wrt = list(dict.fromkeys(params + self.extras))
         unlisted = _unlisted_leaves(out, [x_in] + wrt)
         if unlisted:
-            raise RuntimeError(
-                f"layer {layer} of an adjoint-mode AdjointResidualStack reads a tensor that requires grad "
-                f"(a leaf of shape {tuple(unlisted[0].shape)}) other than x, the layer's own parameters "
-                "and extra_inputs: the adjoint backward would give it no gradient. Pass the tensor the "
-                "blocks read as stack(x, extra_inputs=[...]), or use backward='backprop'."
-            )
+            raise RuntimeError(_unlisted_message(layer, unlisted[0]))
         gx, *dinputs = torch.autograd.grad(out, [x_in] + wrt, cotangent, allow_unused=True)
         for t, d in zip(wrt, dinputs):
             if d is not None:
@@ -597,7 +601,20 @@ class AdjointResidualStack(nn.Module):
         listed = dict.fromkeys(extra_inputs)
         listed_params = tuple(position[id(t)] for t in listed if id(t) in position)
         extras = [t for t in listed if id(t) not in position]
+        if not (x.requires_grad or params or any(t.requires_grad for t in extras)):
+            return self._loop_reading_nothing_listed(x)
         return _AdjointStackFunction.apply(x, self, block_params, len(params), listed_params, *params, *extras)
+
+    def _loop_reading_nothing_listed(self, x: Tensor) -> Tensor:
+        """The forward loop where nothing the adjoint differentiates requires grad (x, the parameters and
+        extra_inputs all frozen): the adjoint's backward would never run, so a block reading another tensor
+        that requires grad would get no gradient and no error. The loop runs under autograd, which records
+        nothing unless a block reads such a tensor — then it raises the adjoint backward's error."""
+        for n in range(self.depth):
+            x = self.step(x, n)
+            if x.requires_grad:
+                raise RuntimeError(_unlisted_message(n, _unlisted_leaves(x, [])[0]))
+        return x
 
     def extra_repr(self) -> str:
         return (

@@ -30,7 +30,7 @@ import triton
 from torch import Tensor
 
 from . import planner, triton_layered
-from .interface import Gradients, Saved, relative_drift
+from .interface import Gradients, Saved, in_grad_dtype, relative_drift
 from .spec import StackSpec
 from .triton_kernels import mlp_step
 from .triton_kernels.activations import ACTIVATION_CODES
@@ -280,11 +280,5 @@ def backward(grad_out: Tensor, saved: Saved, W, V, b, c, spec: StackSpec) -> Gra
             )  # fmt: skip
     drift = relative_drift(drift_state, anchors[0]) if adjoint else None
     grad_W, grad_V, grad_b, grad_c = accumulators
-    return Gradients(
-        g.to(grad_out.dtype),
-        grad_W.to(W.dtype),
-        grad_V.to(V.dtype),
-        None if b is None else grad_b.to(b.dtype),
-        None if c is None else grad_c.to(c.dtype),
-        drift,
-    )
+    return in_grad_dtype(grad_out, g, grad_W, grad_V, grad_b if b is not None else None,
+                         grad_c if c is not None else None, drift)  # fmt: skip

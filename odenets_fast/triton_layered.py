@@ -28,7 +28,7 @@ import torch
 import triton
 from torch import Tensor
 
-from .interface import Gradients, Saved, relative_drift
+from .interface import Gradients, Saved, in_grad_dtype, relative_drift
 from .spec import StackSpec
 from .triton_kernels import layered
 from .triton_kernels.activations import ACTIVATION_CODES
@@ -414,8 +414,4 @@ def backward(grad_out: Tensor, saved: Saved, W: Tensor, V: Tensor, b, c, spec: S
     elif adjoint:
         drift = relative_drift(final, anchors[0])
 
-    def cast(t, like):
-        return None if t is None else t.to(like.dtype)
-
-    return Gradients(g.value.to(grad_out.dtype), cast(grads.W, W), cast(grads.V, V), cast(grads.b, b),
-                     cast(grads.c, c), drift)  # fmt: skip
+    return in_grad_dtype(grad_out, g.value, grads.W, grads.V, grads.b, grads.c, drift)

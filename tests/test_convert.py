@@ -82,6 +82,27 @@ def test_converted_backprop_gradients_equal_original():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("backward", ["backprop", "adjoint"])
+def test_an_in_place_module_after_converted_blocks_still_trains(backward):
+    """The adjoint backward reads the stack's output: a module after it that would overwrite it in place
+    runs with inplace=False (a warning says so), and the converted model gives the original gradients;
+    backprop mode reads nothing of it and leaves the module as it is."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), Residual(6), Residual(6), nn.ReLU(inplace=True), nn.Linear(6, 2))
+    x = torch.randn(8, 5)
+    want = torch.autograd.grad(model(x).sum(), list(model.parameters()))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        convert(model, backward=backward, anchor_every=1 if backward == "adjoint" else None)
+    assert model[2].inplace == (backward == "backprop")
+    messages = [str(w.message) for w in caught]
+    assert messages == (["convert: '3' (ReLU) follows converted blocks and now runs with inplace=False: the adjoint "
+                         "backward reads the stack's output"] if backward == "adjoint" else [])  # fmt: skip
+    got = torch.autograd.grad(model(x).sum(), list(model.parameters()))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("train", [True, False])
 def test_torchvision_style_stage_keeps_the_downsampling_block(train):
     torch.manual_seed(0)

@@ -62,6 +62,12 @@ def test_gradient_error_checks_its_stack_first():
         diagnostics.gradient_error(x, W, V, anchor_every=0)
 
 
+def test_reconstruction_error_needs_a_fixed_layout():
+    x, W, V, b, c = make_stack()
+    with pytest.raises(ValueError, match="reconstruction_error: anchor_every='auto' places the stored states at run time"):
+        diagnostics.reconstruction_error(x, W, V, anchor_every="auto")
+
+
 def test_depth_smoothness():
     W = torch.zeros(4, 2, 2)
     W[2] = 3.0  # ‖W_2 − W_1‖_F = ‖W_3 − W_2‖_F = 6

@@ -129,6 +129,26 @@ def test_a_uniform_layout_is_anchor_every(method):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("method", ["euler", "heun"])
+@pytest.mark.parametrize("backend, dtype", [(name, dtype) for name in BACKENDS for dtype in (torch.float16, torch.bfloat16)
+                                            if not (name.startswith("triton") and dtype == torch.bfloat16)],
+                         indirect=["backend"])  # fmt: skip  (the Triton interpreter has no bfloat16)
+def test_16_bit_gradients_cross_segment_boundaries_unrounded(backend, dtype, method):
+    """A 16-bit stack carries its gradients in float32 between segments as within one (DESIGN.md §6):
+    one segment per layer gives anchor_every=1's gradients (Heun's θ at a boundary, which two segments
+    share, summed before it is rounded), not gradients rounded to 16 bits at each of 23 boundaries."""
+    L = 24
+    tensors = [t.to(dtype) for t in make_stack(B=16, q=8, m=16, L=L, method=method, bias=True, v_scale=0.5)]
+    grad_out = torch.randn(16, 8).to(dtype)
+    leaves = [t.clone().requires_grad_(True) for t in tensors]
+    auto = torch.autograd.grad(ode_mlp(*leaves, method=method, anchor_every="auto", drift_tol=1.0, backend=backend,
+                                       anchor_mask=torch.ones(L, dtype=torch.bool)), leaves, grad_out)  # fmt: skip
+    fixed = torch.autograd.grad(ode_mlp(*leaves, method=method, anchor_every=1, backend=backend), leaves, grad_out)
+    for a, b in zip(auto, fixed):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a, b, rtol=torch.finfo(dtype).eps, atol=0)  # at most an ulp: float32 order
+
+
 def test_strict_redoes_exactly_what_exceeds_the_tolerance():
     """segments.backward's own report: segments above drift_tol (longer than one layer) redone, the
     others not; the redone ones' gradients are exact backprop's."""

@@ -96,8 +96,9 @@ def test_fused_product_instructions(block_b, operand_bytes, precision, block_m, 
     assert planner.fused_product_instruction(block_b, operand_bytes, precision, block_m, weight_products) == want
 
 
-def test_cpu_tensors_have_no_triton_plan():
-    result = plan(**WIDE, device=torch.device("cpu"))
+@pytest.mark.parametrize("device", [torch.device("cpu"), "cpu"])
+def test_cpu_tensors_have_no_triton_plan(device):
+    result = plan(**WIDE, device=device)
     assert result.backend == "cpp" and result.path is None and not result.estimates
 
 
@@ -108,6 +109,9 @@ def test_cpu_tensors_have_no_triton_plan():
     (dict(method="rk4"), ValueError, "method must be one of"),
     (dict(backward="backprop", anchor_every=2), ValueError, "anchor_every is only meaningful"),
     (dict(input_precision="fp8"), ValueError, "input_precision must be one of"),
+    (dict(anchor_every="auto"), ValueError, "plan: anchor_every='auto' places the stored states at run time"),
+    *([(dict(device="cuda:0"), ValueError, "no CUDA device is available here")] if not torch.cuda.is_available()
+      else []),
 ])  # fmt: skip
 def test_bad_arguments(kwargs, error, message):
     with pytest.raises(error, match=message):

@@ -342,6 +342,61 @@ def test_tensor_the_blocks_read_but_do_not_own_is_an_error_not_a_lost_gradient()
         adjoint(torch.randn(2, 3, dtype=torch.float64)).square().sum().backward()
 
 
+def test_unlisted_tensor_of_a_frozen_stack_is_an_error_not_a_lost_gradient():
+    """x and every parameter frozen, the blocks reading a tensor that requires grad (a conditioning
+    embedding trained through a frozen stack): the adjoint's backward would never run, so the same error
+    comes from the forward; listed, the tensor gets its gradient; nothing requiring grad: no error."""
+    embedding = nn.Parameter(torch.tensor(0.5, dtype=torch.float64))
+    adjoint, plain = _scaled_stacks("euler", embedding * 2)
+    adjoint.requires_grad_(False)
+    x = torch.randn(2, 3, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=r"layer 0 .* reads a tensor that requires grad \(a leaf of shape \(\)\)"):
+        adjoint(x)
+
+    def scale(value):  # rebuilt per call, as a model's forward would
+        for block in adjoint.blocks:
+            block.scale = value
+        return value
+
+    (got,) = _loss_grads(adjoint, x, [embedding], extra_inputs=[scale(embedding * 2)])
+    scale(embedding * 2)
+    torch.testing.assert_close(got, _loss_grads(plain, x, [embedding])[0])
+    scale(torch.tensor(1.0, dtype=torch.float64))
+    assert not adjoint(x).requires_grad
+
+
+class ZeroBlock(nn.Module):
+    """A block whose output is zero: reading nothing differentiable (a switched-off block, a constant
+    forcing), or, `through_autograd`, times 0 after a layer of its own (the same values under autograd)."""
+
+    def __init__(self, through_autograd=False):
+        super().__init__()
+        self.lin = nn.Linear(3, 3, dtype=torch.float64) if through_autograd else None
+
+    def forward(self, x):
+        return torch.zeros_like(x) if self.lin is None else self.lin(x) * 0.0
+
+
+@pytest.mark.parametrize("method, vjp_at", [("euler", "state"), ("euler", "reconstruction"), ("euler", "extrapolated"),
+                                            ("heun", "state"), ("heun", "reconstruction")])  # fmt: skip
+@pytest.mark.parametrize("anchor_every", [None, 1])
+def test_block_reading_nothing_differentiable(method, vjp_at, anchor_every):
+    """Its VJP is zero (its layer passes the gradient on unchanged), not autograd's error on an output
+    that does not require grad: the gradients of the same stack with a zero block that goes through
+    autograd."""
+    torch.manual_seed(0)
+    others = [nn.Linear(3, 3, dtype=torch.float64) for _ in range(3 if method == "heun" else 2)]
+    x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    wrt = [x] + [p for block in others for p in block.parameters()]
+    grads = []
+    for zero in (ZeroBlock(), ZeroBlock(through_autograd=True)):
+        blocks = [others[0], zero, *others[1:]]
+        stack = AdjointResidualStack(blocks, method=method, anchor_every=anchor_every, vjp_at=vjp_at)
+        grads.append(_loss_grads(stack, x, wrt))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-14, atol=1e-15)
+
+
 @pytest.mark.parametrize("leaf", [False, True])
 @pytest.mark.parametrize("method", ["euler", "heun"])
 def test_extra_inputs_get_their_gradient(method, leaf):
