@@ -22,8 +22,9 @@ older per-warp tensor-core products) or "fma" (CUDA cores: float32 at input_prec
 failure is a compile error, shared memory beyond the H100's 227 KiB, a stack beyond MAX_STACK_BYTES,
 a fused step kernel whose products are not what odenets_fast.planner's cost model assumes
 (`fused_product_instruction`), the narrow goal shape's TF32 or 16-bit products not on wgmma (or
-spilling: none allowed for 16-bit operands, a little for TF32's and for Heun's anchored adjoint), or atomics that are not relaxed. Without --all, a representative subset (the narrow goal shape in
-bfloat16 and TF32, the wide shape in float32 and bfloat16, both paths) that compiles in a few minutes
+spilling: none allowed for 16-bit operands, a little for TF32's and for Heun's anchored adjoint), or atomics that are not relaxed. Without --all, a representative subset (the goal configurations as
+`make gpu-quick` launches them; the narrow goal shape in bfloat16 and TF32 and the wide shape in float32
+and bfloat16 in the heaviest variants, both paths) that compiles in a few minutes
 on 2 cores; --all also covers the crossover's and the GPU tests' shapes and every precision.
 """
 
@@ -44,6 +45,8 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository: bench/
+from bench import triton_step  # noqa: E402
 from odenets_fast import planner, triton_backend, triton_layered  # noqa: E402
 from odenets_fast.spec import check_stack  # noqa: E402
 from odenets_fast.triton_kernels import layered, mlp_step  # noqa: E402
@@ -64,8 +67,16 @@ MAX_STACK_BYTES_TF32_NARROW = 128
 # 4 or 16 warps. 32-row tiles spill 0–40 bytes but lose wgmma; the tune stage times both.
 MAX_STACK_BYTES_NARROW_ANCHORED_HEUN = 384
 
-# (name, B, q, m, L, dtype, input_precision, method, backward, anchor_every, path, weight-gradient reduction)
-SUBSET = [
+# (name, B, q, m, L, dtype, input_precision, method, backward, anchor_every, path, weight-gradient reduction
+#  [, activation, biases]: without them "gelu_tanh" with biases, the kernels' heaviest variant)
+# The goal configurations as `make gpu-quick` launches them (bench.triton_step's goals mode: ode_mlp's
+# defaults — gelu, no biases, Euler, adjoint, the deterministic reduction the backend picks — both paths).
+GOALS = [
+    (config["name"], config["B"], config["q"], config["m"], config["L"], getattr(torch, config["dtype"]),
+     config.get("precision", "ieee"), "euler", "adjoint", None, path, None, "gelu", False)
+    for config in triton_step.GOAL_CONFIGS for path in planner.PATHS
+]  # fmt: skip
+SUBSET = GOALS + [
     ("narrow", 16384, 64, 128, 256, torch.bfloat16, "ieee", "heun", "adjoint", None, "fused", "partials"),
     ("narrow", 16384, 64, 128, 256, torch.float32, "tf32", "heun", "adjoint", None, "fused", "partials"),
     ("narrow", 16384, 64, 128, 256, torch.bfloat16, "ieee", "euler", "adjoint", None, "fused", "atomic"),
@@ -112,11 +123,13 @@ def _launches_recorded():
 def launches_of(case) -> list:
     """The launches one forward and backward of `case` makes, on CPU tensors: the backend planning as
     on an H100 (132 SMs), the tensor contents irrelevant (nothing runs)."""
-    name, B, q, m, L, dtype, precision, method, backward, anchor_every, path, grads = case
+    name, B, q, m, L, dtype, precision, method, backward, anchor_every, path, grads, *call = case
+    activation, bias = call or ("gelu_tanh", True)
     P = L + 1 if method == "heun" else L
     x = torch.zeros(B, q, dtype=dtype)
     W, V, b, c = (torch.zeros(shape, dtype=dtype) for shape in ((P, m, q), (P, q, m), (P, m), (P, q)))
-    spec = check_stack(x, W, V, b, c, method=method, activation="gelu_tanh", T=1.0, backward=backward,
+    b, c = (b, c) if bias else (None, None)
+    spec = check_stack(x, W, V, b, c, method=method, activation=activation, T=1.0, backward=backward,
                        anchor_every=anchor_every, scale_in=None, scale_out=None, input_precision=precision,
                        deterministic=grads != "atomic")  # fmt: skip
     env = {planner.PATH_ENV: path, triton_backend.WEIGHT_GRADS_ENV: grads if grads in ("partials", "workspace") else ""}
@@ -264,9 +277,6 @@ def tune_cases() -> list:
     bench.triton_step --mode tune` times, at its configurations: each candidate's kernel in an Euler
     and a Heun adjoint step (the tune mode times Euler; the table serves both) with biases (the heavier
     variant), the forward and reverse tiles with the table's pipeline stages, as the tune mode sets them."""
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from bench import triton_step
-
     cases = []
     for config in triton_step.TUNE_CONFIGS:
         dtype = getattr(torch, config["dtype"])
@@ -318,7 +328,7 @@ def main(argv: list) -> int:
     failures, seen = 0, set()
     for case in cases:
         label = "{} B={} q={} m={} L={} {} {} {} {} anchor={} {} {}".format(*case[:5], str(case[5]).removeprefix("torch."),
-                                                                            *case[6:])  # fmt: skip
+                                                                            *case[6:12]) + "".join(f" {v}" for v in case[12:])  # fmt: skip
         try:
             launches = launches_of(case)
         except Exception as err:  # the planning itself failed

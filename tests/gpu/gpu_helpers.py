@@ -2,8 +2,10 @@
 
 import torch
 
+import naive
 from helpers import make_stack
 from odenets_fast import ode_mlp
+from odenets_fast.triton_layered import tf32_context
 
 CUDA = torch.device("cuda")
 
@@ -17,6 +19,23 @@ def run_grads(fn, tensors, grad_out):
 
 def rel(a, b):
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+def assert_no_worse_than_eager(tensors64, grad_out, dtype, precision: str = "ieee", **kw) -> None:
+    """flash-attention's yardstick. Oracle: the float64 reference in the same backward mode (`kw`:
+    method, backward, …). The Triton backend run in `dtype` with `precision` products may be at most
+    twice as far from it (plus 1e-4) as the eager loop run in `dtype` (with TF32 matmuls for "tf32",
+    full float32 otherwise) is from the float64 eager loop — that loop's rounding error."""
+    method = kw.get("method", "euler")
+    oracle = run_grads(lambda *t: ode_mlp(*t, backend="reference", **kw), tensors64, grad_out)
+    exact = run_grads(lambda *t: naive.eager_forward(*t, method=method), tensors64, grad_out)
+    low = [t.to(dtype) for t in tensors64]
+    ours = run_grads(lambda *t: ode_mlp(*t, backend="triton", input_precision=precision, **kw), low, grad_out)
+    with tf32_context("tf32" if precision == "tf32" else "ieee", CUDA):
+        eager = run_grads(lambda *t: naive.eager_forward(*t, method=method), low, grad_out)
+    for o, want, e_low, e in zip(ours, oracle, eager, exact):
+        assert o.dtype == dtype
+        assert rel(o, want) <= 2 * rel(e_low, e) + 1e-4, (rel(o, want), rel(e_low, e))
 
 
 def peak_step_bytes(L, method, backward, B=4096, q=256, m=512):
