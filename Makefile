@@ -16,7 +16,7 @@ test: $(STAMP)
 # CPU benchmarks and the papers' figures (several minutes); tables on stdout, files in bench/results/.
 bench: $(STAMP)
 	$(PY) -m bench.cpu_training_step
-	$(PY) -m bench.memory
+	OMP_NUM_THREADS=1 $(PY) -m bench.memory --reps 7
 	$(PY) -m bench.conv_example
 	$(PY) -m bench.generic_blocks
 	$(PY) -m bench.repro_gradient_error

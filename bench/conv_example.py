@@ -6,15 +6,18 @@ then `AdjointResidualStack` of L pre-activation blocks (bn → relu → conv3×3
 global average pooling and a linear classifier. Data: 10 classes of 32×32 images, each a fixed random
 template of its class plus Gaussian noise, generated locally from a seed (no download).
 
-For each depth L and backward mode (backprop: the plain loop; adjoint: reconstruction), a few SGD
-steps: peak memory of a training step (parameters and gradients excluded; CPU: a fresh process per
-configuration, as bench.memory), median step time, and the loss after training; plus the relative
-error of the adjoint gradient against backprop at the same weights and batch.
+For each depth L and backward mode (backprop: the plain loop; adjoint: reconstruction): peak memory
+of a training step (parameters and gradients excluded; CPU: a fresh process per configuration, as
+bench.memory); median step time of a few SGD steps, both modes timed in one process on the same batch
+(on the CPU taking turns step by step, so that load from other processes falls on both alike), and
+the loss after them; plus the relative error of the adjoint gradient against backprop at the same
+weights and batch.
 
-    python -m bench.conv_example [--depths 4 16 64] [--steps 5] [--batch 64]
+    python -m bench.conv_example [--depths 4 16 64] [--steps 7] [--batch 64]
 """
 
 import argparse
+import functools
 import json
 
 import torch
@@ -22,7 +25,7 @@ from torch import nn
 
 from bench.peak_memory import in_fresh_process, peak_bytes
 from bench.report import environment, markdown_table, output_stem, write_json
-from bench.timing import median_ms
+from bench.timing import interleaved_medians_ms, median_ms
 from odenets_fast import AdjointResidualStack
 
 CHANNELS, CLASSES, SIZE = 16, 10, 32
@@ -60,22 +63,37 @@ def _train_step(net, images, labels, opt):
     return loss.item()
 
 
-def run_config(depth: int, backward: str, steps: int, batch: int, device: torch.device) -> dict:
-    """Peak memory of one step (after one warm-up step) less its parameter gradients, median step time
-    and final loss. The warm-up's gradients are held through the measured step: freed by its
-    zero_grad, their blocks (under the mmap threshold) would take the step's new gradients without
-    raising the RSS, and subtracting the gradient bytes would remove memory never counted."""
+def _training(depth: int, backward: str, batch: int, device: torch.device) -> tuple:
     net = make_net(depth, backward).to(device)
     images, labels = (t.to(device) for t in synthetic_batch(batch))
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
-    _train_step(net, images, labels, opt)  # allocates the gradients and the optimizer state
+    return net, functools.partial(_train_step, net, images, labels, opt), (images, labels)
+
+
+def peak_memory(depth: int, backward: str, batch: int, device: torch.device) -> dict:
+    """Peak memory of one step (after one warm-up step) less its parameter gradients. The warm-up's
+    gradients are held through the measured step: freed by its zero_grad, their blocks (under the mmap
+    threshold) would take the step's new gradients without raising the RSS, and subtracting the
+    gradient bytes would remove memory never counted."""
+    net, step, _ = _training(depth, backward, batch, device)
+    step()  # allocates the gradients and the optimizer state
     warmup_gradients = [p.grad for p in net.parameters()]
     gradient_bytes = sum(g.numel() * g.element_size() for g in warmup_gradients)
-    peak = peak_bytes(lambda: _train_step(net, images, labels, opt), device)
-    del warmup_gradients
-    ms = median_ms(lambda: _train_step(net, images, labels, opt), device, warmup=0, reps=steps)
-    return {"peak_bytes": peak - gradient_bytes, "median_ms": ms,
-            "loss": nn.functional.cross_entropy(net(images), labels).item()}  # fmt: skip
+    return {"peak_bytes": peak_bytes(step, device) - gradient_bytes}
+
+
+def step_times_and_losses(depth: int, steps: int, batch: int, device: torch.device) -> dict:
+    """Per mode, the median time of `steps` training steps after one warm-up step, both modes in this
+    process on the same batch and weights, and the loss after them."""
+    runs = {backward: _training(depth, backward, batch, device) for backward in ("backprop", "adjoint")}
+    steps_of = {backward: step for backward, (_, step, _) in runs.items()}
+    if device.type == "cuda":
+        times = {backward: median_ms(step, device, warmup=1, reps=steps) for backward, step in steps_of.items()}
+    else:
+        times = interleaved_medians_ms(steps_of, warmup=1, reps=steps)
+    losses = {backward: nn.functional.cross_entropy(net(images), labels).item()
+              for backward, (net, _, (images, labels)) in runs.items()}  # fmt: skip
+    return {backward: {"median_ms": times[backward], "loss": losses[backward]} for backward in runs}
 
 
 def gradient_error(depth: int, batch: int, device: torch.device) -> float:
@@ -89,29 +107,30 @@ def gradient_error(depth: int, batch: int, device: torch.device) -> float:
     return float((grads["adjoint"] - grads["backprop"]).norm() / grads["backprop"].norm())
 
 
-def _measure(depth: int, backward: str, steps: int, batch: int, device: torch.device) -> dict:
+def _peak_memory(depth: int, backward: str, batch: int, device: torch.device) -> dict:
     if device.type == "cuda":
-        return run_config(depth, backward, steps, batch, device)
-    args = ["bench.conv_example", "--worker", backward, str(depth), "--steps", str(steps), "--batch", str(batch)]
+        return peak_memory(depth, backward, batch, device)
+    args = ["bench.conv_example", "--worker", backward, str(depth), "--batch", str(batch)]
     return in_fresh_process(args, f"{backward} at L={depth}")
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--depths", type=int, nargs="+", default=[4, 16, 64])
-    parser.add_argument("--steps", type=int, default=5, help="timed training steps per configuration")
+    parser.add_argument("--steps", type=int, default=7, help="timed training steps per configuration")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--out", default=None, help="results folder (default bench/results)")
     parser.add_argument("--worker", nargs=2, metavar=("BACKWARD", "DEPTH"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.worker:
-        print(json.dumps(run_config(int(args.worker[1]), args.worker[0], args.steps, args.batch, device)))
+        print(json.dumps(peak_memory(int(args.worker[1]), args.worker[0], args.batch, device)))
         return {}
 
     rows, results = [], {"config": vars(args), "environment": environment(device), "depths": {}}
     for depth in args.depths:
-        measured = {mode: _measure(depth, mode, args.steps, args.batch, device) for mode in ("backprop", "adjoint")}
+        timed = step_times_and_losses(depth, args.steps, args.batch, device)
+        measured = {mode: {**_peak_memory(depth, mode, args.batch, device), **timed[mode]} for mode in timed}
         error = gradient_error(depth, args.batch, device)
         results["depths"][str(depth)] = {**measured, "adjoint_gradient_error": error}
         b, a = measured["backprop"], measured["adjoint"]

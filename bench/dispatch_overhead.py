@@ -9,7 +9,7 @@ On a one-layer stack with a tiny batch the arithmetic is negligible, so the diff
 medians are per-call overheads of one forward + backward. Writes
 `bench/results/dispatch-overhead-<device>-<yyyymmdd>.json`.
 
-    python -m bench.dispatch_overhead [--backend cpp] [--calls 2000]
+    python -m bench.dispatch_overhead [--backend cpp] [--calls 2000] [--rounds 5]
 """
 
 import argparse
@@ -59,7 +59,8 @@ def _per_call_us(fn, calls: int, rounds: int = 5) -> float:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backend", default=None, help="reference or cpp (default: automatic)")
-    parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--calls", type=int, default=2000, help="calls per timed round")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds, each path once per round (median)")
     parser.add_argument("--out", default=None, help="results folder (default bench/results)")
     args = parser.parse_args(argv)
     x = torch.randn(8, 4, requires_grad=True)
@@ -83,7 +84,7 @@ def main(argv=None) -> dict:
 
     paths = (("custom_op", custom_op), ("ode_mlp", public_op), ("plain_function", plain_function))
     timings = {}
-    for _ in range(2):  # interleaved: load bursts fall on all paths
+    for _ in range(args.rounds):  # interleaved: load bursts fall on all paths
         for name, fn in paths:
             timings.setdefault(name, []).append(_per_call_us(fn, args.calls))
     medians = {name: statistics.median(values) for name, values in timings.items()}
@@ -93,7 +94,8 @@ def main(argv=None) -> dict:
     print(f"{env['device']}, torch {torch.__version__}, backend {backend_name}, L = 1, B = 8\n")
     print(markdown_table(["path", "µs per forward + backward"],
                          [[k, f"{v:.1f}"] for k, v in {**medians, **overheads}.items()]))  # fmt: skip
-    results = {"config": {"backend": backend_name, "calls": args.calls, "L": 1, "B": 8, "q": 4, "m": 8},
+    results = {"config": {"backend": backend_name, "calls": args.calls, "rounds": args.rounds, "L": 1, "B": 8, "q": 4,
+                          "m": 8},
                "environment": env, "median_us": medians, "overhead_us": overheads}  # fmt: skip
     write_json(output_stem("dispatch-overhead", x.device, args.out).with_suffix(".json"), results)
     return results

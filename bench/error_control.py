@@ -132,23 +132,29 @@ def _batch(kind: str, seed: int):
 
 
 def _plot(path, results: dict, drift_tol: float) -> None:
+    """Colour: the model; marker: the mode (the scatter has more series than a colour cycle)."""
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
-    for kind, per_mode in results.items():
+    markers = dict(zip(dict.fromkeys(name for per_mode in results.values() for name in per_mode), "os^vDPX*"))
+    for index, (kind, per_mode) in enumerate(results.items()):
+        color = f"C{index}"
         for name in ("auto", "auto strict"):
             r = per_mode[name]
             steps = range(1, len(r["anchors"]) + 1)
-            axes[0].plot(steps, r["anchors"], marker="o", label=f"{kind}, {name}")
-            axes[1].semilogy(steps, r["drift"], marker="o", label=f"{kind}, {name}")
+            style = dict(color=color, marker=markers[name], label=f"{kind}, {name}")
+            axes[0].plot(steps, r["anchors"], **style)
+            axes[1].semilogy(steps, r["drift"], **style)
         for name, r in per_mode.items():
             points = [(d, e) for d, e in zip(r["drift"], r["gradient_error"]) if d and e > 1e-12]  # exact: no point
             if points:
-                axes[2].loglog(*zip(*points), ".", label=f"{kind}, {name}")
+                axes[2].loglog(*zip(*points), linestyle="none", color=color, marker=markers[name], markersize=4,
+                               label=f"{kind}, {name}")  # fmt: skip
     axes[1].axhline(drift_tol, color="k", linestyle="--", label="drift_tol")
-    for ax, title, ylabel in ((axes[0], "anchors the controller places", "segments"),
+    for ax, title, ylabel in ((axes[0], "segments the controller places", "segments"),
                               (axes[1], "largest segment drift", "drift"),
                               (axes[2], "gradient error against drift, every mode and step", "gradient error")):  # fmt: skip
         ax.set_title(title)
-        ax.set_xlabel("drift" if ax is axes[2] else "training step")
+        xlabel = "drift (auto: the largest segment's; anchor_every: the first's)" if ax is axes[2] else "training step"
+        ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
     save_figure(fig, axes, path, dpi=110)
 

@@ -306,6 +306,10 @@ def tables(results: dict) -> str:
     return "\n\n".join(out)
 
 
+# What each mode's drift is (`_drift`): one panel shows them all
+DRIFT_OF = {"anchors √L": "first segment", "auto": "largest segment", "auto strict": "largest segment"}
+
+
 def plot(path, results: dict) -> None:
     """Per model: test accuracy against depth per mode; drift over training at the shallowest and the
     deepest depth (seed 0)."""
@@ -328,7 +332,7 @@ def plot(path, results: dict) -> None:
             for name, run in per_depth[str(depth)]["seeds"][0].items():
                 points = [(e + 1, d) for e, d in enumerate(run["drift"]) if d is not None and d > 0]
                 if points:
-                    ax.semilogy(*zip(*points), marker=".", label=name)
+                    ax.semilogy(*zip(*points), marker=".", label=f"{name} ({DRIFT_OF.get(name, 'whole stack')})")
             ax.set_title(f"{kind}, L = {depth}: drift over training (seed 0)")
             ax.set_xlabel("epoch")
             ax.set_ylabel("median drift of the epoch's steps")

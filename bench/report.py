@@ -32,11 +32,12 @@ def git_commit() -> str:
 
 
 def git_dirty() -> Optional[bool]:
-    """Whether tracked files differ from that commit (results measured on uncommitted code); None where the
-    tree has no git checkout."""
+    """Whether the tree differs from that commit — tracked files changed, or new files outside bench/results
+    (an uncommitted benchmark script): results measured on uncommitted code; None where the tree has no git
+    checkout. Results written earlier in the same run are new files too, hence the exception."""
     try:
-        return bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                                   text=True, cwd=ROOT, check=True).stdout.strip())  # fmt: skip
+        return bool(subprocess.run(["git", "status", "--porcelain", "--", ".", ":(exclude)bench/results"],
+                                   capture_output=True, text=True, cwd=ROOT, check=True).stdout.strip())  # fmt: skip
     except (OSError, subprocess.CalledProcessError):
         return None
 

@@ -124,7 +124,8 @@ RATIOS = {
     "whole_depth_adjoint_step_vs_eager_backprop": ("fused_adjoint_step", "eager_backprop_step"),
     "per_layer_forward_vs_eager_forward": ("per_layer_forward", "eager_forward"),
     "per_layer_adjoint_step_vs_eager_backprop": ("per_layer_adjoint_step", "eager_backprop_step"),
-    "adjoint_step_tf32_vs_eager_backprop": ("fused_adjoint_step_tf32", "eager_backprop_step"),
+    # TF32 against eager in TF32; tf32x3 (about float32's accuracy) against eager in full float32
+    "adjoint_step_tf32_vs_eager_backprop_tf32": ("fused_adjoint_step_tf32", "eager_backprop_step_tf32"),
     "adjoint_step_tf32x3_vs_eager_backprop": ("fused_adjoint_step_tf32x3", "eager_backprop_step"),
     "layered_forward_vs_eager_forward": ("layered_forward", "eager_forward"),
     "layered_adjoint_step_vs_eager_backprop": ("layered_adjoint_step", "eager_backprop_step"),
@@ -215,6 +216,13 @@ def _run_config(config: dict, device: torch.device, only) -> dict:
         return lambda: ode_mlp(x, W, V, backward=backward, backend="triton", input_precision=precision,
                                deterministic=deterministic)  # fmt: skip
 
+    def under_tf32(run):
+        def tf32_run():
+            with tf32_context("tf32", device):
+                run()
+
+        return tf32_run
+
     fused = {PATH_ENV: "fused"}
     layered = {PATH_ENV: "layered"}
     per_layer = {**fused, LAYERS_PER_LAUNCH_ENV: 1}
@@ -239,6 +247,7 @@ def _run_config(config: dict, device: torch.device, only) -> dict:
         contenders["layered_adjoint_step_graphed"] = _graphed(contenders["layered_adjoint_step"], device)
     if dtype == torch.float32 and config.get("precision", "ieee") == "ieee":
         contenders["fused_adjoint_step_tf32"] = step(triton("adjoint", "tf32"), **fused)
+        contenders["eager_backprop_step_tf32"] = under_tf32(step(lambda: eager_forward(x, W, V)))
         contenders["fused_backprop_step_tf32"] = step(triton("backprop", "tf32"), **fused)
         contenders["fused_adjoint_step_tf32x3"] = step(triton("adjoint", "tf32x3"), **fused)
     if only is not None:
@@ -460,7 +469,7 @@ def markdown_table(results: list) -> str:
         ("layered adjoint/eager", None, "layered_adjoint_step_vs_eager_backprop"),
         ("fused adjoint/eager", None, "adjoint_step_vs_eager_backprop"),
         ("per-layer adjoint/eager", None, "per_layer_adjoint_step_vs_eager_backprop"),
-        ("fused adjoint TF32/eager", None, "adjoint_step_tf32_vs_eager_backprop"),
+        ("fused adjoint TF32/eager TF32", None, "adjoint_step_tf32_vs_eager_backprop_tf32"),
         ("dW workspace/partials", None, "weight_grads_workspace_vs_partials"),
         ("dW atomic/partials", None, "weight_grads_atomic_vs_partials"),
     ]  # fmt: skip

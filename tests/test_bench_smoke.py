@@ -113,8 +113,12 @@ def test_results_say_whether_the_code_measured_was_committed(tmp_path, monkeypat
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
     for args in (["init", "-q"], ["add", "code.py"], ["commit", "-q", "-m", "code"]):
         subprocess.run(git + args, check=True)
-    (tmp_path / "results.json").write_text("{}")  # untracked files are not the code measured
+    (tmp_path / "bench" / "results").mkdir(parents=True)
+    (tmp_path / "bench" / "results" / "earlier.json").write_text("{}")  # results of the same run: not code
     assert report.git_dirty() is False and report.environment(torch.device("cpu"))["git_dirty"] is False
+    (tmp_path / "bench" / "new_benchmark.py").write_text("x = 1\n")  # an uncommitted script measured
+    assert report.git_dirty() is True
+    (tmp_path / "bench" / "new_benchmark.py").unlink()
     (tmp_path / "code.py").write_text("x = 2\n")
     assert report.git_dirty() is True
 
@@ -408,7 +412,7 @@ def test_a_failing_contender_keeps_the_others_times(monkeypatch):
     (result,) = triton_step.run_all(dry_run=True)
     assert result["errors"] == {"fused_adjoint_step_tf32x3": "RuntimeError: PassManager::run failed"}
     assert "fused_adjoint_step_tf32x3" not in result["median_ms"] and "fused_adjoint_step_tf32" in result["median_ms"]
-    assert {"adjoint_step_vs_eager_backprop", "adjoint_step_tf32_vs_eager_backprop"} <= set(result["ratios"])
+    assert {"adjoint_step_vs_eager_backprop", "adjoint_step_tf32_vs_eager_backprop_tf32"} <= set(result["ratios"])
     assert "adjoint_step_tf32x3_vs_eager_backprop" not in result["ratios"]
     assert "fused_adjoint_step_tf32x3: RuntimeError: PassManager::run failed" in triton_step.markdown_table([result])
 
