@@ -8,7 +8,7 @@ compiled graph holds a fixed backend). The forward's autograd formula calls the 
 (meta) implementations give torch.compile the shapes without running anything.
 
 Why custom ops: dynamo and AOTAutograd treat them as opaque nodes with known shapes, which works
-for every backend (C++, Triton, reference) alike. Their Python dispatch costs about 250 µs per
+for every backend (C++, Triton, reference) alike. Their Python dispatch costs about 220 µs per
 forward + backward on this project's CPU machine (`python -m bench.dispatch_overhead`), so eager
 calls run `forward_impl` / `backward_impl` through a plain autograd.Function instead (ops.py);
 only a graph being compiled records the ops.
