@@ -186,7 +186,8 @@ def _processors(device: torch.device) -> int:
 def weight_grad_reduction(deterministic: bool, B: int, q: int, m: int, block_b: int) -> str:
     """How the reverse kernel reduces weight gradients over the batch (mlp_step's docstring):
     "atomic" when not `deterministic`; otherwise whichever of "partials" and "workspace" moves fewer
-    bytes per layer — partial rows: programs × (2qm + m + q) floats, workspace: B × (2m + 2q) floats,
+    bytes per layer — partial rows: batch tiles × (2qm + m + q) floats (each tile adds its share into
+    its persistent program's row), workspace: B × (2m + 2q) floats,
     so the workspace wins when qm / BLOCK_B > m + q (at B = 4096, q = 256, m = 512 with 16-row blocks
     it is 11× less; at q = 64, m = 128 with 64-row blocks the partial rows are 1.5× less).
     ODENETS_FAST_TRITON_WEIGHT_GRADS=partials|workspace overrides the deterministic choice."""
