@@ -23,7 +23,9 @@ again from the same state, reading it at every call (`_RngRecorder`).
 Tensors the blocks read besides x and their own parameters (a conditioning embedding, another
 module's weight): the adjoint backward differentiates each layer with respect to x, that layer's
 parameters and the tensors passed as `extra_inputs`; anything else that requires grad would get no
-gradient, so each re-run's graph is walked and such a tensor is an error, not a silent zero.
+gradient, so each re-run's graph is walked and such a tensor is an error, not a silent zero (where x,
+the parameters and `extra_inputs` are all frozen no backward would run: the forward loop itself is run
+under autograd then, and finds it).
 
 Autocast: the blocks are re-run under the autocast state of the forward (the backward pass usually
 runs outside the caller's `torch.autocast` region; where the state at backward already is the
