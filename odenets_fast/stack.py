@@ -451,9 +451,9 @@ class _LayerVJP:
     def _vjp(self, out: Tensor, x_in: Tensor, params: list, cotangent: Tensor, layer: int, grads: dict) -> Tensor:
         """The cotangent of x_in (zeros where out does not depend on it); the gradients of the parameters
         that require grad and of the extra inputs are added to `grads`."""
-        # dict: a block reused at several depths (weight tying) must be differentiated once per call
         if not out.requires_grad:  # a block that reads nothing differentiable (zeros, a constant forcing)
             return torch.zeros_like(x_in)
+        # dict: a block reused at several depths (weight tying) must be differentiated once per call
         wrt = list(dict.fromkeys(params + self.extras))
         unlisted = _unlisted_leaves(out, [x_in] + wrt)
         if unlisted:

@@ -280,6 +280,4 @@ def backward(grad_out: Tensor, saved: Saved, W, V, b, c, spec: StackSpec) -> Gra
                 splits=mlp_step.product_splits(tiles, B, product.block_k, _processors(final.device)),
             )  # fmt: skip
     drift = relative_drift(drift_state, anchors[0]) if adjoint else None
-    grad_W, grad_V, grad_b, grad_c = accumulators
-    return in_grad_dtype(grad_out, g, grad_W, grad_V, grad_b if b is not None else None,
-                         grad_c if c is not None else None, drift)  # fmt: skip
+    return in_grad_dtype(grad_out, g, *(acc if keep else None for acc, keep in zip(accumulators, present)), drift)
