@@ -43,8 +43,8 @@ clean:
 # On a GPU machine (no venv, no internet: the machine's own torch and triton): install the package in
 # place without the CPU extension (no GPU step uses it; it would cost a fresh machine a build), then
 # bench.gpu_suite writes its report to bench/results/ (manual: bench/README.md). gpu-quick, the first
-# call (about 420 s on a cold machine): both paths' accuracy tests, then the goal configurations,
-# nothing started after QUICK_BUDGET seconds. gpu: the whole GPU test suite and every benchmark,
+# call (budgeted at about 420 s on a cold machine; not yet measured): both paths' accuracy tests, then
+# the goal configurations, nothing started after QUICK_BUDGET seconds. gpu: the whole GPU test suite and every benchmark,
 # nothing started after BUDGET seconds (none: no limit).
 GPU_PYTHON ?= python3
 RESULTS ?= bench/results

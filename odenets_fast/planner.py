@@ -38,9 +38,9 @@ PATHS = ("layered", "fused")
 PATH_ENV = "ODENETS_FAST_TRITON_PATH"
 MAX_FUSED_WIDTH = 256  # q: the fused kernels keep a (BLOCK_B, q) float32 block on-chip (mlp_step.MAX_STATE_WIDTH)
 # "tf32x3" splits every float32 operand of the fused kernels into three TF32 parts, and above q = 128 their
-# reverse kernel does not fit in registers with any tile tried: 0.6–2.1 KiB of spill a thread under triton
-# 3.9, and under 3.6 (the GPU machine's release) Euler's anchored adjoint reverse compiles to 32 registers
-# and 6.0–7.6 KiB of stack with each of five tiles — the same with the ptxas of CUDA 12.8, 12.9 and 13.0
+# reverse kernel does not fit in registers with any tile tried: 656–2,056 bytes of spill a thread under
+# triton 3.9, and under 3.6 (the GPU machine's release) Euler's anchored adjoint reverse compiles to 32
+# registers and 6.0–7.6 KB of stack with each of five tiles — the same with the ptxas of CUDA 12.8, 12.9 and 13.0
 # (tests/triton_aot.py --all; bench/results/triton-aot-sm90-*). The model has no term for spills, so it
 # cannot price that; above this width such stacks take the layered path (float32 cuBLAS products:
 # at least as accurate as three TF32 passes).

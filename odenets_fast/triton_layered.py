@@ -47,7 +47,13 @@ def _grid(R: int, C: int) -> tuple:
 def tf32_context(precision: str, device: torch.device):
     """cuBLAS's float32 products in `precision` for the duration: "tf32" on tensor cores; "ieee" and
     "tf32x3" (cuBLAS has no three-pass TF32; full float32 is at least as accurate) in full float32.
-    The setting is PyTorch's global one, restored on exit."""
+    The setting is PyTorch's global one, restored on exit.
+
+    On torch >= 2.9 the new API is set even where the user set the legacy one: the legacy getters
+    (`allow_tf32`, `get_float32_matmul_precision`) raise while the two disagree, but cuBLAS reads only
+    the new one (torch 2.11 cu130's libtorch_cuda calls the legacy getter only in TunableOp's
+    signatures), and restoring the saved value makes them agree again. Setting the legacy flag instead
+    would warn of its deprecation and break users of the new API the same way."""
     if device.type != "cuda":
         return contextlib.nullcontext()
     matmul = torch.backends.cuda.matmul

@@ -1,12 +1,16 @@
 """The documentation stays true: the README's API tour runs and shows what it says, every link between
-the documents resolves, and the environment-variable table names every variable the code reads."""
+the documents resolves, the environment-variable table names every variable the code reads, and the
+predicted GPU times are the planner's."""
 
+import ast
+import inspect
 import re
 from pathlib import Path
 
 import torch
 
-from odenets_fast import AdjointResidualStack
+import odenets_fast
+from odenets_fast import AdjointResidualStack, plan
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCUMENTS = [ROOT / "README.md", ROOT / "DESIGN.md", ROOT / "CHANGELOG.md", ROOT / "bench" / "README.md",
@@ -70,3 +74,38 @@ def test_environment_table_names_every_variable_the_code_reads():
     assert used - {"ODENETS_FAST_TRITON"}, "no variable found: the scan is broken"
     assert used - {"ODENETS_FAST_TRITON"} <= documented, sorted(used - documented)
     assert documented <= used, f"documented but read nowhere: {sorted(documented - used)}"
+    for name, reader in re.findall(r"^\| `(ODENETS_FAST_[A-Z_]+)` \| `([\w.]+)`", table, flags=re.M):
+        path = ROOT / (reader if reader.endswith(".py") else reader.replace(".", "/") + ".py")
+        assert name in path.read_text(), f"{name}: the table says {reader} reads it"
+
+
+def test_the_predicted_gpu_table_is_what_plan_predicts():
+    """docs/triton.md's table of predicted H100 times is `plan`'s output at this commit, to its two
+    decimals: a change to the cost model or the kernels' schedule must carry the table with it."""
+    text = (ROOT / "docs" / "triton.md").read_text()
+    rows = re.findall(r"^\| (?:wide|narrow) (\w+) \((\d+), (\d+), (\d+), (\d+)\) \| (\w+) \| (.*) \|$", text, re.M)
+    assert len(rows) == 4
+    for precision, B, q, m, L, chosen, cells in rows:
+        dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
+        input_precision = "tf32" if precision == "TF32" else None
+        got = plan(int(B), int(q), int(m), int(L), dtype=dtype, input_precision=input_precision, device="H100")
+        times = [f"{e.forward_ms:.2f} / {e.step_ms:.2f}" for e in (got.estimates[k] for k in ("layered", "fused", "eager"))]
+        assert cells.split(" | ") == [*times, f"{got.ratio():.2f}"], (precision, B, q, m, L)
+        assert chosen == got.path
+
+
+def test_the_documented_signatures_are_the_code_s():
+    """docs/integration.md's signatures of the public entry points: every argument, in order, with
+    its default."""
+    text = (ROOT / "docs" / "integration.md").read_text()
+    signatures = dict(re.findall(r"^- `(\w+)\((.*?)\)`", text, flags=re.M | re.S))
+    assert {"ode_mlp", "ODEMLP", "AdjointResidualStack", "convert"} <= set(signatures)
+    for name, documented in signatures.items():
+        args = ast.parse(f"def f({documented}): pass").body[0].args
+        positional = args.args[len(args.args) - len(args.defaults):]
+        doc_defaults = {a.arg: ast.literal_eval(d) for a, d in zip(positional, args.defaults)}
+        doc_defaults.update({a.arg: ast.literal_eval(d) for a, d in zip(args.kwonlyargs, args.kw_defaults) if d})
+        parameters = inspect.signature(getattr(odenets_fast, name)).parameters
+        assert [a.arg for a in args.args + args.kwonlyargs] == list(parameters), name
+        code_defaults = {k: p.default for k, p in parameters.items() if p.default is not inspect.Parameter.empty}
+        assert doc_defaults == code_defaults, name

@@ -147,3 +147,20 @@ def test_explicit_precision_is_what_cublas_runs(precision, want):
     with triton_layered.tf32_context(precision, torch.device("cuda")):
         assert matmul.fp32_precision == want
     assert matmul.fp32_precision == before
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+@pytest.mark.parametrize("precision", ["tf32", "ieee"])
+def test_a_user_of_the_legacy_tf32_flag_gets_it_back(legacy, precision):
+    """A user who set `allow_tf32` (the legacy API) reads it back after a layered call: PyTorch's legacy
+    getters raise while the legacy and new settings disagree, so the restore must make them agree."""
+    matmul = torch.backends.cuda.matmul
+    saved = matmul.allow_tf32
+    try:
+        matmul.allow_tf32 = legacy
+        with triton_layered.tf32_context(precision, torch.device("cuda")):
+            assert matmul.fp32_precision == precision
+        assert matmul.allow_tf32 is legacy
+        assert torch.get_float32_matmul_precision() == ("high" if legacy else "highest")
+    finally:
+        matmul.allow_tf32 = saved
