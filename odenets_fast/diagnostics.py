@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from . import reference
+from .library import autocast_off
 from .ops import ode_mlp
 from .spec import check_fixed_layout, check_stack
 
@@ -48,8 +49,9 @@ def reconstruction_error(
         anchor_every=anchor_every, scale_in=scale_in, scale_out=scale_out,
     )  # fmt: skip
     rows = x.reshape(-1, x.shape[-1])
-    exact = reference.trajectory(rows, W, V, b, c, spec)
-    approx = reference.reconstruct(exact[-1], W, V, b, c, spec, anchors=exact)
+    with autocast_off(rows):  # the stack's own arithmetic, as ode_mlp computes it inside autocast too
+        exact = reference.trajectory(rows, W, V, b, c, spec)
+        approx = reference.reconstruct(exact[-1], W, V, b, c, spec, anchors=exact)
     return _relative(approx, exact, dims=(1, 2))
 
 

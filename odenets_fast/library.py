@@ -44,7 +44,7 @@ AUTOCAST_DEVICE_TYPES = ("cpu", "cuda")  # torch.autocast raises for other devic
 NUM_SCALARS = len(OP_FIELDS)
 
 
-def _autocast_off(t: Tensor):
+def autocast_off(t: Tensor):
     """The op computes in its inputs' dtype whether or not it runs inside torch.autocast: the forward
     and the reconstruction in the backward (which runs outside the caller's autocast region) must
     use the same arithmetic. Mixed precision is had by passing bfloat16/float16 parameters."""
@@ -80,7 +80,7 @@ def forward_impl(
     spec = StackSpec.from_op_args(W, method, activation, step, scale_in, scale_out, backward, anchor_every,
                                   input_precision, deterministic, drift_tol, strict)  # fmt: skip
     backend_module = load_backend(backend)
-    with _autocast_off(x):
+    with autocast_off(x):
         if spec.adaptive:
             positions = segments.positions_of(anchor_mask)
             out, (final, anchors, stages) = segments.forward(backend_module, x, W, V, b, c, spec, positions)
@@ -130,7 +130,7 @@ def backward_impl(
                                   input_precision, deterministic, drift_tol, strict)  # fmt: skip
     backend_module = load_backend(backend)
     segment_drift, next_mask = W.new_empty(0, dtype=torch.float32), W.new_empty(0, dtype=torch.bool)
-    with _autocast_off(grad_out):
+    with autocast_off(grad_out):
         if spec.adaptive:
             positions = layers.tolist()
             saved = Saved(final, anchors, None)

@@ -43,14 +43,16 @@ def _backward(ctx, grad_out, *_):
     if torch.is_grad_enabled():
         if spec.backward == "adjoint":
             raise RuntimeError(
-                "double backward (create_graph=True) through ode_mlp in adjoint mode is not supported: its backward "
-                "reconstructs states instead of recording them. Use backward='backprop' for higher-order gradients."
+                "double backward (create_graph=True, or a torch.func transform: grad, jacrev, … differentiate that way) "
+                "through ode_mlp in adjoint mode is not supported: its backward reconstructs states instead of "
+                "recording them. Use backward='backprop' for higher-order gradients and torch.func."
             )
         # only what needs a gradient: data x or a frozen W, V, b, c has no place in autograd.grad's inputs
         needed = [t is not None and t.requires_grad for t in (x, W, V, b, c)]
         inputs = [t for t, need in zip((x, W, V, b, c), needed) if need]
-        out = reference.differentiable_forward(x, W, V, b, c, spec)
-        grads = iter(torch.autograd.grad(out, inputs, grad_out, create_graph=True))
+        with library.autocast_off(grad_out):  # the forward's arithmetic, as the forward op runs it
+            out = reference.differentiable_forward(x, W, V, b, c, spec)
+            grads = iter(torch.autograd.grad(out, inputs, grad_out, create_graph=True))
         return tuple(next(grads) if need else None for need in needed) + no_grads
     backward_op = library.backward_impl if getattr(ctx, "eager", False) else library.ode_mlp_backward
     gx, gW, gV, gb, gc, drift, segment_drift, next_mask = backward_op(
@@ -70,14 +72,16 @@ class _EagerOdeMlp(torch.autograd.Function):
     """The forward op's implementation and autograd formula without the custom-op dispatch."""
 
     @staticmethod
-    def forward(ctx, *inputs):
+    def forward(*inputs):
+        return library.forward_impl(*inputs)
+
+    @staticmethod
+    def setup_context(ctx, inputs, outputs):  # separate from forward: what torch.func's transforms need
         # the stored states are outputs too: without this, autograd would allocate zero gradients
         # for them (L × B × q in backprop mode) before calling backward
         ctx.set_materialize_grads(False)
-        outputs = library.forward_impl(*inputs)
         _setup_context(ctx, inputs, outputs)
         ctx.eager = True
-        return outputs
 
     backward = staticmethod(_backward)
 

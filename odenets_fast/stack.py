@@ -302,6 +302,10 @@ class _AdjointStackFunction(torch.autograd.Function):
         ctx.rng_slots = None if rng is None else rng.slots
         ctx.block_params, ctx.num_params, ctx.listed_params = block_params, num_params, listed_params
         ctx.num_anchors, ctx.num_rng_states = len(anchors), len(rng_states)
+        # The re-runs read these very tensors (the blocks' parameters, what the blocks close over), so their
+        # gradients are keyed by them: a saved-tensor hook (save_on_cpu) unpacks copies. They are saved too,
+        # so that an in-place change before backward is autograd's error, not a gradient at other values.
+        ctx.inputs, ctx.parameters_read = inputs, [tuple(block.parameters()) for block in stack.blocks]
         ctx.save_for_backward(state, *anchors, *rng_states, *inputs)
         return state
 
@@ -319,9 +323,10 @@ class _AdjointStackFunction(torch.autograd.Function):
                 "reconstructs states instead of recording them. Use backward='backprop' for higher-order gradients."
             )
         stack, autocast = ctx.stack, ctx.autocast.replay()
+        _check_parameters_unchanged(stack, ctx.parameters_read)
         final, *saved = ctx.saved_tensors
         anchors, saved = saved[: ctx.num_anchors], saved[ctx.num_anchors :]
-        rng_states, inputs = saved[: ctx.num_rng_states], saved[ctx.num_rng_states :]
+        rng_states, inputs = saved[: ctx.num_rng_states], ctx.inputs
         replay = _RngReplay(ctx.rng_slots, rng_states) if ctx.rng_slots else None
         extras = [inputs[i] for i in ctx.listed_params] + [t for t in inputs[ctx.num_params :] if t.requires_grad]
         vjp = _LayerVJP(stack, autocast, replay, extras, ctx.block_params)
@@ -360,6 +365,20 @@ class _AdjointStackFunction(torch.autograd.Function):
         if auto:
             stack.record_segments(ctx.positions, drifts)
         return (g, None, None, None, None) + tuple(totals[t] for t in inputs)
+
+
+def _check_parameters_unchanged(stack: "AdjointResidualStack", parameters_read: list) -> None:
+    """The backward re-runs the blocks as they are now: with other parameter tensors than the forward read
+    (torch.func.functional_call puts the module's own back before backward; a parameter reassigned) it
+    would differentiate other weights and give the forward's none — an error instead."""
+    for n, (block, read) in enumerate(zip(stack.blocks, parameters_read)):
+        now = tuple(block.parameters())
+        if len(now) != len(read) or any(p is not q for p, q in zip(now, read)):
+            raise RuntimeError(
+                f"block {n} of an adjoint-mode AdjointResidualStack holds other parameter tensors at backward than "
+                "its forward read (torch.func.functional_call restores the module's own before backward runs; or a "
+                "parameter was reassigned): the backward re-runs the blocks, so it would differentiate other "
+                "weights. Use backward='backprop' with functional_call, or keep the parameters until backward.")
 
 
 def _add_scaled(x: Tensor, direction: Tensor, scale: float) -> Tensor:
@@ -513,7 +532,6 @@ class AdjointResidualStack(nn.Module):
             needed = "L + 1 >= 2 blocks" if method == "heun" else "at least 1 block"
             raise ValueError(f"method={method!r} needs {needed}; got {len(self.blocks)}")
         self.T = check_real("T", T, positive=True)
-        self.step_size = self.T / self.depth
         self.backward_mode = check_choice("backward", backward, BACKWARD_MODES)
         self.anchor_every = check_anchor_every(anchor_every, backward)
         self.drift_tol, self.strict = check_error_control(self.anchor_every, drift_tol, strict)
@@ -532,6 +550,11 @@ class AdjointResidualStack(nn.Module):
         if self.anchor_every == AUTO:
             return segments.positions_of(self.anchor_mask)
         return list(range(0, self.depth, self.anchor_every or self.depth))
+
+    @property
+    def step_size(self) -> float:
+        """h = T / L, from T as it is now (T may be changed between calls, as ODEMLP's)."""
+        return self.T / self.depth
 
     @property
     def anchor_positions(self) -> Optional[list]:
@@ -592,7 +615,9 @@ class AdjointResidualStack(nn.Module):
         extra_inputs = list(extra_inputs)
         if not all(isinstance(t, Tensor) for t in extra_inputs):
             raise TypeError("extra_inputs must be a sequence of torch.Tensor")
-        if self.backward_mode == "backprop" or not torch.is_grad_enabled():  # a plain loop: traceable
+        # A plain loop where no adjoint backward will run: backprop mode, no grad, and torch.export, which
+        # records the forward's computation only (an exported program differentiates its recorded graph).
+        if self.backward_mode == "backprop" or not torch.is_grad_enabled() or torch.compiler.is_exporting():
             for n in range(self.depth):
                 x = self.step(x, n)
             return x
@@ -605,7 +630,15 @@ class AdjointResidualStack(nn.Module):
         extras = [t for t in listed if id(t) not in position]
         if not (x.requires_grad or params or any(t.requires_grad for t in extras)):
             return self._loop_reading_nothing_listed(x)
-        return _AdjointStackFunction.apply(x, self, block_params, len(params), listed_params, *params, *extras)
+        try:
+            return _AdjointStackFunction.apply(x, self, block_params, len(params), listed_params, *params, *extras)
+        except RuntimeError as error:  # PyTorch's own message names an internal it cannot act on
+            if "setup_context" not in str(error):
+                raise
+            raise RuntimeError(
+                "torch.func transforms (grad, vmap, jvp, jacrev, …) cannot run an adjoint-mode AdjointResidualStack: "
+                "its backward re-runs the blocks outside the transform. Use backward='backprop' (a plain loop, which "
+                "they transform) or torch.autograd.") from None
 
     def _loop_reading_nothing_listed(self, x: Tensor) -> Tensor:
         """The forward loop where nothing the adjoint differentiates requires grad (x, the parameters and

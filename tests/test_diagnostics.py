@@ -90,3 +90,14 @@ def test_saved_tensor_bytes_adjoint_is_depth_independent():
     state_bytes = 32 * 8 * 4
     assert saved("adjoint", 8) == saved("adjoint", 64) == 2 * state_bytes  # x_0 and x_L
     assert saved("backprop", 64) == 66 * state_bytes  # x_0 … x_63, x_L and x (for a double backward)
+
+
+@pytest.mark.parametrize("method", ["euler", "heun"])
+def test_reconstruction_error_inside_autocast_is_the_stack_s(method):
+    """The diagnostic measures the stack as ode_mlp computes it — in its parameters' dtype, autocast or
+    not — not a bfloat16 re-computation (20× larger before)."""
+    x, W, V, b, c = make_stack(B=5, q=4, m=8, L=16, method=method, bias=True, dtype=torch.float32)
+    want = diagnostics.reconstruction_error(x, W, V, b, c, method=method)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = diagnostics.reconstruction_error(x, W, V, b, c, method=method)
+    torch.testing.assert_close(got, want)

@@ -128,11 +128,18 @@ def test_torchscript_is_a_clear_error(make, convert):
         convert(make())
 
 
-def test_torch_export_still_works():
+@pytest.mark.parametrize("make", [lambda: ODEMLP(4, 8, 3, init="smooth"),
+                                  lambda: AdjointResidualStack([nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.0))
+                                                                for _ in range(3)])])  # fmt: skip
+def test_torch_export_still_works(make):
+    """Adjoint-mode modules export (AdjointResidualStack as its plain loop: export records the forward's
+    computation; its RNG-state recording failed on export's fake tensors before)."""
     torch.manual_seed(0)
-    model = ODEMLP(4, 8, 3, init="smooth")
+    model = make()
     x = torch.randn(5, 4)
-    exported = torch.export.export(model, (x,))
+    exported = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.testing.assert_close(exported.module()(x), model(x))
+    x = torch.randn(7, 4)
     torch.testing.assert_close(exported.module()(x), model(x))
 
 
@@ -181,6 +188,30 @@ def test_double_backward_in_adjoint_mode_is_a_clear_error(backend):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_torch_func_grad(backend):
+    """torch.func.grad differentiates with create_graph: exact in backprop mode (through the op's
+    differentiable re-run), in adjoint mode the double-backward error naming torch.func; an adjoint-mode
+    AdjointResidualStack says what to use instead of PyTorch's message about an internal."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 4)
+    model = ODEMLP(4, 8, 3, init="smooth", backward="backprop", backend=backend)
+    params = dict(model.named_parameters())
+    got = torch.func.grad(lambda p: torch.func.functional_call(model, p, (x,)).square().sum())(params)
+    want = torch.autograd.grad(model(x).square().sum(), list(params.values()))
+    for name, w in zip(params, want):
+        torch.testing.assert_close(got[name], w)
+    model.backward_mode = "adjoint"
+    with pytest.raises(RuntimeError, match=r"double backward .*torch.func transform.* adjoint mode is not supported"):
+        torch.func.grad(lambda x: model(x).sum())(x)
+    stack = AdjointResidualStack([nn.Linear(4, 4) for _ in range(3)])
+    with pytest.raises(RuntimeError, match="torch.func transforms .* adjoint-mode AdjointResidualStack.*'backprop'"):
+        torch.func.grad(lambda x: stack(x).sum())(x)
+    stack.backward_mode = "backprop"
+    torch.testing.assert_close(torch.func.grad(lambda x: stack(x).sum())(x),
+                               torch.autograd.grad(stack(x.requires_grad_(True)).sum(), x)[0])  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_autocast_bfloat16_leaves_the_stack_in_float32(backend):
     """Inside torch.autocast the stack computes in its parameters' dtype: the state stays float32,
     and the forward and the backward's reconstruction use the same arithmetic."""
@@ -200,6 +231,21 @@ def test_autocast_bfloat16_leaves_the_stack_in_float32(backend):
     x_in = hidden.detach().float().requires_grad_(True)
     reference(x_in).square().sum().backward()
     torch.testing.assert_close(stack.W.grad, reference.W.grad)  # same float32 stack, same gradients
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_double_backward_inside_autocast_differentiates_the_float32_stack(backend):
+    """create_graph=True inside autocast: the re-run the backward differentiates computes as the forward
+    did, in the parameters' dtype — the gradient is the one outside autocast, not a bfloat16 one (2.6e-3
+    off before). (Differentiating that gradient again inside autocast follows PyTorch's own rule for
+    backward under autocast, as any PyTorch graph does.)"""
+    torch.manual_seed(0)
+    model = ODEMLP(4, 8, 5, init="smooth", backward="backprop", backend=backend)
+    x = torch.randn(6, 4)
+    want, = torch.autograd.grad(model(x).square().sum(), model.W)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, = torch.autograd.grad(model(x).square().sum(), model.W, create_graph=True)
+    torch.testing.assert_close(got, want)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

@@ -61,6 +61,19 @@ def test_mlp_blocks_match_ode_mlp(method, backward, anchor_every):
     torch.testing.assert_close(torch.stack(got[3::2]), gV)
 
 
+@pytest.mark.parametrize("backward", ["backprop", "adjoint"])
+def test_a_changed_T_is_the_one_used(backward):
+    """T set after construction takes effect in the forward and the reconstruction, as ODEMLP's does."""
+    x, W, V, stack = _mlp_stack("heun", backward=backward)
+    stack.T = 0.5
+    grad_out = torch.randn_like(x)
+    got = _grads(stack, x, grad_out)
+    leaves = [t.clone().requires_grad_(True) for t in (x, W, V)]
+    out = ode_mlp(*leaves, method="heun", activation="tanh", T=0.5, backward=backward, backend="reference")
+    torch.testing.assert_close(got[0], out.detach())
+    torch.testing.assert_close(got[1], torch.autograd.grad(out, leaves[0], grad_out)[0])
+
+
 @pytest.mark.parametrize("method", ["euler", "heun"])
 def test_anchor_every_one_equals_backprop(method):
     x, W, V, stack = _mlp_stack(method, anchor_every=1)
@@ -415,6 +428,45 @@ def test_extra_inputs_get_their_gradient(method, leaf):
     got = _loss_grads(adjoint, x, wrt, extra_inputs=[listed, listed])  # a repeat counts once
     scale()
     for a, b in zip(got, _loss_grads(plain, x, wrt)):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("method", ["euler", "heun"])
+def test_saved_tensor_hooks_that_unpack_copies(method):
+    """Under torch.autograd.graph.save_on_cpu (its unpack returns new tensors) the gradients are the ones
+    without hooks — parameters and extra inputs alike (a KeyError before)."""
+    embedding = nn.Parameter(torch.tensor(0.5, dtype=torch.float64))
+    scale = embedding * 2
+    adjoint, plain = _scaled_stacks(method, scale)
+    x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    wrt = [x, embedding] + list(plain.parameters())
+    want = _loss_grads(plain, x, wrt)
+    scale = embedding * 2  # rebuilt per call, as a model's forward would
+    for block in adjoint.blocks:
+        block.scale = scale
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t.clone()):
+        out = adjoint(x, extra_inputs=[scale])
+    for a, b in zip(torch.autograd.grad(out.square().sum(), wrt), want):
+        torch.testing.assert_close(a, b)
+
+
+def test_parameters_swapped_out_before_backward_are_an_error_not_a_lost_gradient():
+    """torch.func.functional_call (fast weights, hypernetworks) puts the module's own parameters back
+    before backward, which re-runs the blocks: an error, not gradients of other weights (the fast
+    weights' was None before); backprop mode differentiates the recorded graph and works."""
+    adjoint, plain = _scaled_stacks("euler", torch.tensor(1.0, dtype=torch.float64))
+    x = torch.randn(2, 3, dtype=torch.float64)
+    want = _loss_grads(plain, x, list(plain.parameters()))
+    for p in adjoint.parameters():  # frozen base weights, trained offsets
+        p.requires_grad_(False)
+    delta = {name: torch.zeros_like(p, requires_grad=True) for name, p in adjoint.named_parameters()}
+    fast = {name: p + delta[name] for name, p in adjoint.named_parameters()}
+    out = torch.func.functional_call(adjoint, fast, (x,))
+    with pytest.raises(RuntimeError, match="block 0 .* other parameter tensors at backward than its forward read"):
+        out.square().sum().backward()
+    out = torch.func.functional_call(plain, fast, (x,))
+    grads = torch.autograd.grad(out.square().sum(), list(delta.values()))
+    for a, b in zip(grads, want):
         torch.testing.assert_close(a, b)
 
 
