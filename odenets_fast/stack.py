@@ -367,6 +367,13 @@ class _AdjointStackFunction(torch.autograd.Function):
         return (g, None, None, None, None) + tuple(totals[t] for t in inputs)
 
 
+def _exporting() -> bool:
+    """Under torch.export's (default, non-strict) tracing. torch 2.11's dynamo folds is_exporting() to True
+    inside torch.compile as well, where the adjoint's Function must run: hence the second test.
+    (Strict export traces with dynamo: there the Function runs, as under torch.compile.)"""
+    return torch.compiler.is_exporting() and not torch.compiler.is_dynamo_compiling()
+
+
 def _check_parameters_unchanged(stack: "AdjointResidualStack", parameters_read: list) -> None:
     """The backward re-runs the blocks as they are now: with other parameter tensors than the forward read
     (torch.func.functional_call puts the module's own back before backward; a parameter reassigned) it
@@ -617,7 +624,7 @@ class AdjointResidualStack(nn.Module):
             raise TypeError("extra_inputs must be a sequence of torch.Tensor")
         # A plain loop where no adjoint backward will run: backprop mode, no grad, and torch.export, which
         # records the forward's computation only (an exported program differentiates its recorded graph).
-        if self.backward_mode == "backprop" or not torch.is_grad_enabled() or torch.compiler.is_exporting():
+        if self.backward_mode == "backprop" or not torch.is_grad_enabled() or _exporting():
             for n in range(self.depth):
                 x = self.step(x, n)
             return x
