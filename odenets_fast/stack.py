@@ -274,13 +274,15 @@ class _AdjointStackFunction(torch.autograd.Function):
         ctx,
         x: Tensor,
         stack: "AdjointResidualStack",
+        parameters_read: list,
         block_params: tuple,
         num_params: int,
         listed_params: tuple,
         *inputs: Tensor,
     ) -> Tensor:
         """`inputs`: the blocks' `num_params` parameters that require grad, then the caller's extra
-        inputs that are not among them; `block_params`: per block, its parameters that require grad;
+        inputs that are not among them; `parameters_read`: per block, all its parameters (the backward
+        checks the blocks still hold them); `block_params`: per block, those that require grad;
         `listed_params`: the positions of those parameters that the caller listed as extra inputs too
         (read by other layers than their own)."""
         positions = stack.anchor_layout()
@@ -305,7 +307,7 @@ class _AdjointStackFunction(torch.autograd.Function):
         # The re-runs read these very tensors (the blocks' parameters, what the blocks close over), so their
         # gradients are keyed by them: a saved-tensor hook (save_on_cpu) unpacks copies. They are saved too,
         # so that an in-place change before backward is autograd's error, not a gradient at other values.
-        ctx.inputs, ctx.parameters_read = inputs, [tuple(block.parameters()) for block in stack.blocks]
+        ctx.inputs, ctx.parameters_read = inputs, parameters_read
         ctx.save_for_backward(state, *anchors, *rng_states, *inputs)
         return state
 
@@ -364,7 +366,7 @@ class _AdjointStackFunction(torch.autograd.Function):
         stack._drift = drifts[0]
         if auto:
             stack.record_segments(ctx.positions, drifts)
-        return (g, None, None, None, None) + tuple(totals[t] for t in inputs)
+        return (g, None, None, None, None, None) + tuple(totals[t] for t in inputs)
 
 
 def _exporting() -> bool:
@@ -629,7 +631,8 @@ class AdjointResidualStack(nn.Module):
                 x = self.step(x, n)
             return x
         check_not_torchscript("An adjoint-mode AdjointResidualStack")
-        block_params = tuple([p for p in block.parameters() if p.requires_grad] for block in self.blocks)
+        parameters_read = [tuple(block.parameters()) for block in self.blocks]
+        block_params = tuple([p for p in own if p.requires_grad] for own in parameters_read)
         params = list(dict.fromkeys(p for own in block_params for p in own))  # as self.parameters(): each once
         position = {id(p): i for i, p in enumerate(params)}
         listed = dict.fromkeys(extra_inputs)
@@ -638,7 +641,8 @@ class AdjointResidualStack(nn.Module):
         if not (x.requires_grad or params or any(t.requires_grad for t in extras)):
             return self._loop_reading_nothing_listed(x)
         try:
-            return _AdjointStackFunction.apply(x, self, block_params, len(params), listed_params, *params, *extras)
+            return _AdjointStackFunction.apply(x, self, parameters_read, block_params, len(params), listed_params,
+                                               *params, *extras)  # fmt: skip
         except RuntimeError as error:  # PyTorch's own message names an internal it cannot act on
             if "setup_context" not in str(error):
                 raise
