@@ -258,6 +258,11 @@ def _unlisted_message(layer: int, leaf: Tensor) -> str:
             "stack(x, extra_inputs=[...]), or use backward='backprop'.")  # fmt: skip
 
 
+# Eager under torch.compile too: the backward re-runs the blocks eagerly, so the forward must compute what those
+# re-runs reproduce. Compiled, a block drawing random numbers (dropout) draws them through inductor's own RNG, which
+# the recorded generator states do not replay: the reconstruction then saw other masks than the forward (drift
+# 0.035 against 0.0005 eager on a dropout-0.2 MLP stack, and gradients to match).
+@torch.compiler.disable
 def _forward_states(stack, x: Tensor, positions: list, rng: Optional["_RngRecorder"]) -> tuple:
     """(x_L, [x_a for a in positions]): the forward loop, keeping the anchors' input states."""
     stored, anchors = set(positions), []
@@ -312,6 +317,7 @@ class _AdjointStackFunction(torch.autograd.Function):
         return state
 
     @staticmethod
+    @torch.compiler.disable  # eager, as the forward loop: a train step compiled whole must not trace the re-runs
     def backward(ctx, grad_out: Tensor):
         """Segment by segment from the top (a segment: from a stored state to the next; plain adjoint
         has one, whose stored x_0 only measures the drift): per layer the state — reconstructed, or
