@@ -38,8 +38,8 @@ def _backward(ctx, grad_out, *_):
     no_grads = (None,) * (library.NUM_FORWARD_INPUTS - 5)  # for the scalars, backend and state tensors
     if grad_out is None:  # x_L did not reach the loss
         return (None,) * 5 + no_grads
-    final, anchors, stages, layers, x, W, V, b, c = ctx.saved_tensors
     spec = ctx.spec
+    final, anchors, stages, layers, x, W, V, b, c = segments.saved_tensors(ctx) if spec.adaptive else ctx.saved_tensors
     if torch.is_grad_enabled():
         if spec.backward == "adjoint":
             raise RuntimeError(

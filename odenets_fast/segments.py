@@ -33,6 +33,7 @@ import math
 
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import CheckpointError
 
 from .interface import Gradients, Saved, in_grad_dtype
 from .spec import StackSpec, compute_dtype
@@ -43,6 +44,24 @@ GROW_BELOW = 4.0
 # In an (L,) tensor of segment drifts, the entries of layers that start no segment (not NaN: opcheck
 # compares the op's eager and traced outputs, and NaN is unequal to itself)
 NO_SEGMENT = -1.0
+
+
+def saved_tensors(ctx) -> tuple:
+    """`ctx.saved_tensors` of an anchor_every="auto" stack's backward, with an error that says what happened
+    where non-reentrant torch.utils.checkpoint recomputed the region with another number of stored states:
+    the layout is read by each forward, and the backward of another call of the same module, run between
+    the forward and the recompute, may have moved it. (With as many anchors as before the recompute's own
+    layout travels with them, so that case is merely a different, consistent layout.)"""
+    try:
+        return ctx.saved_tensors
+    except CheckpointError as error:
+        raise RuntimeError(
+            "torch.utils.checkpoint recomputed a region holding an anchor_every='auto' stack and the recompute "
+            "saved other tensors than the forward. The stack does so when its anchor layout moved in between: "
+            "the backward of another call of the same module ran first and its controller changed the layout. "
+            "Run the checkpointed call's backward first, give that stack a fixed anchor_every, or leave it out of "
+            "the checkpoint (an adjoint stack keeps only its anchors anyway). PyTorch's message follows."
+        ) from error
 
 
 def positions_of(mask: Tensor) -> list:

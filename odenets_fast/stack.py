@@ -64,11 +64,14 @@ mode.
 """
 
 import contextlib
+import warnings
 from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.parameter import is_lazy
+from torch.nn.utils import parametrize
 
 from . import segments
 from .interface import relative_drift
@@ -206,12 +209,13 @@ def _buffers_kept(blocks: nn.Module):
     cuDNN or MIOpen — computes the batch statistics the same way and, in training mode, reads the
     running buffers only to update them; a test checks it bit for bit on the CPU). In eval mode, or
     without running statistics, it writes nothing anyway. Other modules' buffers are saved, and
-    restored if a re-run wrote to them."""
+    restored if a re-run wrote to them: in place (their version moved) or by assigning a new tensor to the
+    attribute (`self.count = self.count + 1`), where the original tensor goes back in its place."""
     modules = _submodules(blocks)
     tracking = [m for m in modules if isinstance(m, _BatchNorm) and m.training and m.track_running_stats]
     # m._buffers rather than m.buffers(recurse=False): a generator per module costs more than the rest
-    saved = [(buf, buf._version, buf.detach().clone()) for m in modules if not isinstance(m, _BatchNorm)
-             for buf in m._buffers.values() if buf is not None]  # fmt: skip
+    saved = [(m, name, buf, buf._version, buf.detach().clone()) for m in modules if not isinstance(m, _BatchNorm)
+             for name, buf in m._buffers.items() if buf is not None]  # fmt: skip
     # object.__setattr__: nn.Module.__setattr__ searches its parameter, buffer and module dicts first
     # (about 1.4 µs a module; 40 µs a backward for a 32-BatchNorm stack)
     for m in tracking:
@@ -222,9 +226,25 @@ def _buffers_kept(blocks: nn.Module):
         for m in tracking:
             object.__setattr__(m, "track_running_stats", True)
         with torch.no_grad():
-            for buf, version, value in saved:
+            for module, name, buf, version, value in saved:
+                if module._buffers.get(name) is not buf:
+                    module._buffers[name] = buf
                 if buf._version != version:
                     buf.copy_(value)
+
+
+@contextlib.contextmanager
+def _parametrizations_uncached():
+    """Parametrized weights computed afresh inside `torch.nn.utils.parametrize.cached()` too. The forward loop
+    runs without grad: the weight it would cache has no autograd history, so other readers of the cache in
+    the same region (the backward's re-runs, a tied use outside the stack) would differentiate a constant and
+    give the parametrization's `original` no gradient. The re-runs compute the weight under autograd."""
+    enabled = parametrize._cache_enabled
+    parametrize._cache_enabled = 0
+    try:
+        yield
+    finally:
+        parametrize._cache_enabled = enabled
 
 
 _ACCUMULATE_GRAD = torch._C._functions.AccumulateGrad
@@ -266,10 +286,11 @@ def _unlisted_message(layer: int, leaf: Tensor) -> str:
 def _forward_states(stack, x: Tensor, positions: list, rng: Optional["_RngRecorder"]) -> tuple:
     """(x_L, [x_a for a in positions]): the forward loop, keeping the anchors' input states."""
     stored, anchors = set(positions), []
-    for n in range(stack.depth):
-        if n in stored:
-            anchors.append(x)
-        x = stack.step(x, n, rng)
+    with _parametrizations_uncached():
+        for n in range(stack.depth):
+            if n in stored:
+                anchors.append(x)
+            x = stack.step(x, n, rng)
     return x, anchors
 
 
@@ -313,7 +334,11 @@ class _AdjointStackFunction(torch.autograd.Function):
         # gradients are keyed by them: a saved-tensor hook (save_on_cpu) unpacks copies. They are saved too,
         # so that an in-place change before backward is autograd's error, not a gradient at other values.
         ctx.inputs, ctx.parameters_read = inputs, parameters_read
-        ctx.save_for_backward(state, *anchors, *rng_states, *inputs)
+        # "auto": the layout saved as a tensor beside the anchors, so that a torch.utils.checkpoint recompute,
+        # which reads the layout again (another call's backward may have moved it), saves its own with them
+        ctx.auto = stack.anchor_every == AUTO
+        layout = [torch.tensor(positions)] if ctx.auto else []
+        ctx.save_for_backward(state, *anchors, *rng_states, *layout, *inputs)
         return state
 
     @staticmethod
@@ -332,20 +357,21 @@ class _AdjointStackFunction(torch.autograd.Function):
             )
         stack, autocast = ctx.stack, ctx.autocast.replay()
         _check_parameters_unchanged(stack, ctx.parameters_read)
-        final, *saved = ctx.saved_tensors
+        auto = ctx.auto
+        final, *saved = segments.saved_tensors(ctx) if auto else ctx.saved_tensors
         anchors, saved = saved[: ctx.num_anchors], saved[ctx.num_anchors :]
-        rng_states, inputs = saved[: ctx.num_rng_states], ctx.inputs
+        rng_states, saved = saved[: ctx.num_rng_states], saved[ctx.num_rng_states :]
+        positions, inputs = saved[0].tolist() if auto else ctx.positions, ctx.inputs
         replay = _RngReplay(ctx.rng_slots, rng_states) if ctx.rng_slots else None
         extras = [inputs[i] for i in ctx.listed_params] + [t for t in inputs[ctx.num_params :] if t.requires_grad]
-        vjp = _LayerVJP(stack, autocast, replay, extras, ctx.block_params)
+        vjp = _LayerVJP(stack, autocast, replay, extras, ctx.block_params, ctx.parameters_read)
         anchored = stack.anchor_every is not None  # the stored states replace the reconstruction
-        auto = stack.anchor_every == AUTO
         at_reconstruction = stack.vjp_at != "state"
         totals = dict.fromkeys(inputs)
         drifts = {}
         x_next, g = final, grad_out
-        with _buffers_kept(stack.blocks):
-            for j, (a, end) in reversed(list(enumerate(segments.bounds(ctx.positions, stack.depth)))):
+        with _buffers_kept(stack.blocks), _parametrizations_uncached():
+            for j, (a, end) in reversed(list(enumerate(segments.bounds(positions, stack.depth)))):
                 g_top, layer_grads = g, {}
                 for n in reversed(range(a, end)):
                     use_anchor = anchored and n == a
@@ -371,8 +397,22 @@ class _AdjointStackFunction(torch.autograd.Function):
                     totals[t] = d if totals[t] is None else totals[t] + d
         stack._drift = drifts[0]
         if auto:
-            stack.record_segments(ctx.positions, drifts)
+            stack.record_segments(positions, drifts)
         return (g, None, None, None, None, None) + tuple(totals[t] for t in inputs)
+
+
+def _warn_of_forward_hooks(blocks: nn.Module) -> None:
+    """Forward hooks on the blocks see what the adjoint's forward loop computes without grad (no autograd
+    history) and fire again in the backward's re-runs, on reconstructed states: a loss on an output they
+    capture would silently get no gradient through the stack."""
+    if any(m._forward_hooks or m._forward_pre_hooks for m in _submodules(blocks)):
+        warnings.warn(
+            "forward hooks on the blocks of an adjoint-mode AdjointResidualStack see block inputs and outputs "
+            "without autograd history (the forward loop runs under no_grad) and run again during the backward, "
+            "on reconstructed states: a loss on what they capture gets no gradient through the stack. Use "
+            "backward='backprop' for such hooks.",
+            stacklevel=3,
+        )
 
 
 def _exporting() -> bool:
@@ -415,9 +455,10 @@ class _LayerVJP:
     layers' parameters and the extra inputs: at a state (`__call__`) or at the reconstruction's
     evaluation points (`at_reconstruction`)."""
 
-    def __init__(self, stack, autocast, replay, extras, block_params):
+    def __init__(self, stack, autocast, replay, extras, block_params, parameters_read):
         self.stack, self.autocast, self.replay, self.extras = stack, autocast, replay, extras
         self.block_params = block_params  # gathered once in the forward, not once per layer here
+        self.parameters_read = parameters_read
         # vjp_at="extrapolated": the block outputs of the last two reconstructed layers, k_{n+1} then k_{n+2}
         self.extrapolate = stack.vjp_at == "extrapolated"
         self.recent: list = []
@@ -482,16 +523,25 @@ class _LayerVJP:
     def _own_parameters(self, block: int) -> list:
         return self.block_params[block]
 
+    def _frozen_in_forward(self, leaf: Tensor) -> bool:
+        """A block parameter that did not require grad in the forward (unfrozen since): listed, gradient-free
+        as in a plain loop, whose graph did not record it."""
+        trained = {id(p) for own in self.block_params for p in own}
+        return id(leaf) not in trained and any(p is leaf for own in self.parameters_read for p in own)
+
     def _vjp(self, out: Tensor, x_in: Tensor, params: list, cotangent: Tensor, layer: int, grads: dict) -> Tensor:
         """The cotangent of x_in (zeros where out does not depend on it); the gradients of the parameters
         that require grad and of the extra inputs are added to `grads`."""
         if not out.requires_grad:  # a block that reads nothing differentiable (zeros, a constant forcing)
             return torch.zeros_like(x_in)
-        # dict: a block reused at several depths (weight tying) must be differentiated once per call
-        wrt = list(dict.fromkeys(params + self.extras))
+        # dict: a block reused at several depths (weight tying) must be differentiated once per call. A tensor
+        # frozen since the forward gets no gradient, as autograd gives it none in a plain loop.
+        wrt = [t for t in dict.fromkeys(params + self.extras) if t.requires_grad]
         unlisted = _unlisted_leaves(out, [x_in] + wrt)
         if unlisted:
-            raise RuntimeError(_unlisted_message(layer, unlisted[0]))
+            unlisted = [leaf for leaf in unlisted if not self._frozen_in_forward(leaf)]
+            if unlisted:
+                raise RuntimeError(_unlisted_message(layer, unlisted[0]))
         gx, *dinputs = torch.autograd.grad(out, [x_in] + wrt, cotangent, allow_unused=True)
         for t, d in zip(wrt, dinputs):
             if d is not None:
@@ -556,6 +606,7 @@ class AdjointResidualStack(nn.Module):
         # Whether the latest adjoint forward's blocks drew random numbers: if not, the next one reads the RNG
         # state before and after its loop only, not at every block call (_RngRecorder).
         self._blocks_drew = True
+        self._hooks_checked = False  # the hooks warning: looked for at the first adjoint forward
         if self.anchor_every == AUTO:  # the controller's state, from plain adjoint's one segment on
             self.register_buffer("anchor_mask", torch.zeros(self.depth, dtype=torch.bool))
             self.register_buffer("segment_drift", torch.full((self.depth,), segments.NO_SEGMENT), persistent=False)
@@ -637,7 +688,15 @@ class AdjointResidualStack(nn.Module):
                 x = self.step(x, n)
             return x
         check_not_torchscript("An adjoint-mode AdjointResidualStack")
+        if not self._hooks_checked:
+            self._hooks_checked = True
+            _warn_of_forward_hooks(self.blocks)
         parameters_read = [tuple(block.parameters()) for block in self.blocks]
+        if any(is_lazy(p) for own in parameters_read for p in own):  # the Function's inputs would be placeholders
+            raise RuntimeError(
+                "an adjoint-mode AdjointResidualStack's blocks hold uninitialized lazy parameters (nn.LazyLinear, …): "
+                "run one forward under torch.no_grad() first (PyTorch's dry run for lazy modules, before the "
+                "optimizer is built), then train.")  # fmt: skip
         block_params = tuple([p for p in own if p.requires_grad] for own in parameters_read)
         params = list(dict.fromkeys(p for own in block_params for p in own))  # as self.parameters(): each once
         position = {id(p): i for i, p in enumerate(params)}

@@ -211,6 +211,50 @@ def test_torch_compile_follows_layout_changes_without_recompiling():
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
 
+def _layout(model, positions):
+    model.anchor_mask.zero_()
+    model.anchor_mask[positions] = True
+
+
+def _tanh_stack(L=8):
+    torch.manual_seed(0)
+    blocks = [nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 6)).double() for _ in range(L)]
+    return AdjointResidualStack(blocks, anchor_every="auto", drift_tol=1e-3)
+
+
+def test_checkpoint_recomputing_under_a_moved_layout_uses_the_recomputed_one():
+    """Non-reentrant torch.utils.checkpoint re-runs the forward at the backward, under the layout of that
+    moment (another call's backward may have moved it): as many anchors at other layers are the gradients
+    of that layout, not anchors paired with the forward's positions (then the segment [4, 8) started from
+    x_2, silently)."""
+    from torch.utils.checkpoint import checkpoint
+
+    x = torch.randn(5, 6, dtype=torch.float64)
+    stack = _tanh_stack()
+    _layout(stack, [0, 2])
+    expected = torch.autograd.grad(stack(x.clone().requires_grad_(True)).square().sum(), list(stack.parameters()))
+    _layout(stack, [0, 4])
+    out = checkpoint(stack, x.clone().requires_grad_(True), use_reentrant=False)
+    _layout(stack, [0, 2])
+    for a, b in zip(torch.autograd.grad(out.square().sum(), list(stack.parameters())), expected):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("module", ["AdjointResidualStack", "ODEMLP"])
+def test_checkpoint_recomputing_another_number_of_anchors_says_why(module):
+    from torch.utils.checkpoint import checkpoint
+
+    model = _tanh_stack() if module == "AdjointResidualStack" else _rough_mlp(L=8, anchor_every="auto")
+    width = 6 if module == "AdjointResidualStack" else 16
+    x = torch.randn(5, width, dtype=next(model.parameters()).dtype)
+    _layout(model, [0, 4])
+    out = checkpoint(model, x.requires_grad_(True), use_reentrant=False)
+    _layout(model, [0, 2, 4])
+    with pytest.raises(RuntimeError, match="torch.utils.checkpoint recomputed a region holding an anchor_every='auto' "
+                                           "stack.*its anchor layout moved in between"):  # fmt: skip
+        out.sum().backward()
+
+
 @pytest.mark.parametrize("method", ["euler", "heun"])
 def test_residual_stack_of_convolutions_with_batchnorm(method):
     """AdjointResidualStack: the conv blocks of bench.conv_example with BatchNorm in training mode;

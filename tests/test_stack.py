@@ -1,6 +1,7 @@
 """AdjointResidualStack: any residual blocks, against a plain loop and against ode_mlp."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -323,6 +324,60 @@ def test_frozen_block_and_input_only_gradients():
     torch.testing.assert_close(gx, torch.autograd.grad(plain_out.sum(), xp)[0])
 
 
+def test_forward_hooks_on_the_blocks_are_warned_of_once():
+    """An auxiliary loss on what a forward hook captures gets no gradient through an adjoint stack (its
+    forward runs without grad): the first adjoint forward says so when a block has forward hooks."""
+    torch.manual_seed(0)
+    blocks = [nn.Sequential(nn.Linear(4, 4), nn.Tanh()) for _ in range(3)]
+    captured = []
+    blocks[1][0].register_forward_hook(lambda module, inputs, output: captured.append(output))
+    stack, x = AdjointResidualStack(blocks), torch.randn(2, 4, requires_grad=True)
+    with pytest.warns(UserWarning, match="forward hooks on the blocks of an adjoint-mode AdjointResidualStack"):
+        stack(x).sum().backward()
+    assert not captured[0].requires_grad  # what the warning is about
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        stack(x).sum().backward()  # once per stack
+        AdjointResidualStack(blocks, backward="backprop")(x).sum().backward()  # there hooks behave as usual
+        AdjointResidualStack([nn.Linear(4, 4) for _ in range(3)])(x).sum().backward()  # no hooks, no warning
+
+
+def test_lazy_modules_need_their_dry_run_first():
+    """Uninitialized lazy parameters would be the adjoint Function's inputs (autograd's "invalid gradient"
+    from the backward, on every call): a clear error says to run the dry forward first, after which the
+    stack trains as a plain loop would."""
+    torch.manual_seed(0)
+    stack = AdjointResidualStack([nn.Sequential(nn.LazyLinear(6), nn.Tanh()) for _ in range(4)])
+    x = torch.randn(3, 6, requires_grad=True)
+    with pytest.raises(RuntimeError, match="uninitialized lazy parameters .* run one forward under torch.no_grad"):
+        stack(x)
+    with torch.no_grad():
+        stack(x)
+    stack(x).sum().backward()
+    assert x.grad is not None and all(p.grad is not None for p in stack.parameters())
+
+
+@pytest.mark.parametrize("toggle", ["frozen after the forward", "unfrozen after the forward"])
+@pytest.mark.parametrize("method", ["euler", "heun"])
+def test_requires_grad_toggled_between_forward_and_backward(method, toggle):
+    """As in a plain loop: the toggled parameter gets no gradient (autograd recorded it as the forward found
+    it, and accumulates nothing into a tensor that no longer requires grad), the others theirs. (The adjoint
+    backward raised autograd's "does not require grad", or its own error for unlisted tensors.)"""
+    x, W, V, stack = _mlp_stack(method, anchor_every=2)
+    toggled, grad_out = stack.blocks[1].W, torch.randn_like(x)
+    others = [p for p in stack.parameters() if p is not toggled]
+    in_forward = toggle == "frozen after the forward"
+    toggled.requires_grad_(in_forward)
+    xl = x.clone().requires_grad_(True)
+    expected = torch.autograd.grad(stack(xl), [xl] + others, grad_out)  # untoggled
+    out = stack(xl)
+    toggled.requires_grad_(not in_forward)
+    out.backward(grad_out)
+    assert toggled.grad is None
+    for a, b in zip([xl.grad] + [p.grad for p in others], expected):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
 class ScaledBlock(nn.Module):
     """tanh(Linear(x)) times a tensor the block reads but does not own (FiLM-style conditioning)."""
 
@@ -524,24 +579,68 @@ def test_batchnorm_without_running_stats_is_the_same_computation_in_training_mod
 
 
 class CountingBlock(nn.Module):
-    """tanh(Linear(x)) that counts its calls in a buffer (a module that writes a buffer, not BatchNorm)."""
+    """tanh(Linear(x)) that counts its calls in a buffer (a module that writes a buffer, not BatchNorm), in
+    place or by assigning a new tensor to the attribute (`self.calls = self.calls + 1`)."""
 
-    def __init__(self, width):
+    def __init__(self, width, in_place=True):
         super().__init__()
         self.lin = nn.Linear(width, width, dtype=torch.float64)
         self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+        self.in_place = in_place
 
     def forward(self, x):
-        self.calls += 1
+        if self.in_place:
+            self.calls += 1
+        else:
+            self.calls = self.calls + 1
         return torch.tanh(self.lin(x))
 
 
-@pytest.mark.parametrize("vjp_at", ["state", "reconstruction", "extrapolated"])
-def test_other_buffers_written_by_reruns_are_restored(vjp_at):
-    blocks = [CountingBlock(3) for _ in range(4)]
-    stack = AdjointResidualStack(blocks, vjp_at=vjp_at)
+@pytest.mark.parametrize("in_place", [True, False], ids=["in place", "reassigned"])
+@pytest.mark.parametrize("vjp_at, anchor_every", [("state", None), ("state", 2), ("reconstruction", None),
+                                                   ("extrapolated", None)])  # fmt: skip
+def test_other_buffers_written_by_reruns_are_restored(vjp_at, anchor_every, in_place):
+    """(A reassigned buffer was left as the last re-run wrote it: 3 calls counted per block, not 1.)"""
+    blocks = [CountingBlock(3, in_place) for _ in range(4)]
+    stack = AdjointResidualStack(blocks, vjp_at=vjp_at, anchor_every=anchor_every)
     stack(torch.randn(2, 3, dtype=torch.float64, requires_grad=True)).sum().backward()
     assert [int(b.calls) for b in blocks] == [1] * 4
+    assert all(dict(b.named_buffers()) == {"calls": b.calls} for b in blocks)
+
+
+class Symmetric(nn.Module):
+    def forward(self, weight):
+        return 0.5 * (weight + weight.T)
+
+
+@pytest.mark.parametrize("where", ["backward inside", "tied use outside the stack"])
+def test_parametrize_cached_region_gives_the_exact_gradients(where):
+    """Inside torch.nn.utils.parametrize.cached() the parametrized weight reaches its `original` as in the
+    plain loop (anchor_every=1: the adjoint is exact) — when the backward runs inside the region, and when
+    a layer outside the stack reads the same weight there. (The forward loop, run without grad, cached a
+    weight with no autograd history, which the re-runs and the tied layer then read: `original` got no
+    gradient from them.)"""
+    from torch.nn.utils import parametrize
+
+    x = torch.randn(5, 4, dtype=torch.float64)
+    grads = {}
+    for mode, anchors in (("backprop", None), ("adjoint", 1)):
+        torch.manual_seed(0)
+        blocks = [nn.Sequential(nn.Linear(4, 4), nn.Tanh()).double() for _ in range(3)]
+        parametrize.register_parametrization(blocks[0][0], "weight", Symmetric())
+        stack = AdjointResidualStack(blocks, backward=mode, anchor_every=anchors)
+        with parametrize.cached():
+            out = stack(x)
+            if where == "tied use outside the stack":
+                out = blocks[0](out)
+            loss = (out**2).sum()
+            if where == "backward inside":
+                loss.backward()
+        if where != "backward inside":
+            loss.backward()
+        grads[mode] = [p.grad for p in stack.parameters()]
+    for a, b in zip(grads["adjoint"], grads["backprop"]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
 def test_autocast_is_entered_in_backward_only_where_the_forward_state_differs(monkeypatch):
