@@ -688,15 +688,15 @@ class AdjointResidualStack(nn.Module):
                 x = self.step(x, n)
             return x
         check_not_torchscript("An adjoint-mode AdjointResidualStack")
-        if not self._hooks_checked:
-            self._hooks_checked = True
-            _warn_of_forward_hooks(self.blocks)
         parameters_read = [tuple(block.parameters()) for block in self.blocks]
         if any(is_lazy(p) for own in parameters_read for p in own):  # the Function's inputs would be placeholders
             raise RuntimeError(
                 "an adjoint-mode AdjointResidualStack's blocks hold uninitialized lazy parameters (nn.LazyLinear, …): "
                 "run one forward under torch.no_grad() first (PyTorch's dry run for lazy modules, before the "
                 "optimizer is built), then train.")  # fmt: skip
+        if not self._hooks_checked:  # after the lazy modules' dry run, which removes their pre-hooks
+            self._hooks_checked = True
+            _warn_of_forward_hooks(self.blocks)
         block_params = tuple([p for p in own if p.requires_grad] for own in parameters_read)
         params = list(dict.fromkeys(p for own in block_params for p in own))  # as self.parameters(): each once
         position = {id(p): i for i, p in enumerate(params)}
