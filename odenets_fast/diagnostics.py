@@ -78,6 +78,7 @@ def gradient_error(
     input ("x", "W", "V", and "b", "c" when given) — ‖ĝ − g‖ / ‖g‖ — and "W_per_layer", a (P,)
     tensor of the same error for each W_k.
     """
+    check_fixed_layout(anchor_every, "gradient_error")  # "auto" would start from a fresh layout: plain adjoint's
     check_stack(
         x, W, V, b, c, method=method, activation=activation, T=T, backward="adjoint",
         anchor_every=anchor_every, scale_in=scale_in, scale_out=scale_out,

@@ -10,7 +10,10 @@ plain loop would. Reconstruction and recompute run the blocks again in the same 
 BatchNorm normalises with the *batch statistics of the state it is given* (the reconstructed x̃_n
 in adjoint mode, the stored x_n at anchors and in backprop mode — identical to the forward's
 there), and the running statistics are updated exactly once per forward: the re-runs leave the
-blocks' buffers as the forward left them (`_buffers_kept`).
+blocks' buffers as the forward left them (`_buffers_kept`). Other buffers that a block call writes and
+may read (a spectral norm's power-iteration vectors, a hand-kept running mean, a counter): each re-run
+starts from the values its forward call started from (`_BufferRecorder`), so it computes what the call
+computed — one copy of a block's buffers per forward call, for the blocks that have such buffers.
 
 Randomness (dropout): with `preserve_rng_state=True` (default) the RNG state before each block call
 of the forward that draws random numbers is kept (5 KB for the CPU generator, 16 B for a CUDA one;
@@ -18,7 +21,7 @@ nothing for calls that draw none) and restored when that call is re-run, so reco
 recompute use the forward's random numbers — as `torch.utils.checkpoint` does, per call rather than
 per segment, because Heun's reconstruction calls f_{n+1} before f_n. After a forward whose blocks drew
 nothing, the next reads the RNG state only around its loop; if they drew after all, it runs the loop
-again from the same state, reading it at every call (`_RngRecorder`).
+again from the same state and buffer values, reading it at every call (`_RngRecorder`).
 
 Tensors the blocks read besides x and their own parameters (a conditioning embedding, another
 module's weight): the adjoint backward differentiates each layer with respect to x, that layer's
@@ -165,9 +168,85 @@ class _RngReplay:
             return block(x)
 
 
-# An _RngRecorder or _RngReplay: runs block(x) for the block call `key` (plain functions, not context
-# managers: a generator-based context costs microseconds per block call)
+# An _RngRecorder, _RngReplay, _BufferRecorder or _BufferReplay: runs block(x) for the block call `key` (plain
+# functions, not context managers: a generator-based context costs microseconds per block call)
 RngRunner = Callable[[tuple, nn.Module, Tensor], Tensor]
+
+
+def _buffers_by_block(blocks: nn.Module) -> dict:
+    """{id(block): [(module, name)]}: each block's buffers other than BatchNorm's (whose re-runs write nothing,
+    see `_buffers_kept`), for the blocks that have any."""
+    found = {}
+    for block in blocks:
+        named = [(m, name) for m in _submodules(block) if m._buffers and not isinstance(m, _BatchNorm)
+                 for name, buf in m._buffers.items() if buf is not None]  # fmt: skip
+        if named:
+            found[id(block)] = named
+    return found
+
+
+class _BufferRecorder:
+    """Records, in the forward, for each block call that wrote its block's buffers (a spectral norm's
+    power-iteration vectors, a running mean kept by hand, a step counter), their values before the call —
+    in place or by assigning a new tensor — so that each re-run starts from them and computes what the
+    call computed. Blocks without such buffers cost nothing; the others one copy of their buffers a call.
+    Wraps the RNG recorder, if any (`inner`)."""
+
+    def __init__(self, buffers: dict, inner: Optional[RngRunner]):
+        self.buffers, self.inner = buffers, inner
+        # call key → [(module, name, index of its value before the call)]; the values end up among the stack's
+        # saved tensors, as the RNG states do (saved-tensor hooks see them, saved_tensor_bytes counts them)
+        self.slots: dict[tuple, list] = {}
+        self.tensors: list[Tensor] = []
+
+    def __call__(self, key: tuple, block: nn.Module, x: Tensor) -> Tensor:
+        named = self.buffers.get(id(block))
+        if named is None:
+            return block(x) if self.inner is None else self.inner(key, block, x)
+        before = [(m, name, m._buffers[name]) for m, name in named]
+        before = [(m, name, buf, buf._version, buf.clone()) for m, name, buf in before]
+        out = block(x) if self.inner is None else self.inner(key, block, x)
+        written = [(m, name, value) for m, name, buf, version, value in before
+                   if m._buffers.get(name) is not buf or buf._version != version]  # fmt: skip
+        if written:
+            self.slots[key] = [(m, name, len(self.tensors) + i) for i, (m, name, _) in enumerate(written)]
+            self.tensors.extend(value for _, _, value in written)
+        return out
+
+    def rewind(self) -> None:
+        """The written buffers back to their values before the forward (each one's first recorded call)."""
+        first = {}
+        for written in self.slots.values():
+            for m, name, index in written:
+                first.setdefault((id(m), name), (m, name, index))
+        _restore(first.values(), self.tensors)
+        self.slots, self.tensors = {}, []
+
+
+def _restore(written, values: Sequence[Tensor]) -> None:
+    """Buffers (module, name, index) set to values[index]: in place where the buffer keeps its shape and dtype."""
+    with torch.no_grad():
+        for m, name, index in written:
+            value = values[index]
+            current = m._buffers.get(name)
+            if current is not None and current.shape == value.shape and current.dtype == value.dtype:
+                current.copy_(value)
+            else:
+                m._buffers[name] = value.clone()
+
+
+class _BufferReplay:
+    """Gives each recorded block call, when it is re-run, the buffer values it started from in the forward
+    (the backward's `_buffers_kept` puts the forward's final values back afterwards)."""
+
+    def __init__(self, slots: dict, tensors: Sequence[Tensor], inner: Optional[RngRunner]):
+        self.slots, self.tensors, self.inner = slots, tensors, inner
+
+    def __call__(self, key: tuple, block: nn.Module, x: Tensor) -> Tensor:
+        written = self.slots.get(key)
+        if written is not None:
+            _restore(written, self.tensors)
+        return block(x) if self.inner is None else self.inner(key, block, x)
 
 
 class _AutocastState:
@@ -283,14 +362,14 @@ def _unlisted_message(layer: int, leaf: Tensor) -> str:
 # the recorded generator states do not replay: the reconstruction then saw other masks than the forward (drift
 # 0.035 against 0.0005 eager on a dropout-0.2 MLP stack, and gradients to match).
 @torch.compiler.disable
-def _forward_states(stack, x: Tensor, positions: list, rng: Optional["_RngRecorder"]) -> tuple:
+def _forward_states(stack, x: Tensor, positions: list, runner: Optional[RngRunner]) -> tuple:
     """(x_L, [x_a for a in positions]): the forward loop, keeping the anchors' input states."""
     stored, anchors = set(positions), []
     with _parametrizations_uncached():
         for n in range(stack.depth):
             if n in stored:
                 anchors.append(x)
-            x = stack.step(x, n, rng)
+            x = stack.step(x, n, runner)
     return x, anchors
 
 
@@ -314,22 +393,30 @@ class _AdjointStackFunction(torch.autograd.Function):
         positions = stack.anchor_layout()
         rng = _RngRecorder(x.device) if stack.preserve_rng_state else None
         per_call = rng is not None and stack._blocks_drew
+        buffers = _buffers_by_block(stack.blocks)
+        recorder = (lambda inner: inner) if not buffers else (lambda inner: _BufferRecorder(buffers, inner))
+        runner = recorder(rng if per_call else None)
         with torch.no_grad():
-            state, anchors = _forward_states(stack, x.detach(), positions, rng if per_call else None)
+            state, anchors = _forward_states(stack, x.detach(), positions, runner)
             if rng is not None and not per_call and rng.drew_since_start():
                 # The blocks drew random numbers, unlike in the previous call: the forward again from the
-                # same RNG state, recording each call's (the same draws, so the same result; the running
-                # statistics left as the first pass updated them).
+                # same RNG state and buffer values, recording each call's (the same draws, so the same
+                # result; BatchNorm's running statistics left as the first pass updated them).
                 rng.rewind()
-                with _buffers_kept(stack.blocks):
-                    state, anchors = _forward_states(stack, x.detach(), positions, rng)
+                with _buffers_kept(stack.blocks):  # the first pass's values, which the second recomputes
+                    if buffers:
+                        runner.rewind()
+                    runner = recorder(rng)
+                    state, anchors = _forward_states(stack, x.detach(), positions, runner)
         if rng is not None:
             stack._blocks_drew = bool(rng.slots)
         rng_states = [] if rng is None else rng.tensors
         ctx.stack, ctx.autocast, ctx.positions = stack, _AutocastState(x.device), positions
         ctx.rng_slots = None if rng is None else rng.slots
+        buffer_values = runner.tensors if buffers else []
+        ctx.buffer_slots = runner.slots if buffers and runner.slots else None
         ctx.block_params, ctx.num_params, ctx.listed_params = block_params, num_params, listed_params
-        ctx.num_anchors, ctx.num_rng_states = len(anchors), len(rng_states)
+        ctx.num_anchors, ctx.num_rng_states, ctx.num_buffer_values = len(anchors), len(rng_states), len(buffer_values)
         # The re-runs read these very tensors (the blocks' parameters, what the blocks close over), so their
         # gradients are keyed by them: a saved-tensor hook (save_on_cpu) unpacks copies. They are saved too,
         # so that an in-place change before backward is autograd's error, not a gradient at other values.
@@ -338,7 +425,7 @@ class _AdjointStackFunction(torch.autograd.Function):
         # which reads the layout again (another call's backward may have moved it), saves its own with them
         ctx.auto = stack.anchor_every == AUTO
         layout = [torch.tensor(positions)] if ctx.auto else []
-        ctx.save_for_backward(state, *anchors, *rng_states, *layout, *inputs)
+        ctx.save_for_backward(state, *anchors, *rng_states, *buffer_values, *layout, *inputs)
         return state
 
     @staticmethod
@@ -361,8 +448,11 @@ class _AdjointStackFunction(torch.autograd.Function):
         final, *saved = segments.saved_tensors(ctx) if auto else ctx.saved_tensors
         anchors, saved = saved[: ctx.num_anchors], saved[ctx.num_anchors :]
         rng_states, saved = saved[: ctx.num_rng_states], saved[ctx.num_rng_states :]
+        buffer_values, saved = saved[: ctx.num_buffer_values], saved[ctx.num_buffer_values :]
         positions, inputs = saved[0].tolist() if auto else ctx.positions, ctx.inputs
         replay = _RngReplay(ctx.rng_slots, rng_states) if ctx.rng_slots else None
+        if ctx.buffer_slots:
+            replay = _BufferReplay(ctx.buffer_slots, buffer_values, replay)
         extras = [inputs[i] for i in ctx.listed_params] + [t for t in inputs[ctx.num_params :] if t.requires_grad]
         vjp = _LayerVJP(stack, autocast, replay, extras, ctx.block_params, ctx.parameters_read)
         anchored = stack.anchor_every is not None  # the stored states replace the reconstruction

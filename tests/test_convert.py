@@ -297,3 +297,67 @@ def test_named_sequential_keeps_its_names():
     model = nn.Sequential(OrderedDict(embed=nn.Linear(3, 4), first=Residual(4), second=Residual(4), head=nn.Linear(4, 2)))
     convert(model)
     assert list(model._modules) == ["embed", "first", "head"] and model.first.depth == 2
+
+
+class Backbone(nn.Sequential):
+    """A Sequential subclass whose forward also returns the feature after its second child."""
+
+    def forward(self, x):
+        features = []
+        for layer in self:
+            x = layer(x)
+            features.append(x)
+        return x, features[1]
+
+
+def test_sequential_subclass_with_its_own_forward_stays_with_a_warning():
+    """Its forward may use the children other than by chaining them: here merging the residual children
+    into one stack made the returned feature that of another layer (relative error 1.1)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(Backbone(Residual(4), Residual(4), Residual(4), nn.Linear(4, 4)), Residual(4), Residual(4))
+    x = torch.randn(5, 4)
+    want = model[0](x)
+    with pytest.warns(UserWarning, match=r"'0' \(Backbone\) left unconverted: an nn.Sequential subclass with its own forward"):
+        convert(model)
+    assert isinstance(model[0], Backbone) and len(model[0]) == 4 and isinstance(model[1], AdjointResidualStack)
+    for a, b in zip(model[0](x), want):
+        assert torch.equal(a, b)
+
+
+def test_the_default_step_is_one_so_float16_increments_do_not_overflow():
+    """h = 1 (T = L): f_n = g_n exactly, no division. With h = 1/L a float16 block whose increment exceeds
+    65504 / L overflowed (here x → −x at |x| up to 1500, so |g| up to 3000 at L = 64: outputs inf or NaN
+    where the original's are finite)."""
+    torch.manual_seed(0)
+
+    class Flip(nn.Module):
+        def forward(self, x):
+            return x + (-2.0) * x
+
+    model = nn.Sequential(*[Flip() for _ in range(64)]).half()
+    x = (torch.rand(8, 4) * 1500).half()
+    with torch.no_grad():
+        want = model(x)
+        (stack,) = _stacks(convert(model))
+        got = model(x)
+    assert stack.T == 64 and stack.step_size == 1.0
+    assert torch.isfinite(want).all() and torch.equal(got, want)
+
+
+class InPlaceResidual(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.bias = nn.Parameter(torch.randn(dim))
+
+    def forward(self, x):
+        x += self.bias
+        return x
+
+
+@pytest.mark.parametrize("backward", ["backprop", "adjoint"])
+def test_a_block_adding_into_its_input_in_place_is_an_error(backward):
+    """torch.fx records `x += g` as x + g, so the block is recognised; but it overwrites the states the
+    stack keeps and re-runs (adjoint mode: autograd's "leaf Variable ... in-place", naming nothing)."""
+    model = convert(nn.Sequential(nn.Linear(3, 3), InPlaceResidual(3), InPlaceResidual(3)), backward=backward)
+    with pytest.raises(RuntimeError, match="a converted InPlaceResidual returned its input, modified in place"):
+        model(torch.randn(2, 3))

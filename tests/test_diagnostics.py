@@ -62,10 +62,13 @@ def test_gradient_error_checks_its_stack_first():
         diagnostics.gradient_error(x, W, V, anchor_every=0)
 
 
-def test_reconstruction_error_needs_a_fixed_layout():
+def test_the_diagnostics_need_a_fixed_layout():
     x, W, V, b, c = make_stack()
     with pytest.raises(ValueError, match="reconstruction_error: anchor_every='auto' places the stored states at run time"):
         diagnostics.reconstruction_error(x, W, V, anchor_every="auto")
+    # each call would start the controller from one segment: plain adjoint's error, whatever auto trains with
+    with pytest.raises(ValueError, match="gradient_error: anchor_every='auto' places the stored states at run time"):
+        diagnostics.gradient_error(x, W, V, anchor_every="auto")
 
 
 def test_depth_smoothness():

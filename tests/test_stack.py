@@ -610,6 +610,53 @@ def test_other_buffers_written_by_reruns_are_restored(vjp_at, anchor_every, in_p
     assert all(dict(b.named_buffers()) == {"calls": b.calls} for b in blocks)
 
 
+def _spectral_norm_blocks(count, dropout):
+    from torch.nn.utils.parametrizations import spectral_norm
+
+    torch.manual_seed(0)
+    blocks = [nn.Sequential(spectral_norm(nn.Linear(5, 5)), nn.Tanh(), nn.Dropout(dropout), nn.Linear(5, 5)).double()
+              for _ in range(count)]  # fmt: skip
+    with torch.no_grad():  # as after an optimizer step: the power iteration's vectors no longer converged
+        for block in blocks:
+            block[0].parametrizations.weight.original.add_(torch.randn(5, 5, dtype=torch.float64))
+    return blocks
+
+
+@pytest.mark.parametrize("vjp_at", ["state", "reconstruction"])
+@pytest.mark.parametrize("method", ["euler", "heun"])
+def test_re_runs_start_from_the_buffers_their_forward_call_read(method, vjp_at):
+    """Spectral norm in training mode updates its power-iteration vectors (buffers) at every call and
+    computes the weight from them: each re-run starts from the values its forward call started from, so
+    anchor_every=1 is exact — outputs, gradients and the buffers left — as with BatchNorm. (Re-runs from
+    the buffers the forward left computed other weights: relative gradient errors of 0.04–0.3.)"""
+    x, grad_out = torch.randn(6, 5, dtype=torch.float64), torch.randn(6, 5, dtype=torch.float64)
+    results = {}
+    for mode, anchors in (("backprop", None), ("adjoint", 1)):
+        blocks = _spectral_norm_blocks(4 + (method == "heun"), 0.0)
+        stack = AdjointResidualStack(blocks, method=method, backward=mode, anchor_every=anchors,
+                                     **({"vjp_at": vjp_at} if mode == "adjoint" else {}))  # fmt: skip
+        results[mode] = _grads(stack, x, grad_out) + [b.clone() for b in stack.buffers()]
+    for a, b in zip(results["adjoint"], results["backprop"]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_a_forward_run_again_for_its_random_numbers_starts_from_the_same_buffers():
+    """The forward that first draws random numbers runs its loop again, recording (see _RngRecorder): the
+    buffers its first pass wrote go back to their values before it, so the second pass computes what the
+    first did and the buffers are updated once, as in a plain loop."""
+    x, grad_out = torch.randn(6, 5, dtype=torch.float64), torch.randn(6, 5, dtype=torch.float64)
+    results = {}
+    for mode, anchors in (("backprop", None), ("adjoint", 1)):
+        blocks = _spectral_norm_blocks(4, 0.0)
+        stack = AdjointResidualStack(blocks, backward=mode, anchor_every=anchors)
+        _grads(stack, x, grad_out)  # draws nothing: the next adjoint forward reads the RNG around its loop only
+        _set_dropout(stack, 0.5)
+        torch.manual_seed(3)
+        results[mode] = _grads(stack, x, grad_out) + [b.clone() for b in stack.buffers()]
+    for a, b in zip(results["adjoint"], results["backprop"]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
 class Symmetric(nn.Module):
     def forward(self, weight):
         return 0.5 * (weight + weight.T)
