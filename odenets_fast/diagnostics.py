@@ -121,7 +121,13 @@ def saved_tensor_bytes(fn: Callable[[], Tensor], exclude: tuple = ()) -> int:
 
     Storages shared with `exclude` (typically the parameters, which exist anyway) are not
     counted, nor is any storage counted twice. This is the activation memory of a backward mode.
+    `exclude`: tensors, in any iterable (`model.parameters()`), or one tensor.
     """
+    if not callable(fn):
+        raise TypeError(f"fn must be a callable taking no arguments; got {type(fn).__name__}")
+    exclude = (exclude,) if isinstance(exclude, Tensor) else tuple(exclude)
+    if not all(isinstance(t, Tensor) for t in exclude):
+        raise TypeError("exclude must be an iterable of tensors (typically the parameters) or one tensor")
     excluded = {t.untyped_storage().data_ptr() for t in exclude}
     seen: dict[int, int] = {}
 

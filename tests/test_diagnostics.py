@@ -92,6 +92,13 @@ def test_saved_tensor_bytes_adjoint_is_depth_independent():
 
     state_bytes = 32 * 8 * 4
     assert saved("adjoint", 8) == saved("adjoint", 64) == 2 * state_bytes  # x_0 and x_L
+    run = lambda: ode_mlp(x, W, V, backward="adjoint")  # noqa: E731
+    assert diagnostics.saved_tensor_bytes(run, exclude=iter([W, V])) == 2 * state_bytes  # any iterable
+    assert diagnostics.saved_tensor_bytes(run, exclude=W) == 2 * state_bytes + V.numel() * 4  # one tensor
+    with pytest.raises(TypeError, match="fn must be a callable taking no arguments; got Tensor"):
+        diagnostics.saved_tensor_bytes(x)
+    with pytest.raises(TypeError, match="exclude must be an iterable of tensors"):
+        diagnostics.saved_tensor_bytes(run, exclude=[W, "V"])
     assert saved("backprop", 64) == 66 * state_bytes  # x_0 … x_63, x_L and x (for a double backward)
 
 
