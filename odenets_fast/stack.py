@@ -203,8 +203,7 @@ class _BufferRecorder:
         named = self.buffers.get(id(block))
         if named is None:
             return block(x) if self.inner is None else self.inner(key, block, x)
-        before = [(m, name, m._buffers[name]) for m, name in named]
-        before = [(m, name, buf, buf._version, buf.clone()) for m, name, buf in before]
+        before = [(m, name, buf, buf._version, buf.clone()) for m, name in named for buf in (m._buffers[name],)]
         out = block(x) if self.inner is None else self.inner(key, block, x)
         written = [(m, name, value) for m, name, buf, version, value in before
                    if m._buffers.get(name) is not buf or buf._version != version]  # fmt: skip
