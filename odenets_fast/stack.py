@@ -753,7 +753,17 @@ class AdjointResidualStack(nn.Module):
         return _add_scaled(x_next, k_next + self._call(n, _add_scaled(x_next, k_next, -h), rng, (n, 0)), -0.5 * h)
 
     def _call(self, block: int, x: Tensor, rng: Optional[RngRunner], key: tuple) -> Tensor:
-        return self.blocks[block](x) if rng is None else rng(key, self.blocks[block], x)
+        if torch.compiler.is_compiling():  # functionalised there; a version read would be data-dependent
+            return self.blocks[block](x) if rng is None else rng(key, self.blocks[block], x)
+        version = x._version
+        out = self.blocks[block](x) if rng is None else rng(key, self.blocks[block], x)
+        if x._version != version:  # the step would add f(x) to the modified x, and the stack keeps x
+            raise RuntimeError(
+                f"block {block} of an AdjointResidualStack modified its input in place (an nn.ReLU(inplace=True) "
+                "or x += … applied to it?): the step adds the block's output to that input, and the stack keeps "
+                "the input. Make the block leave its input unchanged."
+            )
+        return out
 
     def __prepare_scriptable__(self):
         raise RuntimeError(torchscript_unsupported("AdjointResidualStack"))

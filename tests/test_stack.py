@@ -342,6 +342,21 @@ def test_forward_hooks_on_the_blocks_are_warned_of_once():
         AdjointResidualStack([nn.Linear(4, 4) for _ in range(3)])(x).sum().backward()  # no hooks, no warning
 
 
+@pytest.mark.parametrize("backward", ["backprop", "adjoint"])
+def test_a_block_modifying_its_input_in_place_is_an_error(backward):
+    """nn.ReLU(inplace=True) as a block's first layer rectifies x itself: the step would compute relu(x) + h f(x)
+    (silently, without grad and in the adjoint's forward; autograd's leaf error in the backward)."""
+    torch.manual_seed(0)
+    blocks = [nn.Sequential(nn.ReLU(inplace=True), nn.Linear(4, 4)) for _ in range(3)]
+    stack = AdjointResidualStack(blocks, backward=backward)
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad), pytest.raises(RuntimeError, match="block 0 of an AdjointResidualStack "
+                                                                              "modified its input in place"):  # fmt: skip
+            stack(torch.randn(2, 4, requires_grad=grad) * 1.0)
+    inner = [nn.Sequential(nn.Linear(4, 4), nn.ReLU(inplace=True), nn.Linear(4, 4)) for _ in range(3)]
+    AdjointResidualStack(inner, backward=backward)(torch.randn(2, 4, requires_grad=True)).sum().backward()  # fine
+
+
 def test_lazy_modules_need_their_dry_run_first():
     """Uninitialized lazy parameters would be the adjoint Function's inputs (autograd's "invalid gradient"
     from the backward, on every call): a clear error says to run the dry forward first, after which the
