@@ -19,7 +19,8 @@ Randomness (dropout): with `preserve_rng_state=True` (default) the RNG state bef
 of the forward that draws random numbers is kept (5 KB for the CPU generator, 16 B for a CUDA one;
 nothing for calls that draw none) and restored when that call is re-run, so reconstruction and
 recompute use the forward's random numbers — as `torch.utils.checkpoint` does, per call rather than
-per segment, because Heun's reconstruction calls f_{n+1} before f_n. After a forward whose blocks drew
+per segment, because Heun's reconstruction calls f_{n+1} before f_n. Like checkpoint's, only PyTorch's
+default generators are replayed: a block drawing from a `torch.Generator` of its own is not. After a forward whose blocks drew
 nothing, the next reads the RNG state only around its loop; if they drew after all, it runs the loop
 again from the same state and buffer values, reading it at every call (`_RngRecorder`).
 
@@ -330,22 +331,24 @@ _ACCUMULATE_GRAD = torch._C._functions.AccumulateGrad
 
 def _unlisted_leaves(out: Tensor, listed: list) -> list:
     """Leaves requiring grad that `out` depends on, other than `listed`: a walk of autograd's graph
-    from `out` that stops at the listed tensors (their AccumulateGrad, or their grad_fn for a
-    non-leaf). Leaves, because a non-leaf reached is built from some leaf the walk then finds."""
+    from `out` that stops at the listed tensors (their AccumulateGrad, or for a non-leaf the edge into
+    its grad_fn: the output of that node it is — a node of unbind/chunk/split has several, and the
+    others are other tensors). Leaves, because a non-leaf reached is built from some leaf the walk
+    then finds."""
     listed_leaves = {id(t) for t in listed if t.grad_fn is None}
-    stops = {t.grad_fn for t in listed if t.grad_fn is not None}
-    seen, pending, found = set(), [out.grad_fn], []
+    stops = {(t.grad_fn, t.output_nr) for t in listed if t.grad_fn is not None}
+    seen, pending, found = set(), [(out.grad_fn, out.output_nr)], []
     while pending:
-        node = pending.pop()
-        if node is None or node in seen or node in stops:
+        edge = pending.pop()
+        node = edge[0]
+        if node is None or node in seen or edge in stops:
             continue
         seen.add(node)
         if type(node) is _ACCUMULATE_GRAD:  # not hasattr(node, "variable"): it raises and catches at every other node
             if id(node.variable) not in listed_leaves:
                 found.append(node.variable)
             continue
-        for fn, _ in node.next_functions:
-            pending.append(fn)
+        pending.extend(node.next_functions)
     return found
 
 
@@ -700,6 +703,22 @@ class AdjointResidualStack(nn.Module):
             self.register_buffer("anchor_mask", torch.zeros(self.depth, dtype=torch.bool))
             self.register_buffer("segment_drift", torch.full((self.depth,), segments.NO_SEGMENT), persistent=False)
 
+    def _check_configuration(self) -> None:
+        """The settings as they are now — attributes may be reassigned after construction — under the checks of
+        __init__, and the blocks still as many as the depth (fixed at construction: h = T / depth, and the
+        "auto" layout's length) needs."""
+        method = check_choice("method", self.method, METHODS)
+        needed = self.depth + (method == "heun")
+        if len(self.blocks) != needed:
+            raise ValueError(f"an AdjointResidualStack of depth {self.depth} (set at construction) with method={method!r} "
+                             f"needs {needed} blocks; it has {len(self.blocks)}: build a new stack for other blocks")  # fmt: skip
+        check_choice("backward", self.backward_mode, BACKWARD_MODES)
+        check_anchor_every(self.anchor_every, self.backward_mode)
+        if self.anchor_every == AUTO and not hasattr(self, "anchor_mask"):
+            raise ValueError("anchor_every='auto' is chosen at construction (its layout is module state): build a new "
+                             "AdjointResidualStack with it")  # fmt: skip
+        check_vjp_at(self.vjp_at, self.backward_mode, method)
+
     def anchor_layout(self) -> list:
         """The layers whose input the next forward stores (x_0 always)."""
         if self.anchor_every == AUTO:
@@ -753,7 +772,8 @@ class AdjointResidualStack(nn.Module):
         return _add_scaled(x_next, k_next + self._call(n, _add_scaled(x_next, k_next, -h), rng, (n, 0)), -0.5 * h)
 
     def _call(self, block: int, x: Tensor, rng: Optional[RngRunner], key: tuple) -> Tensor:
-        if torch.compiler.is_compiling():  # functionalised there; a version read would be data-dependent
+        # compiled: functionalised, and a version read would be data-dependent; inference tensors have no version
+        if torch.compiler.is_compiling() or x.is_inference():
             return self.blocks[block](x) if rng is None else rng(key, self.blocks[block], x)
         version = x._version
         out = self.blocks[block](x) if rng is None else rng(key, self.blocks[block], x)
@@ -780,6 +800,7 @@ class AdjointResidualStack(nn.Module):
         extra_inputs = list(extra_inputs)
         if not all(isinstance(t, Tensor) for t in extra_inputs):
             raise TypeError("extra_inputs must be a sequence of torch.Tensor")
+        self._check_configuration()
         # A plain loop where no adjoint backward will run: backprop mode, no grad, and torch.export, which
         # records the forward's computation only (an exported program differentiates its recorded graph).
         if self.backward_mode == "backprop" or not torch.is_grad_enabled() or _exporting():

@@ -357,6 +357,38 @@ def test_a_block_modifying_its_input_in_place_is_an_error(backward):
     AdjointResidualStack(inner, backward=backward)(torch.randn(2, 4, requires_grad=True)).sum().backward()  # fine
 
 
+@pytest.mark.parametrize("backward", ["backprop", "adjoint"])
+def test_inference_mode_gives_the_no_grad_output(backward):
+    """(The in-place check read the input's version counter, which inference tensors do not have.)"""
+    x, W, V, stack = _mlp_stack("heun", backward=backward)
+    with torch.no_grad():
+        want = stack(x)
+    with torch.inference_mode():
+        assert torch.equal(stack(x), want) and torch.equal(stack(x.clone()), want)
+    with torch.inference_mode():
+        plain = torch.randn(3, 4, dtype=torch.float64)
+    with torch.no_grad():  # an inference tensor outside inference mode
+        torch.testing.assert_close(stack(plain), AdjointResidualStack(list(stack.blocks), method="heun",
+                                                                     backward="backprop")(plain.clone()))  # fmt: skip
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda stack: stack.blocks.append(nn.Identity()), "of depth 4 .* needs 4 blocks; it has 5"),
+    (lambda stack: setattr(stack, "method", "heun"), "of depth 4 .*method='heun' needs 5 blocks; it has 4"),
+    (lambda stack: setattr(stack, "vjp_at", "bogus"), "vjp_at must be one of"),
+    (lambda stack: setattr(stack, "backward_mode", "bogus"), "backward must be one of"),
+    (lambda stack: setattr(stack, "anchor_every", 0), "anchor_every must be a positive int"),
+    (lambda stack: setattr(stack, "anchor_every", "auto"), "anchor_every='auto' is chosen at construction"),
+])  # fmt: skip
+def test_settings_changed_after_construction_are_checked(change, message):
+    """Attributes reassigned after construction meet the constructor's checks at the next call. (An appended
+    block was ignored, a bogus vjp_at ran as "reconstruction", a bogus backward as adjoint.)"""
+    x, W, V, stack = _mlp_stack("euler", L=4)
+    change(stack)
+    with pytest.raises(ValueError, match=message):
+        stack(x)
+
+
 def test_lazy_modules_need_their_dry_run_first():
     """Uninitialized lazy parameters would be the adjoint Function's inputs (autograd's "invalid gradient"
     from the backward, on every call): a clear error says to run the dry forward first, after which the
@@ -552,6 +584,31 @@ def test_parameter_of_another_block_needs_listing():
     wrt = list(plain.parameters())
     for a, b in zip(_loss_grads(adjoint, x, wrt, extra_inputs=[shared]), _loss_grads(plain, x, wrt)):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("split", ["unbind", "chunk"])
+def test_outputs_of_one_node_are_listed_one_by_one(split):
+    """Per-layer conditioning cut from one tensor (unbind, chunk, split: one autograd node, one output per
+    piece): listing a piece lists that piece only. Blocks reading unlisted pieces are the unlisted-tensor
+    error (their gradient was silently zero: the walk stopped at the whole node), all pieces listed give
+    the exact gradients."""
+    table = nn.Parameter(torch.randn(4, 1, dtype=torch.float64))
+    adjoint, plain = _scaled_stacks("euler", None)
+
+    def pieces():
+        parts = table.unbind(0) if split == "unbind" else table.chunk(4, 0)
+        for block, part in zip(adjoint.blocks, parts):
+            block.scale = part
+        return list(parts)
+
+    x = torch.randn(2, 3, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=r"layer 3 of an adjoint-mode AdjointResidualStack reads a tensor"):
+        _loss_grads(adjoint, x, [table], extra_inputs=pieces()[:1])
+    wrt = [table] + list(plain.parameters())
+    got = _loss_grads(adjoint, x, wrt, extra_inputs=pieces())
+    pieces()
+    for a, b in zip(got, _loss_grads(plain, x, wrt)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
 def test_extra_inputs_must_be_tensors():
