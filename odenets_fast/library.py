@@ -137,8 +137,8 @@ def backward_impl(
             grads, drifts, _ = segments.backward(backend_module, grad_out, saved, positions, W, V, b, c, spec)
             per_layer = W.new_empty(spec.depth)
             segment_drift = segments.segment_drifts(positions, drifts, per_layer)
-            next_mask = segments.mask_of(segments.next_positions(positions, drifts, spec.depth, spec.drift_tol),
-                                         per_layer)  # fmt: skip
+            layout = segments.next_positions(positions, drifts, spec.depth, spec.drift_tol, grad_out.numel() > 0)
+            next_mask = segments.mask_of(layout, per_layer)
         else:
             grads = backend_module.backward(grad_out, Saved(final, anchors, _or_none(stages)), W, V, b, c, spec)
     drift = grad_out.new_zeros((), dtype=final.dtype) if grads.drift is None else grads.drift

@@ -489,7 +489,7 @@ class _AdjointStackFunction(torch.autograd.Function):
                     totals[t] = d if totals[t] is None else totals[t] + d
         stack._drift = drifts[0]
         if auto:
-            stack.record_segments(positions, drifts)
+            stack.record_segments(positions, drifts, final.numel() > 0)
         return (g, None, None, None, None, None) + tuple(totals[t] for t in inputs)
 
 
@@ -736,11 +736,12 @@ class AdjointResidualStack(nn.Module):
         return self.anchor_layout() if self.anchor_every == AUTO else None
 
     @torch.no_grad()
-    def record_segments(self, positions: list, drifts: dict) -> None:
-        """The drifts of an auto-mode backward's segments, and the controller's layout for the next call."""
+    def record_segments(self, positions: list, drifts: dict, measured: bool = True) -> None:
+        """The drifts of an auto-mode backward's segments, and the controller's layout for the next call
+        (the same layout where nothing was `measured`: an empty batch)."""
         values = torch.stack([drifts[a] for a in positions]).float().tolist()
         self.segment_drift.copy_(segments.segment_drifts(positions, values, self.segment_drift))
-        layout = segments.next_positions(positions, values, self.depth, self.drift_tol)
+        layout = segments.next_positions(positions, values, self.depth, self.drift_tol, measured)
         self.anchor_mask.copy_(segments.mask_of(layout, self.anchor_mask))
 
     @property

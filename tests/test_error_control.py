@@ -222,6 +222,18 @@ def _tanh_stack(L=8):
     return AdjointResidualStack(blocks, anchor_every="auto", drift_tol=1e-3)
 
 
+@pytest.mark.parametrize("module", ["ODEMLP", "AdjointResidualStack"])
+def test_an_empty_batch_leaves_the_layout_as_it_is(module):
+    """An empty batch's segments drift 0 for want of rows: the controller learns nothing from it. (It had
+    merged every quiet pair: [0, 1, 2, 3] → [0, 2], and the next real batch's segments drifted 17× over.)"""
+    model = _tanh_stack(L=4) if module == "AdjointResidualStack" else _rough_mlp(L=4, anchor_every="auto")
+    width, dtype = (6, torch.float64) if module == "AdjointResidualStack" else (16, torch.float32)
+    _layout(model, [0, 1, 2, 3])
+    model(torch.randn(0, width, dtype=dtype, requires_grad=True)).sum().backward()
+    assert model.anchor_positions == [0, 1, 2, 3]
+    assert segments.next_positions([0, 1, 2, 3], [0.0] * 4, 4, 1e-3, measured=False) == [0, 1, 2, 3]
+
+
 def test_checkpoint_recomputing_under_a_moved_layout_uses_the_recomputed_one():
     """Non-reentrant torch.utils.checkpoint re-runs the forward at the backward, under the layout of that
     moment (another call's backward may have moved it): as many anchors at other layers are the gradients
