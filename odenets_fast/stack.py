@@ -396,7 +396,10 @@ class _AdjointStackFunction(torch.autograd.Function):
         rng = _RngRecorder(x.device) if stack.preserve_rng_state else None
         per_call = rng is not None and stack._blocks_drew
         buffers = _buffers_by_block(stack.blocks)
-        recorder = (lambda inner: inner) if not buffers else (lambda inner: _BufferRecorder(buffers, inner))
+
+        def recorder(inner: Optional[RngRunner]) -> Optional[RngRunner]:  # buffer values around the RNG's, if any
+            return _BufferRecorder(buffers, inner) if buffers else inner
+
         runner = recorder(rng if per_call else None)
         with torch.no_grad():
             state, anchors = _forward_states(stack, x.detach(), positions, runner)
@@ -774,11 +777,10 @@ class AdjointResidualStack(nn.Module):
 
     def _call(self, block: int, x: Tensor, rng: Optional[RngRunner], key: tuple) -> Tensor:
         # compiled: functionalised, and a version read would be data-dependent; inference tensors have no version
-        if torch.compiler.is_compiling() or x.is_inference():
-            return self.blocks[block](x) if rng is None else rng(key, self.blocks[block], x)
-        version = x._version
+        checked = not (torch.compiler.is_compiling() or x.is_inference())
+        version = x._version if checked else 0
         out = self.blocks[block](x) if rng is None else rng(key, self.blocks[block], x)
-        if x._version != version:  # the step would add f(x) to the modified x, and the stack keeps x
+        if checked and x._version != version:  # the step would add f(x) to the modified x, and the stack keeps x
             raise RuntimeError(
                 f"block {block} of an AdjointResidualStack modified its input in place (an nn.ReLU(inplace=True) "
                 "or x += … applied to it?): the step adds the block's output to that input, and the stack keeps "
