@@ -328,6 +328,25 @@ def test_gpu_quick_fits_one_device_call():
     assert gpu_suite.QUICK_TESTS_S < budget <= 420 - 60
 
 
+def test_gpu_tests_collect_on_a_cpu_machine():
+    """A renamed or moved name in the package must not first show as an import or collection error on the
+    scarce GPU run: tests/gpu is collected here (imports, parametrisations) without its CUDA check (its
+    conftest), and the sanitizer's script is imported."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(["tests", "tests/gpu"])}
+    collected = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "--noconftest",
+                                "-p", "no:cacheprovider", "tests/gpu"], cwd=root, env=env, capture_output=True,
+                               text=True)  # fmt: skip
+    assert collected.returncode == 0, collected.stdout[-3000:] + collected.stderr[-3000:]
+    assert int(re.search(r"^(\d+) tests? collected", collected.stdout, re.M).group(1)) >= 100
+    imported = subprocess.run([sys.executable, "-c", "import sanitize_case"], cwd=root, env=env, capture_output=True,
+                              text=True)  # fmt: skip
+    assert imported.returncode == 0, imported.stderr[-3000:]
+
+
 def test_gpu_test_counts_are_saved_after_every_test(tmp_path):
     """A run cut off by the device's time limit still leaves the counts it reached; a module that no
     longer imports counts as a failure, not as a clean run."""
