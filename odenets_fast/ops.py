@@ -33,7 +33,10 @@ def _backward(ctx, grad_out, *_):
 
     With create_graph=True the backward pass must itself be differentiable: in backprop mode the
     stack is re-run under autograd from the saved inputs and differentiated exactly; in adjoint
-    mode there is nothing exact to differentiate, so it is an error.
+    mode there is nothing exact to differentiate, so it is an error. The re-run is differentiated
+    through torch.func.vjp, not torch.autograd.grad: torch.func.vjp's and jacrev's vjp functions run
+    after their transform's level has ended, where the saved inputs are that level's dead wrappers —
+    operations on them record nothing for autograd.grad, while a vjp of their own wraps them anew.
     """
     no_grads = (None,) * (library.NUM_FORWARD_INPUTS - 5)  # for the scalars, backend and state tensors
     if grad_out is None:  # x_L did not reach the loss
@@ -47,12 +50,16 @@ def _backward(ctx, grad_out, *_):
                 "through ode_mlp in adjoint mode is not supported: its backward reconstructs states instead of "
                 "recording them. Use backward='backprop' for higher-order gradients and torch.func."
             )
-        # only what needs a gradient: data x or a frozen W, V, b, c has no place in autograd.grad's inputs
+        # only what needs a gradient: data x or a frozen W, V, b, c is not differentiated
         needed = [t is not None and t.requires_grad for t in (x, W, V, b, c)]
         inputs = [t for t, need in zip((x, W, V, b, c), needed) if need]
+        def rerun(*differentiated):
+            given = iter(differentiated)
+            tensors = [next(given) if need else t for t, need in zip((x, W, V, b, c), needed)]
+            return reference.differentiable_forward(*tensors, spec)
+
         with library.autocast_off(grad_out):  # the forward's arithmetic, as the forward op runs it
-            out = reference.differentiable_forward(x, W, V, b, c, spec)
-            grads = iter(torch.autograd.grad(out, inputs, grad_out, create_graph=True))
+            grads = iter(torch.func.vjp(rerun, *inputs)[1](grad_out))
         return tuple(next(grads) if need else None for need in needed) + no_grads
     backward_op = library.backward_impl if getattr(ctx, "eager", False) else library.ode_mlp_backward
     gx, gW, gV, gb, gc, drift, segment_drift, next_mask = backward_op(
