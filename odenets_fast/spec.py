@@ -313,6 +313,10 @@ def check_stack(
         "scale_in", check_real("scale_in", scale_in), dtype)  # fmt: skip
     scale_out = 1.0 / math.sqrt(m) if scale_out is None else check_representable(
         "scale_out", check_real("scale_out", scale_out), dtype)  # fmt: skip
+    # the kernels also multiply by h·a_out (Heun: h/2·a_out), formed before it reaches them
+    for factor in (1.0, 0.5) if method == "heun" else (1.0,):
+        check_representable(f"{'' if factor == 1 else '0.5 × '}T / L × scale_out (a factor of the step's update)",
+                            factor * step * scale_out, dtype)  # fmt: skip
     anchor_every = check_anchor_every(anchor_every, backward)
     drift_tol, strict = check_error_control(anchor_every, drift_tol, strict)
     if anchor_every == AUTO:

@@ -61,6 +61,10 @@ def _call(backend, dtype, **kwargs):
                                r"torch\.float32; got 1e\+300"),
         ({"scale_in": -1e39}, r"scale_in must be at most 3\.403e\+38 in magnitude"),
         ({"scale_in": 1e-300}, r"scale_in must be 0 or at least 1\.175e-38 in magnitude"),
+        # each factor representable, their product (which the kernels multiply by) not
+        ({"T": 2e10, "scale_out": 1e30}, r"T / L × scale_out \(a factor of the step's update\) must be at most "
+                                         r"3\.403e\+38 in magnitude .*; got 1e\+40"),
+        ({"T": 2e-20, "scale_out": 1e-20}, r"T / L × scale_out .* must be 0 or at least 1\.175e-38 .*; got 1e-40"),
     ],
 )
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
