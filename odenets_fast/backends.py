@@ -3,7 +3,8 @@
 A backend is a module with `forward(x, W, V, b, c, spec)` and `backward(grad_out, saved, W, V, b,
 c, spec)` (`interface.Backend`). Choice, in order: the explicit `backend=` argument,
 then the environment variable `ODENETS_FAST_BACKEND`, then the device: CUDA tensors → "triton",
-CPU tensors → "cpp", each falling back to "reference" when it is not available.
+CPU tensors → "cpp", each falling back to "reference" when it is not available; tensors on any other
+device (MPS, XPU, meta) → "reference".
 """
 
 import os
@@ -84,7 +85,9 @@ _warned_fallbacks: set[str] = set()
 
 
 def _automatic(device: torch.device) -> str:
-    preferred = "triton" if device.type == "cuda" else "cpp"
+    preferred = {"cuda": "triton", "cpu": "cpp"}.get(device.type)
+    if preferred is None:  # MPS, XPU, meta, …: only the reference's PyTorch operations run there
+        return "reference"
     try:
         load_backend(preferred)
         return preferred

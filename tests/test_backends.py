@@ -17,6 +17,15 @@ def test_automatic_choice_on_cpu_is_an_available_backend():
     assert any(chosen is backends.load_backend(name) for name in available)
 
 
+@pytest.mark.parametrize("device", ["meta", "mps", "xpu"])
+def test_automatic_choice_on_other_devices_is_the_reference(device):
+    """Only the reference's PyTorch operations run on devices other than CPU and CUDA (the automatic choice
+    was the CPU-only C++ backend, which `backend="cpp"` itself rejects there)."""
+    assert backends.resolve_backend(None, torch.device(device)) == "reference"
+    x, W, V = [t.to("meta") for t in make_stack()[:3]]
+    assert ode_mlp(x, W, V).shape == x.shape
+
+
 def test_env_var_overrides(monkeypatch):
     monkeypatch.setenv("ODENETS_FAST_BACKEND", "reference")
     assert backends.select_backend(None, torch.device("cpu")) is reference
