@@ -53,7 +53,7 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 
-from .spec import BACKWARD_MODES, check_anchor_every, check_choice, check_real, check_vjp_at
+from .spec import BACKWARD_MODES, check_anchor_every, check_choice, check_real, check_vjp_at, type_name
 from .stack import AdjointResidualStack
 
 _ADDS = (operator.add, torch.add)
@@ -181,7 +181,7 @@ def convert(
     be converted faithfully stay, with a warning (see the module docstring). `backward`,
     `anchor_every` and `vjp_at` are the stacks' (AdjointResidualStack)."""
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module; got {type(model).__name__}")
+        raise TypeError(f"model must be an nn.Module; got {type_name(model)}")
     if check_choice("method", method, ("euler", "heun")) != "euler":
         raise ValueError(
             "convert keeps the model's function only with method='euler' (one block per step); a Heun stack "

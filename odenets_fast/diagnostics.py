@@ -14,7 +14,7 @@ from torch import Tensor
 from . import reference
 from .library import autocast_off
 from .ops import ode_mlp
-from .spec import check_fixed_layout, check_stack
+from .spec import check_fixed_layout, check_stack, type_name
 
 
 def _relative(approx: Tensor, exact: Tensor, dims=None) -> Tensor:
@@ -124,7 +124,7 @@ def saved_tensor_bytes(fn: Callable[[], Tensor], exclude: tuple = ()) -> int:
     `exclude`: tensors, in any iterable (`model.parameters()`), or one tensor.
     """
     if not callable(fn):
-        raise TypeError(f"fn must be a callable taking no arguments; got {type(fn).__name__}")
+        raise TypeError(f"fn must be a callable taking no arguments; got {type_name(fn)}")
     exclude = (exclude,) if isinstance(exclude, Tensor) else tuple(exclude)
     if not all(isinstance(t, Tensor) for t in exclude):
         raise TypeError("exclude must be an iterable of tensors (typically the parameters) or one tensor")

@@ -129,9 +129,16 @@ def resolve_precision(input_precision: Optional[str], device: torch.device) -> s
     return "tf32" if device.type == "cuda" and torch_uses_tf32() else "ieee"
 
 
+def type_name(value) -> str:
+    """The type of `value` as an error message names it: qualified outside builtins, so that numpy.bool
+    is not reported as "bool" (numpy ≥ 2 names its bool type that)."""
+    kind = type(value)
+    return kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+
+
 def check_choice(name: str, value, choices) -> str:
     if not isinstance(value, str):
-        raise TypeError(f"{name} must be a string, one of {list(choices)}; got {type(value).__name__}")
+        raise TypeError(f"{name} must be a string, one of {list(choices)}; got {type_name(value)}")
     if value not in choices:
         raise ValueError(f"{name} must be one of {list(choices)}; got {value!r}")
     return value
@@ -139,7 +146,7 @@ def check_choice(name: str, value, choices) -> str:
 
 def check_real(name: str, value, *, positive: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number; got {type(value).__name__}")
+        raise TypeError(f"{name} must be a real number; got {type_name(value)}")
     value = float(value)
     # comparisons, not math.isfinite: under torch.compile(dynamic=True) a float attribute is a SymFloat,
     # which comparisons guard on and math.isfinite breaks the graph on (False for NaN too)
@@ -166,13 +173,13 @@ def check_representable(name: str, value: float, dtype: torch.dtype, *, nonzero:
 
 def check_bool(name: str, value) -> bool:
     if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool; got {type(value).__name__}")
+        raise TypeError(f"{name} must be a bool; got {type_name(value)}")
     return value
 
 
 def check_positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be a positive int; got {type(value).__name__}")
+        raise TypeError(f"{name} must be a positive int; got {type_name(value)}")
     if value < 1:
         raise ValueError(f"{name} must be a positive int; got {value}")
     return int(value)
@@ -231,9 +238,10 @@ def check_error_control(anchor_every, drift_tol, strict) -> tuple:
 
 def _check_tensor(name: str, t, ndim: Optional[int]) -> None:
     if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
-    if t.layout != torch.strided:
-        raise TypeError(f"{name} must be a dense (strided) tensor; got layout {t.layout}")
+        raise TypeError(f"{name} must be a torch.Tensor; got {type_name(t)}")
+    if t.layout != torch.strided or t.is_nested:
+        got = "a nested tensor" if t.is_nested else f"layout {t.layout}"
+        raise TypeError(f"{name} must be a dense (strided) tensor; got {got}")
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(
             f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64); got {t.dtype}"

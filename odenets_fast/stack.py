@@ -91,6 +91,7 @@ from .spec import (
     check_real,
     check_vjp_at,
     torchscript_unsupported,
+    type_name,
 )
 
 
@@ -799,7 +800,7 @@ class AdjointResidualStack(nn.Module):
         """x_L from x. `extra_inputs`: tensors the blocks read other than x and their own
         parameters (needed in adjoint mode only, where gradients reach nothing else)."""
         if not isinstance(x, Tensor):
-            raise TypeError(f"x must be a torch.Tensor; got {type(x).__name__}")
+            raise TypeError(f"x must be a torch.Tensor; got {type_name(x)}")
         extra_inputs = list(extra_inputs)
         if not all(isinstance(t, Tensor) for t in extra_inputs):
             raise TypeError("extra_inputs must be a sequence of torch.Tensor")

@@ -95,7 +95,7 @@ def test_saved_tensor_bytes_adjoint_is_depth_independent():
     run = lambda: ode_mlp(x, W, V, backward="adjoint")  # noqa: E731
     assert diagnostics.saved_tensor_bytes(run, exclude=iter([W, V])) == 2 * state_bytes  # any iterable
     assert diagnostics.saved_tensor_bytes(run, exclude=W) == 2 * state_bytes + V.numel() * 4  # one tensor
-    with pytest.raises(TypeError, match="fn must be a callable taking no arguments; got Tensor"):
+    with pytest.raises(TypeError, match="fn must be a callable taking no arguments; got torch.Tensor"):
         diagnostics.saved_tensor_bytes(x)
     with pytest.raises(TypeError, match="exclude must be an iterable of tensors"):
         diagnostics.saved_tensor_bytes(run, exclude=[W, "V"])

@@ -193,6 +193,24 @@ def test_sparse_tensor(stack):
         _call(x, W.to_sparse(), V)
 
 
+@pytest.mark.parametrize("layout", [torch.strided, torch.jagged])
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype stage")
+def test_nested_tensor(stack, layout):
+    """Ragged batches (PyTorch's internal error, "NestedTensorImpl doesn't support sizes", before)."""
+    x, W, V, b, c = stack
+    ragged = torch.nested.nested_tensor([x[:1], x[1:]], layout=layout)
+    with pytest.raises(TypeError, match="x must be a dense \\(strided\\) tensor; got a nested tensor"):
+        _call(ragged, W, V)
+
+
+def test_numpy_bool_is_named_as_numpy_s(stack):
+    """numpy ≥ 2 calls its bool type "bool": the message names its module, not "must be a bool; got bool"."""
+    import numpy as np
+
+    with pytest.raises(TypeError, match=f"deterministic must be a bool; got numpy.{type(np.True_).__qualname__}$"):
+        _call(*stack, deterministic=np.True_)
+
+
 def test_not_a_tensor(stack):
     x, W, V, b, c = stack
     with pytest.raises(TypeError, match="x must be a torch.Tensor"):
