@@ -231,7 +231,8 @@ def test_torch_func_vjp_jacrev_and_hessian_in_backprop_mode(backend, method):
     got_vjp = torch.func.vjp(ours, x, W)[1](cotangent)
     for got, want in zip(got_vjp, torch.autograd.functional.vjp(eager, (x, W), cotangent)[1]):
         torch.testing.assert_close(got, want)
-    for got, want in zip(torch.func.jacrev(ours, argnums=(0, 1))(x, W), torch.autograd.functional.jacobian(eager, (x, W))):
+    jacobians = torch.func.jacrev(ours, argnums=(0, 1))(x, W)
+    for got, want in zip(jacobians, torch.autograd.functional.jacobian(eager, (x, W))):
         torch.testing.assert_close(got, want)
     hessian = torch.func.jacrev(torch.func.jacrev(lambda x: ours(x, W).square().sum()))(x)
     torch.testing.assert_close(hessian, torch.autograd.functional.hessian(lambda x: eager(x, W).square().sum(), x))

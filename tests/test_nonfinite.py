@@ -2,7 +2,7 @@
 finite values up to the largest float, and one non-finite entry in any input or parameter. The contract
 is the reference's result (odenets_fast/activations.py in torch's IEEE arithmetic), NaN where it gives
 NaN — e.g. gelu(−inf) = −inf · 0 — so a backend must neither hide a NaN (relu) nor make one (0 · inf
-in padding)."""
+in padding). And σ, σ' near 0 and in their tails, to the relative accuracy of the reference's formulas."""
 
 import math
 
@@ -52,6 +52,26 @@ def test_activation_and_slope_of_special_values(backend, dtype, tol, activation,
     for got, want in ((value, want_value), (slope, want_slope)):
         # equal_nan: NaN exactly where the reference has NaN; inf must equal inf of the same sign
         torch.testing.assert_close(got.cpu(), want[:, None].expand(got.shape), rtol=tol, atol=tol, equal_nan=True)
+
+
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("backend, dtype", [entry[:2] for entry in BACKENDS], ids=lambda v: str(v).replace("torch.", ""))
+def test_activation_and_slope_keep_relative_accuracy(backend, dtype, activation, monkeypatch):
+    """|z| from 1e-30 to 30: σ and σ' relatively no further from the float64 formulas than twice the
+    reference's own formulas in `dtype` (plus 1e-5) — the absolute tolerance above cannot see small values
+    (Triton's tanh was 2 sigmoid(2z) − 1, whose error stays near 6e-8: tanh(1e-8) came out 0)."""
+    backend, _, path = backend.partition("/")
+    monkeypatch.setenv(PATH_ENV, path or "fused")
+    magnitudes = torch.logspace(-30, math.log10(30), 61, dtype=torch.float64)
+    z = torch.cat([magnitudes, -magnitudes]).to(dtype)
+    value, slope = activation_through_stack(backend, activation, z.to(_device(backend)))
+    exact = ACTIVATIONS[activation]
+    for got, want, same_dtype in ((value, exact.fn(z.double()), exact.fn(z)), (slope, exact.grad(z.double()), exact.grad(z))):
+        def error(t):  # relative, absolute where the exact value is 0
+            return (t.cpu().double() - want).abs() / torch.where(want == 0, 1.0, want.abs())
+
+        too_far = error(got[:, 0]) > 2 * error(same_dtype) + 1e-5
+        assert not too_far.any(), (z[too_far], error(got[:, 0])[too_far], error(same_dtype)[too_far])
 
 
 def _use_reduction(grads, monkeypatch) -> dict:
