@@ -26,8 +26,10 @@ per-SM rates scaled to its SM count, flagged in the plan). Every number is a pre
 run measures it: bench.triton_step records the measured times beside these.
 """
 
+import functools
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -45,6 +47,20 @@ MAX_FUSED_WIDTH = 256  # q: the fused kernels keep a (BLOCK_B, q) float32 block 
 # cannot price that; above this width such stacks take the layered path (float32 cuBLAS products:
 # at least as accurate as three TF32 passes).
 MAX_FUSED_WIDTH_TF32X3 = 128
+INT32_MAX = 2**31 - 1
+
+
+def fused_unsupported(B: int, q: int, m: int, P: int) -> Optional[str]:
+    """Why the fused kernels cannot run a stack of P parameter sets, or None: the backend raises it where
+    the fused path is forced, and the planner takes the layered path (no such limit) instead."""
+    if q > MAX_FUSED_WIDTH:
+        return f"the fused kernels keep the state width on-chip up to q = {MAX_FUSED_WIDTH}; got q = {q}"
+    # offsets within the stacked weights and within one state are int32 (those between stored states,
+    # partial rows and workspace rows are int64)
+    if P * m * q > INT32_MAX or B * q > INT32_MAX:
+        return (f"the fused kernels index the stacked weights and one state with int32: P·m·q = {P * m * q} and "
+                f"B·q = {B * q} must stay below 2^31")  # fmt: skip
+    return None
 
 
 @dataclass(frozen=True)
@@ -134,6 +150,8 @@ class Plan:
 
     def ratio(self, what: str = "step", against: str = "eager") -> float:
         """Predicted time of the chosen path over `against`'s (what: "forward" or "step")."""
+        if self.path is None:
+            raise ValueError(f"a plan on {self.device} has no predicted times: the cost model covers CUDA devices")
         ours, theirs = self.estimates[self.path], self.estimates[against]
         return getattr(ours, f"{what}_ms") / getattr(theirs, f"{what}_ms")
 
@@ -170,7 +188,8 @@ def device_model(device: Union[str, torch.device, None]) -> DeviceModel:
         raise ValueError(f"device {original!r}: no CUDA device is available here; name a model ('H100' or 'H200')")
     props = torch.cuda.get_device_properties(device)
     for name, model in DEVICES.items():
-        if name in props.name:
+        # the SXM parts the table describes: "NVIDIA H100 PCIe" (114 SMs, 2 TB/s) and "NVIDIA GH200" are others
+        if re.search(rf"\b{name}\b", props.name) and "PCIe" not in props.name and props.multi_processor_count == model.sms:
             return model
     h100 = DEVICES["H100"]
     return DeviceModel(props.name, sms=props.multi_processor_count, clock_ghz=h100.clock_ghz,
@@ -219,16 +238,19 @@ class _Model:
         return self.kernel(0.0, bytes_moved, 1.0, host=host)
 
 
-def _layered(model: _Model, s: _Shape, unit: str, backward: str, reconstructions: int) -> Estimate:
+def _layered(model: _Model, s: _Shape, unit: str, backward: str, anchor_every: Optional[int]) -> Estimate:
     """One product per cuBLAS call and one elementwise pass between two products (triton_layered)."""
     B, q, m, ob = s.B, s.q, s.m, s.operand_bytes
     z = model.gemm(B, m, q, ob, unit)  # x·Wᵀ, and g·V, u1·V (same shape)
     f = model.gemm(B, q, m, ob, unit)  # σ(z)·Vᵀ, and dz·W
     grad = model.gemm(m, q, B, ob, unit, accumulate=True)  # a weight gradient over the whole batch
+    if ob == 2:  # a float32-output GEMM into scratch, then added to the float32 gradient
+        grad = model.gemm(m, q, B, ob, unit) + model.elementwise(3 * m * q * 4, host="torch_op")
     act = model.elementwise(B * m * (4 + ob))  # float32 product in; operand out
     hidden_grad = model.elementwise(B * m * (8 + 2 * ob))  # two products in; σ(z), dz out
     state = model.elementwise(B * q * (12 + ob))  # base and product in; result and operand out
     residual = z + act + f + state  # x ± h f(x), one evaluation of f
+    reconstructions = _reconstructions(s.L, backward, anchor_every)
     evals = 2 if s.heun else 1
     vjp = z + hidden_grad + grad + grad + f + state  # g·V or u·V, dz; dV, dW; dz·W; the g update
     if s.heun:  # σ(z1) and σ'(z1) first; y recomputed unless stored; the VJP at y also forms z2
@@ -236,7 +258,13 @@ def _layered(model: _Model, s: _Shape, unit: str, backward: str, reconstructions
     else:
         vjp = z + vjp
     forward = residual * (evals * s.L)
-    step = forward + vjp * s.L + residual * (evals * reconstructions)
+    reconstruct = residual * reconstructions
+    if s.heun and reconstructions:
+        # Heun's f(x̃_{n+1}; θ_{n+1}) comes from the VJP of the layer above (a combine, no product), except at
+        # the first reconstruction when it is the top layer's
+        fresh = 1 if anchor_every is None or (s.L - 1) % anchor_every or s.L == 1 else 0
+        reconstruct = residual * (reconstructions + fresh) + state * (reconstructions - fresh)
+    step = forward + vjp * s.L + reconstruct
     products = "cuBLAS on " + ("FP32 cores" if unit == "fp32" else f"tensor cores ({unit})")
     return Estimate("layered", products, forward, step)
 
@@ -279,15 +307,20 @@ def fused_product_instruction(block_b: int, operand_bytes: int, precision: str, 
     return "wgmma+mma" if weight_products and block_m < 64 else "wgmma"
 
 
-def _fused(model: _Model, s: _Shape, unit: str, precision: str, backward: str, reconstructions: int,
-           deterministic: bool) -> Estimate:  # fmt: skip
+def _fused(model: _Model, s: _Shape, unit: str, precision: str, backward: str, deterministic: bool) -> Estimate:
     """Whole-depth launches; products at the efficiency of their instruction on the programs' SMs."""
     from .triton_kernels import mlp_step  # triton is importable wherever this path can be planned
     from . import triton_backend
 
     B, q, m, L, ob = s.B, s.q, s.m, s.L, s.operand_bytes
     configs = mlp_step.kernel_configs(q, m, ob, interpreted=False)
-    layer_flops = 2.0 * B * q * m  # one product of f or its VJP over the batch
+
+    def layer_flops(config) -> float:
+        """One product of f or its VJP over the batch, as a kernel computes it: whole tiles of rows,
+        the state width padded to BLOCK_Q and the hidden width to whole BLOCK_M chunks."""
+        rows = math.ceil(B / config.block_b) * config.block_b
+        return 2.0 * rows * config.block_q * math.ceil(m / config.block_m) * config.block_m
+
     weights = 2 * m * q * ob  # W_n and V_n
 
     def launch(flops: float, dram: float, config, layers: int, weight_reads: int, programs: int,
@@ -300,13 +333,15 @@ def _fused(model: _Model, s: _Shape, unit: str, precision: str, backward: str, r
         return cost, instruction
 
     evals = 2 if s.heun else 1  # evaluations of f per forward layer
-    forward, instruction = launch(2 * evals * layer_flops * L, 2 * B * q * 4 + L * weights, configs.forward, L, evals,
-                                  math.ceil(B / configs.forward.block_b))  # fmt: skip
+    forward, instruction = launch(2 * evals * layer_flops(configs.forward) * L, 2 * B * q * 4 + L * weights,
+                                  configs.forward, L, evals, math.ceil(B / configs.forward.block_b))  # fmt: skip
     # reverse: per layer a VJP per evaluation — the recompute of z, da, dx, and dV, dW unless the
-    # workspace kernel forms those — Heun's recompute of y, and the reconstruction
+    # workspace kernel forms those — Heun's recompute of k1 = f(x̃_n) for y (two products), and in adjoint
+    # mode the reconstruction, which the kernel runs at every layer (at stored states too: the drift)
     grads = triton_backend.weight_grad_reduction(deterministic, B, q, m, configs.reverse.block_b)
-    vjp_products = evals * (3 if grads == "workspace" else 5) + (1 if s.heun and backward == "adjoint" else 0)
-    reverse_flops = layer_flops * (vjp_products * L + 2 * evals * reconstructions)
+    adjoint = backward == "adjoint"
+    vjp_products = evals * (3 if grads == "workspace" else 5) + (2 if s.heun and adjoint else 0)
+    reverse_flops = layer_flops(configs.reverse) * (vjp_products * L + (2 * evals * L if adjoint else 0))
     sections = mlp_step.GradSections(q, m)
     programs = mlp_step.reverse_programs(B, configs.reverse.block_b, model.gpu.sms)
     per_layer_buffer = {"partials": programs * sum(sections.sizes), "workspace": B * sections.workspace_row,
@@ -317,16 +352,18 @@ def _fused(model: _Model, s: _Shape, unit: str, precision: str, backward: str, r
     tiles = math.ceil(B / configs.reverse.block_b)
     buffer_traffic = L * per_layer_buffer * (2 * tiles / programs if grads == "partials" else 1)
     reverse, _ = launch(reverse_flops, 4 * B * q * 4 + L * weights + buffer_traffic, configs.reverse, L,
-                        evals * (3 if reconstructions else 2), programs, weight_products=grads != "workspace")  # fmt: skip
+                        evals * (3 if adjoint else 2), programs, weight_products=grads != "workspace")  # fmt: skip
     reverse = reverse + Cost(launches=launches - 1, host_s=(launches - 1) * HOST_S["triton_launch"])
     finish = Cost()
+    sections_present = 4 if s.bias else 2  # dW, dV (and db, dc)
     if grads == "partials":  # sum_partials, one launch per gradient section: the rows read once
         finish = model.elementwise(L * per_layer_buffer)
-        finish = finish + Cost(launches=4 * launches - 1, host_s=(4 * launches - 1) * HOST_S["triton_launch"])
-    elif grads == "workspace":  # two product launches and their sums per set and launch
+        extra = sections_present * launches - 1
+        finish = finish + Cost(launches=extra, host_s=extra * HOST_S["triton_launch"])
+    elif grads == "workspace":  # per set and launch the dW and dV products, then the sums of every section
         rate = model.gpu.peak_tflops(unit) * TRITON_EFFICIENCY[fused_product_instruction(64, ob, precision)]  # 64×64
-        finish = model.kernel(2 * layer_flops * evals * L, L * per_layer_buffer, rate, host="triton_launch")
-        extra = 4 * evals * launches - 1
+        finish = model.kernel(2 * 2.0 * B * q * m * evals * L, L * per_layer_buffer, rate, host="triton_launch")
+        extra = (2 + sections_present) * evals * launches - 1
         finish = finish + Cost(launches=extra, host_s=extra * HOST_S["triton_launch"])
     details = {"tiles": {"forward": configs.forward._asdict(), "reverse": configs.reverse._asdict()},
                "weight_grads": grads, "backward_launches": launches}  # fmt: skip
@@ -334,20 +371,29 @@ def _fused(model: _Model, s: _Shape, unit: str, precision: str, backward: str, r
 
 
 def _eager(model: _Model, s: _Shape, unit: str) -> Estimate:
-    """The plain PyTorch loop (bench.baselines.eager_forward) under autograd, backprop: per evaluation of
-    f two products and five elementwise ops (scale, σ, scale, step, add), each an autograd op; its
-    backward four products (two per linear map) and the ops' backward passes."""
+    """The plain PyTorch loop (bench.baselines.eager_forward: scales folded into the weights once) under
+    autograd, backprop. Per Euler layer two products (the second accumulating into x, alpha = h a_out)
+    and σ; its backward four products, σ', alpha's multiply on the hidden gradient and the V gradient,
+    and the accumulation of x's gradient. Per Heun layer twice the products and σ, three state-sized
+    additions; its backward twice the products and σ', about six state-sized ops (counted in the
+    profiler on the CPU)."""
     B, q, m, ob = s.B, s.q, s.m, s.operand_bytes
     z = model.gemm(B, m, q, ob, unit, out_bytes=ob, host="eager_autograd_op")
     f = model.gemm(B, q, m, ob, unit, out_bytes=ob, host="eager_autograd_op")
-    wide_op = model.elementwise(2 * B * m * ob, host="eager_autograd_op")
+    sigma = model.elementwise(2 * B * m * ob, host="eager_autograd_op")
+    sigma_grad = model.elementwise(3 * B * m * ob, host="eager_autograd_op")
     narrow_op = model.elementwise(3 * B * q * ob, host="eager_autograd_op")
-    evaluation = z + f + wide_op + narrow_op * 4
-    backward = z * 2 + f * 2 + model.elementwise(3 * B * m * ob, host="eager_autograd_op") + narrow_op * 6
-    evals = 2 if s.heun else 1
-    forward = evaluation * evals * s.L
+    if s.heun:
+        forward_layer = (z + f + sigma) * 2 + narrow_op * 3
+        backward_layer = (z * 2 + f * 2 + sigma_grad) * 2 + narrow_op * 6
+    else:
+        alpha = model.elementwise(2 * B * m * ob, host="eager_autograd_op") + model.elementwise(
+            2 * q * m * ob, host="eager_autograd_op")  # fmt: skip
+        forward_layer = z + f + sigma
+        backward_layer = z * 2 + f * 2 + sigma_grad + alpha + narrow_op
+    forward = forward_layer * s.L
     no_grad = Cost(forward.flops, forward.bytes, forward.launches, forward.launches * HOST_S["torch_op"], forward.gpu_s)
-    return Estimate("eager", f"cuBLAS ({unit})", no_grad, forward + backward * evals * s.L)
+    return Estimate("eager", f"cuBLAS ({unit})", no_grad, forward + backward_layer * s.L)
 
 
 def _reconstructions(L: int, backward: str, anchor_every: Optional[int]) -> int:
@@ -387,7 +433,7 @@ def plan(
     predicted forward and training-step times of the layered path, the fused path and eager PyTorch.
 
     `input_precision=None` is PyTorch's float32 matmul setting of the moment (as in `ode_mlp`)."""
-    from .spec import (BACKWARD_MODES, METHODS, check_anchor_every, check_choice, check_fixed_layout,
+    from .spec import (BACKWARD_MODES, METHODS, check_anchor_every, check_bool, check_choice, check_fixed_layout,
                        check_positive_int, resolve_precision)
 
     B, q, m, L = (check_positive_int(name, value) for name, value in
@@ -398,6 +444,8 @@ def plan(
     check_fixed_layout(anchor_every, "plan")
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"dtype must be float32, float16 or bfloat16 for the Triton backend; got {dtype}")
+    check_bool("bias", bias)
+    check_bool("deterministic", deterministic)
     if _is_cpu(device):
         return Plan("cpp", None, "CPU tensors run on the C++ backend (or the reference); the cost model covers "
                     "CUDA devices", "cpu", {})  # fmt: skip
@@ -406,17 +454,18 @@ def plan(
     shape = _Shape(B, q, m, L, method == "heun", torch.empty((), dtype=dtype).element_size(), bias)
     model = _Model(gpu)
     unit = _product_unit(dtype, precision)
-    reconstructions = _reconstructions(L, backward, anchor_every)
-    estimates = {"layered": _layered(model, shape, unit, backward, reconstructions)}
-    if q <= MAX_FUSED_WIDTH:
-        estimates["fused"] = _fused(model, shape, unit, precision, backward, reconstructions, deterministic)
+    estimates = {"layered": _layered(model, shape, unit, backward, anchor_every)}
+    unsupported = fused_unsupported(B, q, m, L + (1 if method == "heun" else 0))
+    if unsupported is None:
+        estimates["fused"] = _fused(model, shape, unit, precision, backward, deterministic)
     estimates["eager"] = _eager(model, shape, _product_unit(dtype, precision))
     forced = path_override()
+    if forced == "fused" and unsupported is not None:
+        raise ValueError(f"{PATH_ENV}=fused, but {unsupported}; unset it: the layered path runs such stacks")
     if forced is not None:
         path, reason = forced, f"{PATH_ENV}={forced}"
-    elif "fused" not in estimates:
-        path = "layered"
-        reason = f"q = {q} > {MAX_FUSED_WIDTH}: the fused kernels keep q on-chip up to {MAX_FUSED_WIDTH}"
+    elif unsupported is not None:
+        path, reason = "layered", unsupported
     elif precision == "tf32x3" and dtype == torch.float32 and q > MAX_FUSED_WIDTH_TF32X3:
         path = "layered"
         reason = (f"tf32x3 at q = {q} > {MAX_FUSED_WIDTH_TF32X3}: the fused reverse kernel spills KiBs of registers "
@@ -437,13 +486,20 @@ def choose_path(B: int, q: int, m: int, spec, dtype: torch.dtype, device: torch.
     forced = path_override()
     if forced is not None:
         return forced
-    if q > MAX_FUSED_WIDTH:
+    if fused_unsupported(B, q, m, spec.num_params) is not None:
         return "layered"
     if device.type != "cuda":
         return "fused"
-    return plan(B, q, m, spec.depth, method=spec.method, dtype=dtype, input_precision=spec.input_precision,
-                backward=spec.backward, anchor_every=spec.anchor_every, deterministic=spec.deterministic,
-                device=device).path  # fmt: skip
+    return _planned_path(B, q, m, spec.depth, spec.method, dtype, spec.input_precision, spec.backward,
+                         spec.anchor_every, spec.deterministic, device)  # fmt: skip
+
+
+@functools.lru_cache(maxsize=1024)
+def _planned_path(B, q, m, L, method, dtype, precision, backward, anchor_every, deterministic, device) -> str:
+    """plan(...).path, once per distinct call: the model costs about 0.2 ms of Python, which a forward and
+    its backward would otherwise both pay (the override is read before, on every call)."""
+    return plan(B, q, m, L, method=method, dtype=dtype, input_precision=precision, backward=backward,
+                anchor_every=anchor_every, deterministic=deterministic, device=device).path  # fmt: skip
 
 
 

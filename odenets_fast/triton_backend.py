@@ -34,7 +34,7 @@ from .interface import Gradients, Saved, in_grad_dtype, relative_drift
 from .spec import StackSpec
 from .triton_kernels import mlp_step
 from .triton_kernels.activations import ACTIVATION_CODES
-from .triton_kernels.mlp_step import MAX_STATE_WIDTH, KernelConfigs, Params, ProductConfig
+from .triton_kernels.mlp_step import KernelConfigs, Params, ProductConfig
 
 INTERPRETED = type(mlp_step.forward_layers_kernel).__name__ == "InterpretedFunction"
 LAYERS_PER_LAUNCH_ENV = "ODENETS_FAST_TRITON_LAYERS_PER_LAUNCH"
@@ -43,7 +43,6 @@ PRODUCT_TILES_ENV = "ODENETS_FAST_TRITON_PRODUCT_TILES"
 GRAD_BUFFER_ENV = "ODENETS_FAST_TRITON_GRAD_BUFFER_MIB"
 DEFAULT_GRAD_BUFFER_MIB = 64
 WEIGHT_GRADS_ENV = "ODENETS_FAST_TRITON_WEIGHT_GRADS"
-_INT32_MAX = 2**31 - 1
 
 
 def check_supported(x: Tensor, W: Tensor, path: str) -> None:
@@ -60,18 +59,10 @@ def check_supported(x: Tensor, W: Tensor, path: str) -> None:
     if path == "layered":  # cuBLAS products and int64-indexed elementwise kernels: no further limit
         return
     P, m, q = W.shape
-    if q > MAX_STATE_WIDTH:
-        raise ValueError(
-            f"the fused kernels of backend 'triton' keep the state width on-chip up to q = {MAX_STATE_WIDTH}; "
-            f"got q = {q} with {planner.PATH_ENV}=fused. Unset it: wider states take the layered path"
-        )
-    # offsets within the stacked weights and within one state are int32 (those between stored states,
-    # partial rows and workspace rows are int64)
-    if P * m * q > _INT32_MAX or x.shape[0] * q > _INT32_MAX:
-        raise ValueError(
-            f"backend 'triton' indexes the stacked weights and one state with int32: P·m·q = {P * m * q} and "
-            f"B·q = {x.shape[0] * q} must stay below 2^31; split the batch or use backend='reference'"
-        )
+    unsupported = planner.fused_unsupported(x.shape[0], q, m, P)
+    if unsupported is not None:
+        raise ValueError(f"backend 'triton': {unsupported} with {planner.PATH_ENV}=fused. Unset it: the layered path "
+                         f"runs such stacks")  # fmt: skip
 
 
 def layers_per_launch(depth: int) -> int:
@@ -221,7 +212,7 @@ def backward_layers_per_launch(grads: str, depth: int, sets: int, B: int, q: int
         layer_floats = programs * sum(sections.sizes)
     else:
         layer_floats = sets * max(B, 1) * sections.workspace_row + m * q + max(m, q)
-    return max(1, min(size, grad_buffer_bytes() // (4 * layer_floats) - extra, _INT32_MAX // layer_floats - extra))
+    return max(1, min(size, grad_buffer_bytes() // (4 * layer_floats) - extra, planner.INT32_MAX // layer_floats - extra))
 
 
 def backward(grad_out: Tensor, saved: Saved, W, V, b, c, spec: StackSpec) -> Gradients:

@@ -36,7 +36,7 @@ def test_narrow_tensor_core_stacks_pick_the_fused_path(dtype, precision):
 
 def test_states_wider_than_the_fused_kernels_take_the_layered_path():
     result = plan(8, 300, 16, 4)
-    assert result.path == "layered" and "fused" not in result.estimates and "q = 300 > 256" in result.reason
+    assert result.path == "layered" and "fused" not in result.estimates and "on-chip up to q = 256; got q = 300" in result.reason
 
 
 @pytest.mark.parametrize("dim, want", [(256, "layered"), (200, "layered"), (128, "fused"), (64, "fused")])
@@ -110,12 +110,52 @@ def test_cpu_tensors_have_no_triton_plan(device):
     (dict(backward="backprop", anchor_every=2), ValueError, "anchor_every is only meaningful"),
     (dict(input_precision="fp8"), ValueError, "input_precision must be one of"),
     (dict(anchor_every="auto"), ValueError, "plan: anchor_every='auto' places the stored states at run time"),
+    (dict(deterministic=None), TypeError, "deterministic must be a bool; got NoneType"),
+    (dict(bias="yes"), TypeError, "bias must be a bool; got str"),
     *([(dict(device="cuda:0"), ValueError, "no CUDA device is available here")] if not torch.cuda.is_available()
       else []),
 ])  # fmt: skip
 def test_bad_arguments(kwargs, error, message):
     with pytest.raises(error, match=message):
         plan(**{**WIDE, **kwargs})
+
+
+def test_a_cpu_plan_has_no_ratio():
+    with pytest.raises(ValueError, match="a plan on cpu has no predicted times"):
+        plan(**WIDE, device="cpu").ratio()
+
+
+@pytest.mark.parametrize("shape", [dict(batch=2**25, dim=64, hidden=128, depth=4),
+                                   dict(batch=64, dim=64, hidden=128, depth=300000)])  # fmt: skip
+def test_stacks_beyond_the_fused_kernels_32_bit_offsets_take_the_layered_path(shape, monkeypatch):
+    """B·q or P·m·q ≥ 2^31: the layered path (int64 offsets, cuBLAS), which the backend runs, where the
+    plan used to pick the fused kernels, which raise for such stacks; forcing them is the same error."""
+    from odenets_fast.triton_kernels import mlp_step
+
+    assert planner.MAX_FUSED_WIDTH == mlp_step.MAX_STATE_WIDTH
+    result = plan(**shape, dtype=torch.bfloat16)
+    assert result.path == "layered" and "int32" in result.reason and "fused" not in result.estimates
+    monkeypatch.setenv(planner.PATH_ENV, "fused")
+    with pytest.raises(ValueError, match="ODENETS_FAST_TRITON_PATH=fused, but the fused kernels index .* int32"):
+        plan(**shape, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("name, sms, model", [
+    ("NVIDIA H100 80GB HBM3", 132, "H100"),
+    ("NVIDIA H200", 132, "H200"),
+    ("NVIDIA H100 PCIe", 114, None),  # 114 SMs and 2 TB/s: not the SXM part the table describes
+    ("NVIDIA GH200 480GB", 132, None),  # not an H200
+])  # fmt: skip
+def test_a_live_device_is_modelled_as_a_table_entry_only_when_it_is_that_part(monkeypatch, name, sms, model):
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(name=name, multi_processor_count=sms))
+    got = planner.device_model("cuda:0")
+    if model is not None:
+        assert got is planner.DEVICES[model]
+    else:
+        assert got.approximate and got.name == name and got.sms == sms
 
 
 def test_printed_plan_and_command_line(capsys):
@@ -134,3 +174,104 @@ def test_the_backend_asks_the_planner_on_cuda_only(monkeypatch):
     assert planner.choose_path(4, 300, 16, spec, torch.float32, torch.device("cpu")) == "layered"
     monkeypatch.setattr(planner, "plan", lambda *args, **kwargs: type("P", (), {"path": "layered"})())
     assert planner.choose_path(4, 8, 16, spec, torch.float32, torch.device("cuda")) == "layered"
+
+
+class _Executed:
+    """FLOPs of the products and kernel launches a Triton call executes under the interpreter: every tl.dot
+    (fused path) or cuBLAS product (layered path) counted at the shapes it runs, every launch of the
+    paths' kernels (and the 16-bit weight gradients' add_)."""
+
+    def __init__(self, monkeypatch):
+        from triton.runtime import interpreter
+
+        from odenets_fast import triton_backend, triton_layered
+        from odenets_fast.triton_kernels import layered, mlp_step
+
+        self.flops, self.launches = 0, 0
+        create_dot = interpreter.InterpreterBuilder.create_dot
+
+        def counted_dot(builder, a, b, *rest):
+            self.flops += 2 * a.data.shape[0] * a.data.shape[1] * b.data.shape[1]
+            return create_dot(builder, a, b, *rest)
+
+        monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", counted_dot)
+        into = triton_layered._Products.into
+
+        def counted_into(products, out, left, right):
+            self.flops += 2 * left.shape[0] * left.shape[1] * right.shape[1]
+            self.launches += 1
+            return into(products, out, left, right)
+
+        def counted_accumulate(products, acc, left, right, alpha, scratch):
+            if products.widen:
+                self.launches += 1  # the add_ after the float32-output product
+                acc.add_(counted_into(products, scratch, left, right), alpha=alpha)
+            else:
+                acc.addmm_(left, right, alpha=alpha)
+                self.flops += 2 * left.shape[0] * left.shape[1] * right.shape[1]
+                self.launches += 1
+
+        monkeypatch.setattr(triton_layered._Products, "into", counted_into)
+        monkeypatch.setattr(triton_layered._Products, "accumulate", counted_accumulate)
+        for module, names in ((mlp_step, ("forward_layers_kernel", "reverse_layers_kernel", "sum_partials_kernel",
+                                          "workspace_grads_kernel")),
+                              (layered, ("activation_kernel", "hidden_grad_kernel", "combine_kernel",
+                                         "heun_cotangent_kernel"))):  # fmt: skip
+            for name in names:
+                monkeypatch.setattr(module, name, self._launch_counter(getattr(module, name)))
+        # the GPU's tiles and SM count, which the plan models, instead of the interpreter's
+        kernel_configs = mlp_step.kernel_configs
+        monkeypatch.setattr(mlp_step, "kernel_configs", lambda q, m, ob, interpreted: kernel_configs(q, m, ob, False))
+        monkeypatch.setattr(triton_backend, "_processors", lambda device: 132)
+
+    def _launch_counter(self, kernel):
+        executed = self
+
+        class Counted:
+            def __getitem__(self, grid):
+                executed.launches += 1
+                return kernel[grid]
+
+        return Counted()
+
+
+@pytest.mark.parametrize(
+    "path, B, q, m, L, method, dtype, backward, anchor_every, grads, bias",
+    [
+        ("fused", 128, 64, 32, 2, "euler", torch.float32, "adjoint", 1, "partials", False),
+        ("fused", 128, 64, 32, 2, "heun", torch.float32, "adjoint", None, "partials", False),
+        ("fused", 128, 64, 32, 2, "euler", torch.float32, "adjoint", None, "workspace", True),
+        ("fused", 1, 64, 32, 2, "euler", torch.float32, "backprop", None, "partials", True),  # one padded tile
+        ("fused", 70, 64, 32, 3, "heun", torch.float32, "backprop", None, "atomic", False),
+        ("layered", 20, 8, 16, 6, "euler", torch.float32, "adjoint", 2, None, False),
+        ("layered", 20, 8, 16, 6, "heun", torch.float32, "adjoint", None, None, True),
+        ("layered", 20, 8, 16, 6, "heun", torch.float32, "adjoint", 2, None, False),
+        ("layered", 20, 8, 16, 5, "heun", torch.float16, "backprop", None, None, False),
+        ("layered", 20, 8, 16, 4, "euler", torch.float16, "adjoint", None, None, True),
+    ],
+)
+def test_the_plan_counts_what_the_kernels_execute(monkeypatch, path, B, q, m, L, method, dtype, backward,
+                                                  anchor_every, grads, bias):  # fmt: skip
+    """FLOPs and launches of the forward and of the step, as plan prices them and as the interpreter
+    executes them (whole padded tiles; the fused reverse reconstructs at stored states too; Heun's
+    reconstruction reuses the VJP's f): the model follows the code, not a sketch of it."""
+    from odenets_fast import ode_mlp
+    from odenets_fast.triton_backend import WEIGHT_GRADS_ENV
+
+    executed = _Executed(monkeypatch)
+    monkeypatch.setenv(planner.PATH_ENV, path)
+    if grads in ("partials", "workspace"):
+        monkeypatch.setenv(WEIGHT_GRADS_ENV, grads)
+    P = L + 1 if method == "heun" else L
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(B, q, generator=gen).to(dtype).requires_grad_(True)
+    W, V = (torch.randn(shape, generator=gen).mul(0.3).to(dtype).requires_grad_(True) for shape in ((P, m, q), (P, q, m)))
+    b, c = (torch.zeros(P, n, dtype=dtype, requires_grad=True) if bias else None for n in (m, q))
+    out = ode_mlp(x, W, V, b, c, method=method, backward=backward, anchor_every=anchor_every, backend="triton",
+                  input_precision="ieee", deterministic=grads != "atomic")  # fmt: skip
+    forward = (executed.flops, executed.launches)
+    out.sum().backward()
+    estimate = plan(B, q, m, L, method=method, dtype=dtype, input_precision="ieee", backward=backward,
+                    anchor_every=anchor_every, bias=bias, deterministic=grads != "atomic").estimates[path]  # fmt: skip
+    assert forward == (estimate.forward.flops, estimate.forward.launches)
+    assert (executed.flops, executed.launches) == (estimate.step.flops, estimate.step.launches)
