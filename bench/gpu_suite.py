@@ -88,6 +88,17 @@ def run_tests(path: Path, on_change, deadline=None, workers: int = GPU_TEST_WORK
     return {**outcomes.counts, "pytest_exit_code": int(exit_code)}
 
 
+def goals_table(goals: list) -> str:
+    """The issues' goals (triton_step.GOALS): measured value, limit, met (- where not measured or not a limit)."""
+    lines = ["| goal | configuration | measured | at most | met |", "|" + " --- |" * 5]
+    for goal in goals:
+        value = "-" if goal["value"] is None else f"{goal['value']:.3f}"
+        limit = "-" if goal["at_most"] is None else f"{goal['at_most']}"
+        met = {True: "yes", False: "**no**", None: "-"}[goal["met"]]
+        lines.append(f"| `{goal['ratio']}` | {goal['config']} | {value} | {limit} | {met} |")
+    return "\n".join(lines)
+
+
 def markdown(report: dict) -> str:
     tests = report["tests"]
     lines = [
@@ -98,11 +109,14 @@ def markdown(report: dict) -> str:
         "",
         "- tests: " + ("not run" if not tests else
                        f"{tests['passed']} passed, {tests['failed']} failed, {tests['skipped']} skipped, "
-                       f"{tests['not_started']} not started (time budget), `{tests['suite']}`"),
+                       f"{tests['not_started']} not started (time budget), `{tests['suite']}`"
+                       + (f", pytest exit code {tests['pytest_exit_code']}" if "pytest_exit_code" in tests else "")),
         *(f"  - failed: `{nodeid}`" for nodeid in tests.get("failures", [])[:20]),
         *([f"- not started (time budget): {', '.join(report['not_started'])}"] if report["not_started"] else []),
         *(f"- **{step} failed**: {error}" for step, error in report["errors"].items()),
     ]  # fmt: skip
+    if report["goals"]:
+        lines += ["", "## goals", "", goals_table(report["goals"])]
     if "memory" in report:
         lines.append(f"- memory against depth: `{report['memory']['file']}`, ratios {report['memory']['ratios']}")
     for mode, results in report["benchmarks"].items():
@@ -122,8 +136,11 @@ def main(argv=None) -> dict:
     started = time.time()
     deadline = None if args.budget_s is None else started + args.budget_s
     device = torch.device("cpu" if args.dry_run else "cuda")
+    # the package's knobs, which change what is timed, as the run found them
+    knobs = {name: value for name, value in sorted(os.environ.items()) if name.startswith("ODENETS_FAST_")}
     report = {**environment(device), "triton": triton.__version__, "dry_run": args.dry_run, "run": args.run,
-              "budget_s": args.budget_s, "tests": {}, "benchmarks": {}, "not_started": [], "errors": {}}  # fmt: skip
+              "budget_s": args.budget_s, "environment_variables": knobs, "tests": {}, "goals": [], "benchmarks": {},
+              "not_started": [], "errors": {}}  # fmt: skip
     stem = output_stem("gpu-suite", device, args.out)
 
     def save():
@@ -149,6 +166,8 @@ def main(argv=None) -> dict:
     def benchmark(mode):
         def on_result(results):
             report["benchmarks"][mode] = list(results)
+            if mode == "goals":
+                report["goals"] = triton_step.goal_outcomes(results)
             save()
 
         return lambda: triton_step.run_all(dry_run=args.dry_run, mode=mode, on_result=on_result, deadline=deadline)

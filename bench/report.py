@@ -88,8 +88,12 @@ def output_stem(name: str, device: torch.device, out_dir=None) -> Path:
 
 
 def write_json(path: Path, data: dict) -> None:
+    """Written beside and renamed over `path`: a run killed mid-write (a device call's time limit) leaves the
+    previous complete file, not a truncated one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=1) + "\n")
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(partial, path)
 
 
 def markdown_table(headers: list, rows: list) -> str:

@@ -2,7 +2,7 @@
 
 For each configuration, on the same data in one process, under the configuration's float32 matmul
 precision (eager and ode_mlp's default alike):
-    eager_forward          the plain loop, no autograd (the fastest eager forward)
+    eager_forward          the plain loop (bench.baselines: written for speed), no autograd
     eager_backprop_step    the plain loop forward + backward (every activation stored)
     layered_*              the layered path (cuBLAS products, Triton epilogues): forward, adjoint and
                            backprop steps
@@ -23,8 +23,9 @@ forward_fraction_of_roofline and layered_forward_fraction_of_roofline = roofline
 suffix the issues give them (_bf16, _tf32). Each result carries `predicted`: odenets_fast.plan's
 predicted times for the same configuration, beside the measured ones.
 
-Modes: bench (every configuration and contender), goals (GOAL_CONFIGS, GOAL_CONTENDERS only: the
-first thing a short GPU run measures), crossover (whole-depth against per-layer launches over
+Modes: bench (every configuration and contender), goals (GOAL_CONFIGS, each with only the contenders
+of its goal paths: the first thing a short GPU run measures; GOALS names each goal, its configuration
+and its limit), crossover (whole-depth against per-layer launches over
 q ∈ {64, 128, 256}, m = 2q, L ∈ {4, 16, 64}), tune (the tile candidates of TUNE_CANDIDATES for each
 fused kernel at the benchmark shapes, for the tile table of mlp_step.kernel_configs).
 
@@ -58,20 +59,32 @@ from odenets_fast.triton_backend import (
 # "precision": PyTorch's float32 matmul setting for the whole configuration — eager and ode_mlp's default
 # (input_precision=None) alike — "ieee" (torch's default) or "tf32". The goal configurations come first:
 # a time-limited run measures them before the others.
+# "goal_paths": the Triton paths whose goals a configuration carries (goals mode times only those).
 GOAL_CONFIGS = [
-    dict(name="wide-float32", B=4096, q=256, m=512, L=64, dtype="float32"),  # layered path (part 1)
-    dict(name="wide-bfloat16", B=4096, q=256, m=512, L=64, dtype="bfloat16"),  # layered path (part 1)
-    dict(name="narrow-bfloat16-L256", B=16384, q=64, m=128, L=256, dtype="bfloat16"),  # whole-depth (part 2)
-    dict(name="narrow-tf32-L256", B=16384, q=64, m=128, L=256, dtype="float32", precision="tf32"),  # (part 2)
+    dict(name="wide-float32", B=4096, q=256, m=512, L=64, dtype="float32", goal_paths=["layered"]),  # part 1
+    dict(name="wide-bfloat16", B=4096, q=256, m=512, L=64, dtype="bfloat16", goal_paths=["layered"]),  # part 1
+    dict(name="narrow-bfloat16-L256", B=16384, q=64, m=128, L=256, dtype="bfloat16", goal_paths=["fused"]),  # 2
+    dict(name="narrow-tf32-L256", B=16384, q=64, m=128, L=256, dtype="float32", precision="tf32",
+         goal_paths=["fused"]),  # part 2
+]
+# The issues' goals: (ratio key, configuration, at most), None where a ratio is only to be reported.
+GOALS = [
+    ("layered_adjoint_step_vs_eager_backprop", "wide-float32", 1.3),
+    ("layered_forward_fraction_of_roofline", "wide-float32", None),
+    ("layered_adjoint_step_vs_eager_backprop_bf16", "wide-bfloat16", 1.0),
+    ("layered_forward_fraction_of_roofline_bf16", "wide-bfloat16", None),
+    ("whole_depth_forward_vs_eager_forward_bf16", "narrow-bfloat16-L256", 0.2),
+    ("whole_depth_adjoint_step_vs_eager_backprop_bf16", "narrow-bfloat16-L256", 0.33),
+    ("forward_fraction_of_roofline_bf16", "narrow-bfloat16-L256", None),
+    ("whole_depth_forward_vs_eager_forward_tf32", "narrow-tf32-L256", 0.2),
+    ("whole_depth_adjoint_step_vs_eager_backprop_tf32", "narrow-tf32-L256", 0.33),
+    ("forward_fraction_of_roofline_tf32", "narrow-tf32-L256", None),
 ]
 CONFIGS = GOAL_CONFIGS + [
     dict(name="narrow-float32", B=16384, q=64, m=128, L=64, dtype="float32"),
     dict(name="narrow-float32-L256", B=16384, q=64, m=128, L=256, dtype="float32"),
 ]
-# The contenders the goal ratios need (`make gpu-quick` times only these).
-GOAL_CONTENDERS = ("eager_forward", "eager_backprop_step", "layered_forward", "layered_adjoint_step",
-                   "fused_forward", "fused_adjoint_step")  # fmt: skip
-DRY_RUN_CONFIGS = [dict(name="dry-run-float32", B=40, q=24, m=40, L=3, dtype="float32")]
+DRY_RUN_CONFIGS = [dict(name="dry-run-float32", B=40, q=24, m=40, L=3, dtype="float32", goal_paths=["layered", "fused"])]
 CROSSOVER_CONFIGS = [dict(name=f"crossover-q{q}-L{L}", B=4096, q=q, m=2 * q, L=L, dtype="float32")
                      for q in (64, 128, 256) for L in (4, 16, 64)]  # fmt: skip
 DRY_RUN_CROSSOVER_CONFIGS = [dict(name="dry-run-crossover", B=40, q=24, m=40, L=2, dtype="float32")]
@@ -156,6 +169,24 @@ def goal_configs(dry_run: bool) -> list:
     return DRY_RUN_CONFIGS if dry_run else GOAL_CONFIGS
 
 
+def goal_contenders(config: dict) -> tuple:
+    """The contenders a configuration's goal ratios need (`make gpu-quick` times only these): eager, and
+    the forward and adjoint step of each of its goal paths — no kernel compiles for a path without a goal."""
+    paths = config.get("goal_paths", ("layered", "fused"))
+    return ("eager_forward", "eager_backprop_step") + tuple(f"{p}_{kind}" for p in paths for kind in ("forward", "adjoint_step"))
+
+
+def goal_outcomes(results: list) -> list:
+    """Each goal of GOALS with the measured value from `results` (goals mode), its limit and whether it is met."""
+    by_name = {r["name"]: r for r in results}
+    outcomes = []
+    for ratio, config, limit in GOALS:
+        value = by_name.get(config, {}).get("ratios", {}).get(ratio)
+        met = None if value is None or limit is None else value <= limit
+        outcomes.append({"ratio": ratio, "config": config, "value": value, "at_most": limit, "met": met})
+    return outcomes
+
+
 GOAL_RATIOS = ("layered_forward_vs_eager_forward", "layered_adjoint_step_vs_eager_backprop",
                "whole_depth_forward_vs_eager_forward", "whole_depth_adjoint_step_vs_eager_backprop",
                "forward_fraction_of_roofline", "layered_forward_fraction_of_roofline")  # fmt: skip
@@ -185,7 +216,10 @@ def run_config(config: dict, device: torch.device, only=None) -> dict:
     the configuration's float32 matmul precision; with the planner's predictions beside them."""
     with tf32_context(config.get("precision", "ieee"), device):
         result = _run_config(config, device, only)
-    result["predicted"] = predicted_ms(config, device)
+    try:  # the measured times stand whatever the model does
+        result["predicted"] = predicted_ms(config, device)
+    except Exception as err:  # noqa: BLE001 — recorded beside the measurements
+        result["predicted"] = {"error": f"{type(err).__name__}: {err}"[:300]}
     suffix = goal_suffix(config)
     if suffix:  # the names the issues give these ratios for this precision
         result["ratios"].update({name + suffix: result["ratios"][name] for name in GOAL_RATIOS if name in result["ratios"]})
@@ -416,7 +450,6 @@ def run_all(dry_run: bool = False, mode: str = "bench", on_result=None, deadline
         configs = goal_configs(dry_run)
     else:
         configs = DRY_RUN_CONFIGS if dry_run else CONFIGS
-    only = {"crossover": CROSSOVER_CONTENDERS, "goals": GOAL_CONTENDERS}.get(mode)
     results, unusable = [], None
     for config in configs:
         if unusable is not None or (deadline is not None and time.time() >= deadline):
@@ -427,6 +460,7 @@ def run_all(dry_run: bool = False, mode: str = "bench", on_result=None, deadline
                 if mode == "tune":
                     results.append(tune_config(config, device, tune_candidates(config, dry_run)))
                 else:
+                    only = {"crossover": CROSSOVER_CONTENDERS, "goals": goal_contenders(config)}.get(mode)
                     results.append(run_config(config, device, only))
             except Exception as err:  # noqa: BLE001 — recorded in the results file, not hidden
                 results.append({"name": config["name"], "config": config, "error": f"{type(err).__name__}: {err}"})
@@ -481,6 +515,8 @@ def predicted_table(results: list) -> str:
     lines = ["| config | contender | predicted ms | measured ms |", "|" + " --- |" * 4]
     for r in results:
         predicted = r.get("predicted", {})
+        if "error" in predicted:
+            lines.append(f"| {_describe(r)} | (the planner failed: {predicted['error'][:200]}) | | |")
         for name, ms in predicted.get("median_ms", {}).items():
             measured = r.get("median_ms", {}).get(name)
             cell = "-" if measured is None else f"{measured:.3f}"

@@ -300,12 +300,36 @@ def test_gpu_quick_dry_run_writes_one_report(tmp_path, monkeypatch):
     assert report["tests"]["failures"][0].endswith("test_quick_sample.py::test_fails")
     (goal,) = report["benchmarks"]["goals"]
     assert goal["config"] == triton_step.DRY_RUN_CONFIGS[0] and not goal["errors"]
-    assert set(goal["median_ms"]) == set(triton_step.GOAL_CONTENDERS) and all(goal["median_ms"].values())
+    contenders = set(triton_step.goal_contenders(goal["config"]))
+    assert set(goal["median_ms"]) == contenders and all(goal["median_ms"].values())
     assert {"layered_adjoint_step_vs_eager_backprop", "whole_depth_forward_vs_eager_forward"} <= set(goal["ratios"])
-    assert set(goal["predicted"]["median_ms"]) == set(triton_step.GOAL_CONTENDERS)
+    assert set(goal["predicted"]["median_ms"]) == contenders
     assert report["not_started"] == [] and report["errors"] == {}
     markdown = json_file.with_suffix(".md").read_text()
     assert "1 passed, 1 failed" in markdown and "layered adjoint/eager" in markdown and "predicted ms" in markdown
+
+
+def test_every_goal_is_measured_by_its_configuration_s_contenders():
+    """Checked here, since only a GPU runs the goal configurations: each goal of the issues names a goal
+    configuration, carries that configuration's suffix, and is a ratio of contenders the goals mode times
+    for it (or the roofline fraction of one); goal_outcomes reads the value and compares it to the limit."""
+    from bench import triton_step
+
+    configs = {config["name"]: config for config in triton_step.GOAL_CONFIGS}
+    fractions = {"forward_fraction_of_roofline": "fused_forward", "layered_forward_fraction_of_roofline": "layered_forward"}
+    for ratio, name, _ in triton_step.GOALS:
+        config = configs[name]
+        suffix = triton_step.goal_suffix(config)
+        assert ratio.endswith(suffix) and ratio[: len(ratio) - len(suffix)] in triton_step.GOAL_RATIOS
+        base = ratio[: len(ratio) - len(suffix)]
+        needed = {fractions[base]} if base in fractions else set(triton_step.RATIOS[base])
+        assert needed <= set(triton_step.goal_contenders(config)), (ratio, name)
+    results = [{"name": "wide-float32", "ratios": {"layered_adjoint_step_vs_eager_backprop": 1.4}},
+               {"name": "wide-bfloat16", "ratios": {"layered_adjoint_step_vs_eager_backprop_bf16": 0.9}}]  # fmt: skip
+    outcomes = {(g["ratio"], g["config"]): g for g in triton_step.goal_outcomes(results)}
+    assert outcomes["layered_adjoint_step_vs_eager_backprop", "wide-float32"]["met"] is False
+    assert outcomes["layered_adjoint_step_vs_eager_backprop_bf16", "wide-bfloat16"]["met"] is True
+    assert outcomes["whole_depth_forward_vs_eager_forward_bf16", "narrow-bfloat16-L256"]["value"] is None
 
 
 def test_gpu_suite_starts_nothing_after_its_budget(tmp_path):
