@@ -90,12 +90,12 @@ def run_tests(path: Path, on_change, deadline=None, workers: int = GPU_TEST_WORK
 
 def goals_table(goals: list) -> str:
     """The issues' goals (triton_step.GOALS): measured value, limit, met (- where not measured or not a limit)."""
-    lines = ["| goal | configuration | measured | at most | met |", "|" + " --- |" * 5]
+    lines = ["| goal | configuration | measured (do_bench) | synchronised wall | at most | met |", "|" + " --- |" * 6]
     for goal in goals:
-        value = "-" if goal["value"] is None else f"{goal['value']:.3f}"
+        value, wall = ("-" if v is None else f"{v:.3f}" for v in (goal["value"], goal.get("wall_value")))
         limit = "-" if goal["at_most"] is None else f"{goal['at_most']}"
         met = {True: "yes", False: "**no**", None: "-"}[goal["met"]]
-        lines.append(f"| `{goal['ratio']}` | {goal['config']} | {value} | {limit} | {met} |")
+        lines.append(f"| `{goal['ratio']}` | {goal['config']} | {value} | {wall} | {limit} | {met} |")
     return "\n".join(lines)
 
 

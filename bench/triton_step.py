@@ -16,7 +16,8 @@ precision (eager and ode_mlp's default alike):
                            the adjoint step with each weight-gradient reduction (the backend picks
                            between the first two by bytes moved: triton_backend.weight_grad_reduction)
     (float32 IEEE only) the two fused steps again with TF32 products, the adjoint step with TF32x3
-Ratios: X_vs_Y = median(X) / median(Y), e.g. layered_adjoint_step_vs_eager_backprop and
+Ratios: X_vs_Y = median(X) / median(Y) (do_bench on a GPU; `wall_ratios` the same of synchronised wall
+times, `wall_ms`, which count the host's overhead whole), e.g. layered_adjoint_step_vs_eager_backprop and
 whole_depth_forward_vs_eager_forward (= fused_forward / eager_forward); on CUDA,
 forward_fraction_of_roofline and layered_forward_fraction_of_roofline = roofline floor / forward time
 (forward_roofline_ms). The goal ratios of bfloat16 and TF32 configurations are also recorded with the
@@ -43,7 +44,7 @@ import torch
 import triton
 
 from bench.baselines import eager_forward
-from bench.timing import median_ms
+from bench.timing import median_ms, wall_median_ms
 from odenets_fast import ode_mlp, plan
 from odenets_fast.planner import PATH_ENV
 from odenets_fast.triton_layered import tf32_context
@@ -181,9 +182,11 @@ def goal_outcomes(results: list) -> list:
     by_name = {r["name"]: r for r in results}
     outcomes = []
     for ratio, config, limit in GOALS:
-        value = by_name.get(config, {}).get("ratios", {}).get(ratio)
+        result = by_name.get(config, {})
+        value = result.get("ratios", {}).get(ratio)
         met = None if value is None or limit is None else value <= limit
-        outcomes.append({"ratio": ratio, "config": config, "value": value, "at_most": limit, "met": met})
+        outcomes.append({"ratio": ratio, "config": config, "value": value, "wall_value": result.get("wall_ratios", {}).get(ratio),
+                         "at_most": limit, "met": met})  # fmt: skip
     return outcomes
 
 
@@ -222,7 +225,8 @@ def run_config(config: dict, device: torch.device, only=None) -> dict:
         result["predicted"] = {"error": f"{type(err).__name__}: {err}"[:300]}
     suffix = goal_suffix(config)
     if suffix:  # the names the issues give these ratios for this precision
-        result["ratios"].update({name + suffix: result["ratios"][name] for name in GOAL_RATIOS if name in result["ratios"]})
+        for key in ("ratios", "wall_ratios"):
+            result[key].update({name + suffix: result[key][name] for name in GOAL_RATIOS if name in result[key]})
     return result
 
 
@@ -291,17 +295,21 @@ def _run_config(config: dict, device: torch.device, only) -> dict:
         measures["forward_roofline_floor"] = functools.partial(forward_roofline_ms, config, device)
     # A contender that fails (a precision that does not compile, out of memory) is recorded with its
     # error; the others keep their times and ratios.
-    times, errors = {}, {}
+    times, walls, errors = {}, {}, {}
     for name, measure in measures.items():
         try:
             times[name] = measure()
+            if name in contenders:  # (on the CPU's interpreter once: the plumbing, not a measurement)
+                walls[name] = wall_median_ms(contenders[name], device, **({} if device.type == "cuda" else dict(warmup=0, reps=1)))
         except Exception as err:  # noqa: BLE001
             errors[name] = f"{type(err).__name__}: {err}"[:300]
     ratios = {name: times[num] / times[den] for name, (num, den) in RATIOS.items() if num in times and den in times}
+    wall_ratios = {name: walls[num] / walls[den] for name, (num, den) in RATIOS.items() if num in walls and den in walls}
     for path, ratio in (("fused", "forward_fraction_of_roofline"), ("layered", "layered_forward_fraction_of_roofline")):
         if "forward_roofline_floor" in times and f"{path}_forward" in times:
             ratios[ratio] = times["forward_roofline_floor"] / times[f"{path}_forward"]
-    return {"name": config["name"], "config": config, "median_ms": times, "ratios": ratios, "errors": errors}
+    return {"name": config["name"], "config": config, "median_ms": times, "ratios": ratios, "wall_ms": walls,
+            "wall_ratios": wall_ratios, "errors": errors}
 
 
 def tune_config(config: dict, device: torch.device, candidates: dict) -> dict:

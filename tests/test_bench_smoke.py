@@ -304,6 +304,9 @@ def test_gpu_quick_dry_run_writes_one_report(tmp_path, monkeypatch):
     assert set(goal["median_ms"]) == contenders and all(goal["median_ms"].values())
     assert {"layered_adjoint_step_vs_eager_backprop", "whole_depth_forward_vs_eager_forward"} <= set(goal["ratios"])
     assert set(goal["predicted"]["median_ms"]) == contenders
+    assert set(goal["wall_ms"]) == contenders and set(goal["wall_ratios"]) == set(goal["ratios"]) - {
+        "forward_fraction_of_roofline", "layered_forward_fraction_of_roofline"}  # fmt: skip
+    assert {g["ratio"] for g in report["goals"]} == {ratio for ratio, _, _ in triton_step.GOALS}
     assert report["not_started"] == [] and report["errors"] == {}
     markdown = json_file.with_suffix(".md").read_text()
     assert "1 passed, 1 failed" in markdown and "layered adjoint/eager" in markdown and "predicted ms" in markdown
