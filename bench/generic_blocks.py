@@ -84,7 +84,7 @@ class PlainLoop(nn.Module):
 
     def forward(self, x):
         for block in self.blocks:
-            x = x + self.h * block(x)
+            x = torch.add(x, block(x), alpha=self.h)  # one pass, as the stack's own steps
         return x
 
 
@@ -101,7 +101,7 @@ class CheckpointedLoop(PlainLoop):
 
     def _segment(self, x, start, stop):
         for block in self.blocks[start:stop]:
-            x = x + self.h * block(x)
+            x = torch.add(x, block(x), alpha=self.h)  # one pass, as the stack's own steps
         return x
 
 
@@ -152,10 +152,10 @@ class InvertibleEulerStep(nn.Module):
         self.block, self.h = block, h
 
     def forward(self, x):
-        return x + self.h * self.block(x)
+        return torch.add(x, self.block(x), alpha=self.h)
 
     def inverse(self, y):
-        return y - self.h * self.block(y)
+        return torch.add(y, self.block(y), alpha=-self.h)
 
 
 class MemcnnLoop(PlainLoop):

@@ -371,12 +371,11 @@ def _fused(model: _Model, s: _Shape, unit: str, precision: str, backward: str, d
 
 
 def _eager(model: _Model, s: _Shape, unit: str) -> Estimate:
-    """The plain PyTorch loop (bench.baselines.eager_forward: scales folded into the weights once) under
-    autograd, backprop. Per Euler layer two products (the second accumulating into x, alpha = h a_out)
-    and σ; its backward four products, σ', alpha's multiply on the hidden gradient and the V gradient,
-    and the accumulation of x's gradient. Per Heun layer twice the products and σ, three state-sized
-    additions; its backward twice the products and σ', about six state-sized ops (counted in the
-    profiler on the CPU)."""
+    """The plain PyTorch loop (bench.baselines.eager_forward: scales and Euler's step folded into the
+    weights once) under autograd, backprop. Per Euler layer two products (the second accumulating into
+    x) and σ; its backward four products, σ' and the accumulation of x's gradient. Per Heun layer twice
+    the products and σ, three state-sized additions; its backward twice the products and σ', about six
+    state-sized ops (counted in the profiler on the CPU)."""
     B, q, m, ob = s.B, s.q, s.m, s.operand_bytes
     z = model.gemm(B, m, q, ob, unit, out_bytes=ob, host="eager_autograd_op")
     f = model.gemm(B, q, m, ob, unit, out_bytes=ob, host="eager_autograd_op")
@@ -387,10 +386,8 @@ def _eager(model: _Model, s: _Shape, unit: str) -> Estimate:
         forward_layer = (z + f + sigma) * 2 + narrow_op * 3
         backward_layer = (z * 2 + f * 2 + sigma_grad) * 2 + narrow_op * 6
     else:
-        alpha = model.elementwise(2 * B * m * ob, host="eager_autograd_op") + model.elementwise(
-            2 * q * m * ob, host="eager_autograd_op")  # fmt: skip
         forward_layer = z + f + sigma
-        backward_layer = z * 2 + f * 2 + sigma_grad + alpha + narrow_op
+        backward_layer = z * 2 + f * 2 + sigma_grad + narrow_op
     forward = forward_layer * s.L
     no_grad = Cost(forward.flops, forward.bytes, forward.launches, forward.launches * HOST_S["torch_op"], forward.gpu_s)
     return Estimate("eager", f"cuBLAS ({unit})", no_grad, forward + backward_layer * s.L)
