@@ -43,13 +43,10 @@ def residual(x, W, V, b, c, n, activation, scale_in=None, scale_out=None):
 
 
 def step(x, W, V, b, c, n, *, method, activation, h, scale_in=None, scale_out=None):
-    """One forward layer, DESIGN.md §3, for a 2-D x. Euler's x + h f(x) is one GEMM accumulating into x
-    (alpha = h a_out), as a user writing the loop for speed writes it."""
-    if method == "euler":
-        a_in, a_out = _scales(W[n], scale_in, scale_out)
-        start = x if c is None else torch.add(x, c[n], alpha=h)
-        return torch.addmm(start, _hidden(x, W, b, n, activation, a_in), V[n].T, alpha=h * a_out)
+    """One forward layer, DESIGN.md §3 (eager_forward's Euler loop folds h into the weights instead)."""
     k1 = residual(x, W, V, b, c, n, activation, scale_in, scale_out)
+    if method == "euler":
+        return torch.add(x, k1, alpha=h)
     k2 = residual(torch.add(x, k1, alpha=h), W, V, b, c, n + 1, activation, scale_in, scale_out)
     return torch.add(x, k1 + k2, alpha=h / 2)
 

@@ -53,6 +53,7 @@ def _backward(ctx, grad_out, *_):
         # only what needs a gradient: data x or a frozen W, V, b, c is not differentiated
         needed = [t is not None and t.requires_grad for t in (x, W, V, b, c)]
         inputs = [t for t, need in zip((x, W, V, b, c), needed) if need]
+
         def rerun(*differentiated):
             given = iter(differentiated)
             tensors = [next(given) if need else t for t, need in zip((x, W, V, b, c), needed)]
