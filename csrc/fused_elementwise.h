@@ -50,7 +50,7 @@ void finish_stage(T* k, T* y, const T* x, const T* bias, T k_scale, T h, int64_t
 template <typename T>
 void heun_cotangents(T* u1, const T* g, T* gy_raw, T gy_scale, T half_h, T h, int64_t rows, int64_t cols);
 
-// sums[j] += scale·Σ_i data[i·stride + j] for j < cols, the rows added in order.
+// sums[j] += Σ_i scale·data[i·stride + j] for j < cols, the rows added in order in double.
 template <typename T>
 void accumulate_column_sums(T* sums, const T* data, T scale, int64_t rows, int64_t cols, int64_t stride);
 

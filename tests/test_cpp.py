@@ -101,6 +101,21 @@ def test_row_and_gradient_blocks_match_reference(method, backward, anchor_every,
 
 
 @requires_cpp
+@pytest.mark.parametrize("method", ["euler", "heun"])
+def test_bias_gradients_keep_float32_accuracy_over_a_large_batch(method):
+    """db and dc sum 2^18 rows: a float32 running sum would be ~2e-6 off (a cotangent with nonzero mean)."""
+    tensors = make_stack(B=2**18, q=4, m=8, L=1, method=method, bias=True)
+    gen = torch.Generator().manual_seed(1)
+    grad_out = 1.0 + 0.1 * torch.randn(tensors[0].shape, generator=gen, dtype=torch.float64)
+    exact, _ = _run("reference", tensors, grad_out, method=method, activation="relu", backward="backprop")
+    single = [t.float() for t in tensors]
+    got, _ = _run("cpp", single, grad_out, method=method, activation="relu", backward="backprop")
+    for name, g, e in zip("bc", got[4:], exact[4:]):
+        error = float((g.double() - e).abs().max() / e.abs().max())
+        assert error < 2e-7, f"d{name}: relative error {error:.1e}"
+
+
+@requires_cpp
 @pytest.mark.parametrize("anchor_every", [2**63 - 1, 2**63 - 2])
 @pytest.mark.parametrize("method", ["euler", "heun"])
 def test_anchor_interval_near_int64_max_means_one_anchor(method, anchor_every):

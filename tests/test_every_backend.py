@@ -99,3 +99,23 @@ def test_anchor_every_beyond_int64_is_anchor_every_L(backend, anchor_every):
 
     for got, want in zip(run(anchor_every), run(3)):
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("scale", [1e-25, 1e20])
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_drift_does_not_depend_on_the_scale_of_the_states(backend, scale):
+    """A linear stack's relative drift is scale-free; squared float32 states underflow at 1e-25 and
+    overflow at 1e20, which must not show as a drift of 0 or NaN."""
+    x, W, V = make_stack(B=6, q=4, m=5, L=3, dtype=torch.float32)[:3]
+    device = _device(backend)
+
+    def drift(x):
+        out_drift = torch.zeros((), device=device)
+        out = ode_mlp(x.to(device).requires_grad_(True), W.to(device), V.to(device), activation="identity",
+                      backend=backend, drift_out=out_drift)  # fmt: skip
+        out.sum().backward()
+        return out_drift.cpu()
+
+    want = drift(x)
+    assert 1e-3 < want < 1  # there is drift to measure
+    torch.testing.assert_close(drift(x * scale), want, rtol=1e-4, atol=0)
