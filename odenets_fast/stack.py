@@ -68,6 +68,7 @@ mode.
 """
 
 import contextlib
+import dataclasses
 import warnings
 from typing import Callable, Optional, Sequence, Union
 
@@ -175,12 +176,22 @@ class _RngReplay:
 RngRunner = Callable[[tuple, nn.Module, Tensor], Tensor]
 
 
+# The forwards that, with track_running_stats off, leave the running statistics alone (`_buffers_kept`); a
+# subclass with a forward of its own (batch renormalisation, which reads and updates them in training) is not
+# assumed to, and its buffers are recorded and restored like any other module's.
+_STATS_UNTOUCHED_FORWARDS = (_BatchNorm.forward, nn.SyncBatchNorm.forward)
+
+
+def _is_plain_batch_norm(m: nn.Module) -> bool:
+    return isinstance(m, _BatchNorm) and type(m).forward in _STATS_UNTOUCHED_FORWARDS
+
+
 def _buffers_by_block(blocks: nn.Module) -> dict:
     """{id(block): [(module, name)]}: each block's buffers other than BatchNorm's (whose re-runs write nothing,
     see `_buffers_kept`), for the blocks that have any."""
     found = {}
     for block in blocks:
-        named = [(m, name) for m in _submodules(block) if m._buffers and not isinstance(m, _BatchNorm)
+        named = [(m, name) for m in _submodules(block) if m._buffers and not _is_plain_batch_norm(m)
                  for name, buf in m._buffers.items() if buf is not None]  # fmt: skip
         if named:
             found[id(block)] = named
@@ -290,12 +301,15 @@ def _buffers_kept(blocks: nn.Module):
     running buffers only to update them; a test checks it bit for bit on the CPU). In eval mode, or
     without running statistics, it writes nothing anyway. Other modules' buffers are saved, and
     restored if a re-run wrote to them: in place (their version moved) or by assigning a new tensor to the
-    attribute (`self.count = self.count + 1`), where the original tensor goes back in its place."""
+    attribute (`self.count = self.count + 1`), where the original tensor goes back in its place. A tensor
+    registered in several modules (one table shared by every block) is copied once."""
     modules = _submodules(blocks)
-    tracking = [m for m in modules if isinstance(m, _BatchNorm) and m.training and m.track_running_stats]
+    tracking = [m for m in modules if _is_plain_batch_norm(m) and m.training and m.track_running_stats]
     # m._buffers rather than m.buffers(recurse=False): a generator per module costs more than the rest
-    saved = [(m, name, buf, buf._version, buf.detach().clone()) for m in modules if not isinstance(m, _BatchNorm)
-             for name, buf in m._buffers.items() if buf is not None]  # fmt: skip
+    registered = [(m, name, buf) for m in modules if not _is_plain_batch_norm(m)
+                  for name, buf in m._buffers.items() if buf is not None]  # fmt: skip
+    unique = {id(buf): buf for _, _, buf in registered}
+    copies = [(buf, buf._version, buf.detach().clone()) for buf in unique.values()]
     # object.__setattr__: nn.Module.__setattr__ searches its parameter, buffer and module dicts first
     # (about 1.4 µs a module; 40 µs a backward for a 32-BatchNorm stack)
     for m in tracking:
@@ -306,9 +320,10 @@ def _buffers_kept(blocks: nn.Module):
         for m in tracking:
             object.__setattr__(m, "track_running_stats", True)
         with torch.no_grad():
-            for module, name, buf, version, value in saved:
+            for module, name, buf in registered:
                 if module._buffers.get(name) is not buf:
                     module._buffers[name] = buf
+            for buf, version, value in copies:
                 if buf._version != version:
                     buf.copy_(value)
 
@@ -360,19 +375,33 @@ def _unlisted_message(layer: int, leaf: Tensor) -> str:
             "stack(x, extra_inputs=[...]), or use backward='backprop'.")  # fmt: skip
 
 
+@dataclasses.dataclass(frozen=True)
+class _Settings:
+    """The settings one call of a stack ran with, which its adjoint backward reconstructs and differentiates
+    with: the stack's attributes may be reassigned between a call and its backward (T changed to integrate
+    the same blocks to a second horizon in the same graph), and each call's backward must be its own."""
+
+    method: str
+    h: float  # T / L
+    anchored: bool  # anchor_every set: the stored states replace the reconstruction at their layers
+    vjp_at: str
+    strict: bool
+    drift_tol: Optional[float]
+
+
 # Eager under torch.compile too: the backward re-runs the blocks eagerly, so the forward must compute what those
 # re-runs reproduce. Compiled, a block drawing random numbers (dropout) draws them through inductor's own RNG, which
 # the recorded generator states do not replay: the reconstruction then saw other masks than the forward (drift
 # 0.035 against 0.0005 eager on a dropout-0.2 MLP stack, and gradients to match).
 @torch.compiler.disable
-def _forward_states(stack, x: Tensor, positions: list, runner: Optional[RngRunner]) -> tuple:
+def _forward_states(stack, x: Tensor, positions: list, settings: _Settings, runner: Optional[RngRunner]) -> tuple:
     """(x_L, [x_a for a in positions]): the forward loop, keeping the anchors' input states."""
     stored, anchors = set(positions), []
     with _parametrizations_uncached():
         for n in range(stack.depth):
             if n in stored:
                 anchors.append(x)
-            x = stack.step(x, n, runner)
+            x = stack.step(x, n, settings, runner)
     return x, anchors
 
 
@@ -382,6 +411,7 @@ class _AdjointStackFunction(torch.autograd.Function):
         ctx,
         x: Tensor,
         stack: "AdjointResidualStack",
+        settings: _Settings,
         parameters_read: list,
         block_params: tuple,
         num_params: int,
@@ -403,7 +433,7 @@ class _AdjointStackFunction(torch.autograd.Function):
 
         runner = recorder(rng if per_call else None)
         with torch.no_grad():
-            state, anchors = _forward_states(stack, x.detach(), positions, runner)
+            state, anchors = _forward_states(stack, x.detach(), positions, settings, runner)
             if rng is not None and not per_call and rng.drew_since_start():
                 # The blocks drew random numbers, unlike in the previous call: the forward again from the
                 # same RNG state and buffer values, recording each call's (the same draws, so the same
@@ -413,11 +443,11 @@ class _AdjointStackFunction(torch.autograd.Function):
                     if buffers:
                         runner.rewind()
                     runner = recorder(rng)
-                    state, anchors = _forward_states(stack, x.detach(), positions, runner)
+                    state, anchors = _forward_states(stack, x.detach(), positions, settings, runner)
         if rng is not None:
             stack._blocks_drew = bool(rng.slots)
         rng_states = [] if rng is None else rng.tensors
-        ctx.stack, ctx.autocast, ctx.positions = stack, _AutocastState(x.device), positions
+        ctx.stack, ctx.autocast, ctx.positions, ctx.settings = stack, _AutocastState(x.device), positions, settings
         ctx.rng_slots = None if rng is None else rng.slots
         buffer_values = runner.tensors if buffers else []
         ctx.buffer_slots = runner.slots if buffers and runner.slots else None
@@ -448,7 +478,7 @@ class _AdjointStackFunction(torch.autograd.Function):
                 "double backward (create_graph=True) through an adjoint-mode stack is not supported: its backward "
                 "reconstructs states instead of recording them. Use backward='backprop' for higher-order gradients."
             )
-        stack, autocast = ctx.stack, ctx.autocast.replay()
+        stack, settings, autocast = ctx.stack, ctx.settings, ctx.autocast.replay()
         _check_parameters_unchanged(stack, ctx.parameters_read)
         auto = ctx.auto
         final, *saved = segments.saved_tensors(ctx) if auto else ctx.saved_tensors
@@ -460,9 +490,8 @@ class _AdjointStackFunction(torch.autograd.Function):
         if ctx.buffer_slots:
             replay = _BufferReplay(ctx.buffer_slots, buffer_values, replay)
         extras = [inputs[i] for i in ctx.listed_params] + [t for t in inputs[ctx.num_params :] if t.requires_grad]
-        vjp = _LayerVJP(stack, autocast, replay, extras, ctx.block_params, ctx.parameters_read)
-        anchored = stack.anchor_every is not None  # the stored states replace the reconstruction
-        at_reconstruction = stack.vjp_at != "state"
+        vjp = _LayerVJP(stack, settings, autocast, replay, extras, ctx.block_params, ctx.parameters_read)
+        at_reconstruction = settings.vjp_at != "state"
         totals = dict.fromkeys(inputs)
         drifts = {}
         x_next, g = final, grad_out
@@ -470,7 +499,7 @@ class _AdjointStackFunction(torch.autograd.Function):
             for j, (a, end) in reversed(list(enumerate(segments.bounds(positions, stack.depth)))):
                 g_top, layer_grads = g, {}
                 for n in reversed(range(a, end)):
-                    use_anchor = anchored and n == a
+                    use_anchor = settings.anchored and n == a  # the stored state replaces the reconstruction
                     if at_reconstruction and not use_anchor:
                         x, g = vjp.at_reconstruction(x_next, g, n, layer_grads)
                         if n == a:
@@ -479,22 +508,22 @@ class _AdjointStackFunction(torch.autograd.Function):
                         continue
                     if not use_anchor or auto or n == 0:  # the drift is measured at the segment's anchor
                         with torch.no_grad(), autocast():
-                            reconstructed = stack.reverse_step(x_next, n, replay)
+                            reconstructed = stack.reverse_step(x_next, n, settings, replay)
                         if n == a:
                             drifts[a] = relative_drift(reconstructed.detach(), anchors[j])
                     x = anchors[j] if use_anchor else reconstructed
                     g = vjp(x, g, n, n + 1, layer_grads)
                     x_next = x
                 # NaN too; a segment of one layer is exact already
-                if auto and stack.strict and end - a > 1 and not float(drifts[a]) <= stack.drift_tol:
+                if auto and settings.strict and end - a > 1 and not float(drifts[a]) <= settings.drift_tol:
                     layer_grads = {}
                     g = vjp(anchors[j], g_top, a, end, layer_grads)  # the segment exactly, from its anchor
                 for t, d in layer_grads.items():
                     totals[t] = d if totals[t] is None else totals[t] + d
         stack._drift = drifts[0]
         if auto:
-            stack.record_segments(positions, drifts, final.numel() > 0)
-        return (g, None, None, None, None, None) + tuple(totals[t] for t in inputs)
+            stack.record_segments(positions, drifts, settings.drift_tol, final.numel() > 0)
+        return (g, None, None, None, None, None, None) + tuple(totals[t] for t in inputs)
 
 
 def _warn_of_forward_hooks(blocks: nn.Module) -> None:
@@ -551,38 +580,38 @@ class _LayerVJP:
     layers' parameters and the extra inputs: at a state (`__call__`) or at the reconstruction's
     evaluation points (`at_reconstruction`)."""
 
-    def __init__(self, stack, autocast, replay, extras, block_params, parameters_read):
-        self.stack, self.autocast, self.replay, self.extras = stack, autocast, replay, extras
+    def __init__(self, stack, settings, autocast, replay, extras, block_params, parameters_read):
+        self.stack, self.settings, self.autocast, self.replay, self.extras = stack, settings, autocast, replay, extras
         self.block_params = block_params  # gathered once in the forward, not once per layer here
         self.parameters_read = parameters_read
         # vjp_at="extrapolated": the block outputs of the last two reconstructed layers, k_{n+1} then k_{n+2}
-        self.extrapolate = stack.vjp_at == "extrapolated"
+        self.extrapolate = settings.vjp_at == "extrapolated"
         self.recent: list = []
 
     def __call__(self, x: Tensor, g: Tensor, first: int, stop: int, grads: dict) -> Tensor:
         """The VJP of forward layers first … stop − 1 at x, recomputed. One layer (all but strict's redo
         of a segment): x + c Δ's identity path added by hand, only Δ differentiated — the recompute
         skips forming x + c Δ, whose value nothing reads, and its backward."""
-        stack = self.stack
+        stack, settings = self.stack, self.settings
         self.recent.clear()  # a stored state: the layers below extrapolate from their own evaluations only
         params = [p for n in range(first, stop) for p in self._layer_parameters(n)]
         with torch.enable_grad(), self.autocast():
             x_in = x.detach().requires_grad_(True)
             if stop == first + 1:
-                scale, direction = stack.increment(x_in, first, self.replay)
+                scale, direction = stack.increment(x_in, first, settings, self.replay)
                 return g + self._vjp(direction, x_in, params, _scaled(g, scale, direction), first, grads)
             out = x_in
             for n in range(first, stop):
-                out = stack.step(out, n, self.replay)
+                out = stack.step(out, n, settings, self.replay)
             return self._vjp(out, x_in, params, g, first, grads)
 
     def at_reconstruction(self, x_next: Tensor, g: Tensor, n: int, grads: dict) -> tuple:
         """(x̃_n, g_n): layer n's reconstruction from x̃_{n+1}, its block evaluations under autograd giving
         the VJP (module docstring); each backward runs as soon as its evaluation is done, so that one
         block's graph is alive at a time."""
-        stack, h = self.stack, self.stack.step_size
+        stack, h = self.stack, self.settings.h
         with torch.enable_grad(), self.autocast():
-            if stack.method == "euler":
+            if self.settings.method == "euler":
                 z = (self._extrapolated(x_next) if self.extrapolate else x_next).detach().requires_grad_(True)
                 k = stack._call(n, z, self.replay, (n, 0))
                 with torch.no_grad():  # x̃_{n+1} − h k as reverse_step computes it (extrapolated: k taken at z)
@@ -610,11 +639,11 @@ class _LayerVJP:
             return x_next
         k1, k2 = (k.reshape(-1).to(x_next.dtype) for k in self.recent)
         c = (torch.dot(k1, k2) / torch.dot(k2, k2).clamp_min(torch.finfo(k2.dtype).tiny)).clamp(0.0, 1.0)
-        return torch.addcmul(x_next, self.recent[0], c, value=-self.stack.step_size)  # one pass; c a tensor: no sync
+        return torch.addcmul(x_next, self.recent[0], c, value=-self.settings.h)  # one pass; c a tensor: no sync
 
     def _layer_parameters(self, n: int) -> list:
         """Parameters that forward layer n reads: f_n's (and f_{n+1}'s for Heun); `_vjp` removes repeats."""
-        return self.block_params[n] + (self.block_params[n + 1] if self.stack.method == "heun" else [])
+        return self.block_params[n] + (self.block_params[n + 1] if self.settings.method == "heun" else [])
 
     def _own_parameters(self, block: int) -> list:
         return self.block_params[block]
@@ -707,7 +736,7 @@ class AdjointResidualStack(nn.Module):
             self.register_buffer("anchor_mask", torch.zeros(self.depth, dtype=torch.bool))
             self.register_buffer("segment_drift", torch.full((self.depth,), segments.NO_SEGMENT), persistent=False)
 
-    def _check_configuration(self) -> None:
+    def _checked_settings(self) -> _Settings:
         """The settings as they are now — attributes may be reassigned after construction — under the checks of
         __init__, and the blocks still as many as the depth (fixed at construction: h = T / depth, and the
         "auto" layout's length) needs."""
@@ -716,12 +745,15 @@ class AdjointResidualStack(nn.Module):
         if len(self.blocks) != needed:
             raise ValueError(f"an AdjointResidualStack of depth {self.depth} (set at construction) with method={method!r} "
                              f"needs {needed} blocks; it has {len(self.blocks)}: build a new stack for other blocks")  # fmt: skip
+        T = check_real("T", self.T, positive=True)
         check_choice("backward", self.backward_mode, BACKWARD_MODES)
         check_anchor_every(self.anchor_every, self.backward_mode)
         if self.anchor_every == AUTO and not hasattr(self, "anchor_mask"):
             raise ValueError("anchor_every='auto' is chosen at construction (its layout is module state): build a new "
                              "AdjointResidualStack with it")  # fmt: skip
-        check_vjp_at(self.vjp_at, self.backward_mode, method)
+        drift_tol, strict = check_error_control(self.anchor_every, self.drift_tol, self.strict)
+        vjp_at = check_vjp_at(self.vjp_at, self.backward_mode, method)
+        return _Settings(method, T / self.depth, self.anchor_every is not None, vjp_at, strict, drift_tol)
 
     def anchor_layout(self) -> list:
         """The layers whose input the next forward stores (x_0 always)."""
@@ -740,12 +772,12 @@ class AdjointResidualStack(nn.Module):
         return self.anchor_layout() if self.anchor_every == AUTO else None
 
     @torch.no_grad()
-    def record_segments(self, positions: list, drifts: dict, measured: bool = True) -> None:
+    def record_segments(self, positions: list, drifts: dict, drift_tol: float, measured: bool = True) -> None:
         """The drifts of an auto-mode backward's segments, and the controller's layout for the next call
         (the same layout where nothing was `measured`: an empty batch)."""
         values = torch.stack([drifts[a] for a in positions]).float().tolist()
         self.segment_drift.copy_(segments.segment_drifts(positions, values, self.segment_drift))
-        layout = segments.next_positions(positions, values, self.depth, self.drift_tol, measured)
+        layout = segments.next_positions(positions, values, self.depth, drift_tol, measured)
         self.anchor_mask.copy_(segments.mask_of(layout, self.anchor_mask))
 
     @property
@@ -753,25 +785,25 @@ class AdjointResidualStack(nn.Module):
         """[(first layer, length, drift)] of the latest backward's segments (anchor_every="auto")."""
         return segments.described(self.segment_drift) if self.anchor_every == AUTO else None
 
-    def step(self, x: Tensor, n: int, rng: Optional[RngRunner] = None) -> Tensor:
+    def step(self, x: Tensor, n: int, settings: _Settings, rng: Optional[RngRunner] = None) -> Tensor:
         """Forward layer n (DESIGN.md §3): x + c Δ of `increment`."""
-        scale, direction = self.increment(x, n, rng)
+        scale, direction = self.increment(x, n, settings, rng)
         return _add_scaled(x, direction, scale)
 
-    def increment(self, x: Tensor, n: int, rng: Optional[RngRunner] = None) -> tuple:
+    def increment(self, x: Tensor, n: int, settings: _Settings, rng: Optional[RngRunner] = None) -> tuple:
         """(c, Δ) with x_{n+1} = x_n + c Δ: (h, k1) for Euler, (h/2, k1 + k2) for Heun. `rng`, if given,
         runs each block call (see `_RngRecorder`)."""
-        h = self.step_size
+        h = settings.h
         k1 = self._call(n, x, rng, (n, 0))
-        if self.method == "euler":
+        if settings.method == "euler":
             return h, k1
         return 0.5 * h, k1 + self._call(n + 1, _add_scaled(x, k1, h), rng, (n, 1))
 
-    def reverse_step(self, x_next: Tensor, n: int, rng: Optional[RngRunner] = None) -> Tensor:
+    def reverse_step(self, x_next: Tensor, n: int, settings: _Settings, rng: Optional[RngRunner] = None) -> Tensor:
         """x̃_n from x̃_{n+1} by the forward rule run backwards (DESIGN.md §4); each block call keyed as
         the same call of `step(·, n)`, so that a replay gives it the random numbers it drew there."""
-        h = self.step_size
-        if self.method == "euler":
+        h = settings.h
+        if settings.method == "euler":
             return _add_scaled(x_next, self._call(n, x_next, rng, (n, 0)), -h)
         k_next = self._call(n + 1, x_next, rng, (n, 1))
         return _add_scaled(x_next, k_next + self._call(n, _add_scaled(x_next, k_next, -h), rng, (n, 0)), -0.5 * h)
@@ -781,6 +813,10 @@ class AdjointResidualStack(nn.Module):
         checked = not (torch.compiler.is_compiling() or x.is_inference())
         version = x._version if checked else 0
         out = self.blocks[block](x) if rng is None else rng(key, self.blocks[block], x)
+        if not isinstance(out, Tensor) or out.shape != x.shape:  # the adjoint's cotangents take the state's shape
+            got = f"shape {tuple(out.shape)}" if isinstance(out, Tensor) else type_name(out)
+            raise ValueError(f"block {block} of an AdjointResidualStack must return a tensor of its input's shape "
+                             f"{tuple(x.shape)}; got {got}")  # fmt: skip
         if checked and x._version != version:  # the step would add f(x) to the modified x, and the stack keeps x
             raise RuntimeError(
                 f"block {block} of an AdjointResidualStack modified its input in place (an nn.ReLU(inplace=True) "
@@ -804,12 +840,12 @@ class AdjointResidualStack(nn.Module):
         extra_inputs = list(extra_inputs)
         if not all(isinstance(t, Tensor) for t in extra_inputs):
             raise TypeError("extra_inputs must be a sequence of torch.Tensor")
-        self._check_configuration()
+        settings = self._checked_settings()
         # A plain loop where no adjoint backward will run: backprop mode, no grad, and torch.export, which
         # records the forward's computation only (an exported program differentiates its recorded graph).
         if self.backward_mode == "backprop" or not torch.is_grad_enabled() or _exporting():
             for n in range(self.depth):
-                x = self.step(x, n)
+                x = self.step(x, n, settings)
             return x
         check_not_torchscript("An adjoint-mode AdjointResidualStack")
         parameters_read = [tuple(block.parameters()) for block in self.blocks]
@@ -828,10 +864,10 @@ class AdjointResidualStack(nn.Module):
         listed_params = tuple(position[id(t)] for t in listed if id(t) in position)
         extras = [t for t in listed if id(t) not in position]
         if not (x.requires_grad or params or any(t.requires_grad for t in extras)):
-            return self._loop_reading_nothing_listed(x)
+            return self._loop_reading_nothing_listed(x, settings)
         try:
-            return _AdjointStackFunction.apply(x, self, parameters_read, block_params, len(params), listed_params,
-                                               *params, *extras)  # fmt: skip
+            return _AdjointStackFunction.apply(x, self, settings, parameters_read, block_params, len(params),
+                                               listed_params, *params, *extras)  # fmt: skip
         except RuntimeError as error:  # PyTorch's own message names an internal it cannot act on
             if "setup_context" not in str(error):
                 raise
@@ -840,13 +876,13 @@ class AdjointResidualStack(nn.Module):
                 "its backward re-runs the blocks outside the transform. Use backward='backprop' (a plain loop, which "
                 "they transform) or torch.autograd.") from None
 
-    def _loop_reading_nothing_listed(self, x: Tensor) -> Tensor:
+    def _loop_reading_nothing_listed(self, x: Tensor, settings: _Settings) -> Tensor:
         """The forward loop where nothing the adjoint differentiates requires grad (x, the parameters and
         extra_inputs all frozen): the adjoint's backward would never run, so a block reading another tensor
         that requires grad would get no gradient and no error. The loop runs under autograd, which records
         nothing unless a block reads such a tensor — then it raises the adjoint backward's error."""
         for n in range(self.depth):
-            x = self.step(x, n)
+            x = self.step(x, n, settings)
             if x.requires_grad:
                 raise RuntimeError(_unlisted_message(n, _unlisted_leaves(x, [])[0]))
         return x

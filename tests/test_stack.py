@@ -379,6 +379,9 @@ def test_inference_mode_gives_the_no_grad_output(backward):
     (lambda stack: setattr(stack, "backward_mode", "bogus"), "backward must be one of"),
     (lambda stack: setattr(stack, "anchor_every", 0), "anchor_every must be a positive int"),
     (lambda stack: setattr(stack, "anchor_every", "auto"), "anchor_every='auto' is chosen at construction"),
+    (lambda stack: setattr(stack, "T", -1.0), "T must be > 0"),
+    (lambda stack: setattr(stack, "T", float("nan")), "T must be finite"),
+    (lambda stack: setattr(stack, "drift_tol", 1e-3), "drift_tol is only meaningful with anchor_every='auto'"),
 ])  # fmt: skip
 def test_settings_changed_after_construction_are_checked(change, message):
     """Attributes reassigned after construction meet the constructor's checks at the next call. (An appended
@@ -387,6 +390,43 @@ def test_settings_changed_after_construction_are_checked(change, message):
     change(stack)
     with pytest.raises(ValueError, match=message):
         stack(x)
+
+
+@pytest.mark.parametrize("backward", ["backprop", "adjoint"])
+def test_a_block_output_of_another_shape_is_a_clear_error(backward):
+    """(A block returning a broadcastable (q,) ran in backprop mode and failed inside autograd in adjoint mode.)"""
+
+    class Forcing(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Parameter(torch.ones(4))
+
+        def forward(self, x):
+            return self.c
+
+    stack = AdjointResidualStack([Forcing() for _ in range(3)], backward=backward)
+    with pytest.raises(ValueError, match=r"block 0 .* must return a tensor of its input's shape \(5, 4\); got shape \(4,\)"):
+        stack(torch.randn(5, 4, requires_grad=True))
+
+
+@pytest.mark.parametrize("change", [
+    lambda stack: setattr(stack, "T", 0.25),
+    lambda stack: setattr(stack, "anchor_every", None),
+    lambda stack: setattr(stack, "vjp_at", "reconstruction"),
+])  # fmt: skip
+def test_each_call_is_differentiated_with_the_settings_it_ran_with(change):
+    """A setting changed between a call and its backward (the same blocks integrated to a second horizon, in the
+    same graph) leaves that call's backward alone. (T, anchor_every and vjp_at were read at backward: 0.3 off
+    with T.)"""
+    x, W, V, stack = _mlp_stack("euler", L=4, anchor_every=2)
+    leaf = x.clone().requires_grad_(True)
+    want = torch.autograd.grad(stack(leaf).square().sum(), [leaf] + list(stack.parameters()))
+    out = stack(leaf)
+    change(stack)
+    stack(leaf)  # a second call under the new setting
+    got = torch.autograd.grad(out.square().sum(), [leaf] + list(stack.parameters()))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
 def test_lazy_modules_need_their_dry_run_first():
@@ -682,6 +722,68 @@ def test_other_buffers_written_by_reruns_are_restored(vjp_at, anchor_every, in_p
     assert all(dict(b.named_buffers()) == {"calls": b.calls} for b in blocks)
 
 
+class BatchRenorm1d(nn.BatchNorm1d):
+    """Batch renormalisation (Ioffe 2017): a BatchNorm subclass whose own training forward reads the running
+    statistics and updates them whatever track_running_stats says."""
+
+    def forward(self, x):
+        if not self.training:
+            return super().forward(x)
+        mean, std = x.mean(0), x.std(0, unbiased=False) + self.eps
+        running_std = self.running_var.sqrt() + self.eps
+        r = (std.detach() / running_std).clamp(1 / 3, 3)
+        d = ((mean.detach() - self.running_mean) / running_std).clamp(-5, 5)
+        with torch.no_grad():
+            self.running_mean += self.momentum * (mean - self.running_mean)
+            self.running_var += self.momentum * (std**2 - self.running_var)
+        return self.weight * ((x - mean) / std * r + d) + self.bias
+
+
+def test_a_batchnorm_subclass_with_its_own_forward_has_its_buffers_restored():
+    """(Every _BatchNorm was assumed to write nothing with track_running_stats off: the re-runs updated the
+    running statistics again and read updated ones — gradients 0.3 off at anchor_every=1.)"""
+    results = {}
+    for backward, anchor_every in (("backprop", None), ("adjoint", 1)):
+        torch.manual_seed(0)
+        blocks = [nn.Sequential(BatchRenorm1d(4, dtype=torch.float64), nn.Linear(4, 4, dtype=torch.float64), nn.Tanh())
+                  for _ in range(3)]  # fmt: skip
+        stack = AdjointResidualStack(blocks, backward=backward, anchor_every=anchor_every)
+        torch.manual_seed(1)
+        grads = []
+        for _ in range(2):
+            x = (3 * torch.randn(8, 4, dtype=torch.float64) + 1).requires_grad_(True)
+            grads += torch.autograd.grad(stack(x).square().sum(), [x] + list(stack.parameters()))
+        results[backward] = grads + list(stack.buffers())
+    for a, b in zip(results["adjoint"], results["backprop"]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_a_buffer_shared_by_every_block_is_kept_once_during_backward(monkeypatch):
+    """The backward keeps a copy of the buffers its re-runs might write: one per tensor, not per registration
+    (a table every block registers was copied L times — memory growing with depth)."""
+
+    class TableBlock(nn.Module):
+        def __init__(self, table):
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+            self.register_buffer("table", table)
+
+        def forward(self, x):
+            return torch.tanh(self.lin(x) + self.table)
+
+    def bytes_copied_by_backward(depth):
+        table = torch.randn(64, 8)
+        stack = AdjointResidualStack([TableBlock(table) for _ in range(depth)])
+        out = stack(torch.randn(64, 8, requires_grad=True))
+        copied, clone = [], torch.Tensor.clone
+        with monkeypatch.context() as patch:
+            patch.setattr(torch.Tensor, "clone", lambda t, *a, **k: copied.append(t.nbytes) or clone(t, *a, **k))
+            out.sum().backward()
+        return sum(copied)
+
+    assert bytes_copied_by_backward(2) == bytes_copied_by_backward(8) > 0
+
+
 def _spectral_norm_blocks(count, dropout):
     from torch.nn.utils.parametrizations import spectral_norm
 
@@ -936,16 +1038,17 @@ def test_reconstruction_vjp_with_anchors_takes_the_stored_state_at_each_segments
     grad_out = torch.randn_like(x)
     got = _grads(stack, x, grad_out)
     plain = AdjointResidualStack(blocks, method=method, backward="backprop")
+    settings = plain._checked_settings()
     states = [x]
     for n in range(4):
-        states.append(plain.step(states[-1], n).detach())
+        states.append(plain.step(states[-1], n, settings).detach())
     g, grads = grad_out, {}
     for a in (2, 0):
         top = blocks[a + 1 : a + 2] if method == "euler" else blocks[a + 1 : a + 3]
         g, upper = _by_the_formulas(top, method, states[a + 2], g, h)  # layer a + 1
         x_in = states[a].clone().requires_grad_(True)
         params = list(blocks[a].parameters()) + ([] if method == "euler" else list(blocks[a + 1].parameters()))
-        g, *lower = torch.autograd.grad(plain.step(x_in, a), [x_in] + params, g)  # layer a, exact
+        g, *lower = torch.autograd.grad(plain.step(x_in, a, settings), [x_in] + params, g)  # layer a, exact
         for p, d in list(upper.items()) + list(zip(params, lower)):
             grads[p] = grads[p] + d if p in grads else d
     torch.testing.assert_close(got[1], g, rtol=1e-12, atol=1e-14)
