@@ -29,12 +29,12 @@ def _(x, W, V, b, c, method, activation, step, scale_in, scale_out, backward, an
 @torch.library.register_fake("odenets_fast::mlp_stack_backward")
 def _(grad_out, final, anchors, stages, W, V, b, c, method, activation, step, scale_in, scale_out, backward,
       anchor_every):  # fmt: skip
-    return (
-        torch.empty_like(grad_out),
-        torch.empty_like(W),
-        torch.empty_like(V),
-        None if b is None else torch.empty_like(b),
-        None if c is None else torch.empty_like(c),
+    return (  # dense, as the kernels write them (empty_like would copy a transposed W's strides)
+        grad_out.new_empty(grad_out.shape),
+        W.new_empty(W.shape),
+        V.new_empty(V.shape),
+        None if b is None else b.new_empty(b.shape),
+        None if c is None else c.new_empty(c.shape),
         grad_out.new_empty(()) if backward == "adjoint" else None,
     )
 

@@ -80,6 +80,7 @@ def forward_impl(
     spec = StackSpec.from_op_args(W, method, activation, step, scale_in, scale_out, backward, anchor_every,
                                   input_precision, deterministic, drift_tol, strict)  # fmt: skip
     backend_module = load_backend(backend)
+    x = x.contiguous()  # the reference would keep a transposed x's layout, the fake below promises a dense one
     with autocast_off(x):
         if spec.adaptive:
             positions = segments.positions_of(anchor_mask)
@@ -142,8 +143,9 @@ def backward_impl(
         else:
             grads = backend_module.backward(grad_out, Saved(final, anchors, _or_none(stages)), W, V, b, c, spec)
     drift = grad_out.new_zeros((), dtype=final.dtype) if grads.drift is None else grads.drift
-    return (grads.x, grads.W, grads.V, _or_empty(grads.b, grads.W), _or_empty(grads.c, grads.W), drift,
-            segment_drift, next_mask)  # fmt: skip
+    dense = [None if t is None else t.contiguous() for t in (grads.x, grads.W, grads.V, grads.b, grads.c)]
+    return (*dense[:3], _or_empty(dense[3], grads.W), _or_empty(dense[4], grads.W), drift, segment_drift,
+            next_mask)  # fmt: skip
 
 
 ode_mlp_backward = torch.library.custom_op("odenets_fast::ode_mlp_backward", backward_impl, mutates_args=())
@@ -153,12 +155,13 @@ ode_mlp_backward = torch.library.custom_op("odenets_fast::ode_mlp_backward", bac
 def _(grad_out, final, anchors, stages, layers, W, V, b, c, *scalars_and_backend):
     spec = StackSpec.from_op_args(W, *scalars_and_backend[:NUM_SCALARS])
     per_layer = (spec.depth,) if spec.adaptive else (0,)
+    # dense gradients, as the implementation returns them: empty_like would copy a transposed (tied) W's strides
     return (
-        torch.empty_like(grad_out),
-        torch.empty_like(W),
-        torch.empty_like(V),
-        W.new_empty(0) if b is None else torch.empty_like(b),
-        W.new_empty(0) if c is None else torch.empty_like(c),
+        grad_out.new_empty(grad_out.shape),
+        W.new_empty(W.shape),
+        V.new_empty(V.shape),
+        W.new_empty(0) if b is None else b.new_empty(b.shape),
+        W.new_empty(0) if c is None else c.new_empty(c.shape),
         grad_out.new_empty((), dtype=final.dtype),
         W.new_empty(per_layer, dtype=torch.float32),
         W.new_empty(per_layer, dtype=torch.bool),

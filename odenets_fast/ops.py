@@ -19,10 +19,14 @@ def _setup_context(ctx, inputs, output):
     out, final, anchors, stages, layers = output
     ctx.mark_non_differentiable(final, anchors, stages, layers)
     spec = StackSpec.from_op_args(W, *scalars)
-    # x_L doubles as the reconstruction's start when it is already in the compute dtype
+    # x_L doubles as the reconstruction's start when it is already in the compute dtype. Backprop mode stores
+    # every input state and reads only x_L's shape and dtype: a stand-in of no memory, so that an in-place op
+    # on the output (an nn.ReLU(inplace=True) after the stack) is allowed, as after a plain loop.
+    final = out if library.is_absent(final) else final
+    if spec.backward == "backprop":
+        final = final.new_zeros(()).expand(final.shape)
     # x itself only for a double backward, which backprop mode supports by re-running the stack
-    ctx.save_for_backward(out if library.is_absent(final) else final, anchors, stages, layers,
-                          x if spec.backward == "backprop" else None, W, V, b, c)  # fmt: skip
+    ctx.save_for_backward(final, anchors, stages, layers, x if spec.backward == "backprop" else None, W, V, b, c)
     # written, not read: attributes, so that their versions are not checked
     ctx.drift_out, ctx.anchor_mask, ctx.segment_drift_out = drift_out, anchor_mask, segment_drift_out
     ctx.spec, ctx.backend = spec, backend
@@ -37,13 +41,22 @@ def _backward(ctx, grad_out, *_):
     through torch.func.vjp, not torch.autograd.grad: torch.func.vjp's and jacrev's vjp functions run
     after their transform's level has ended, where the saved inputs are that level's dead wrappers —
     operations on them record nothing for autograd.grad, while a vjp of their own wraps them anew.
+    A batched backward (`is_grads_batched=True`, `autograd.functional.jacobian(vectorize=True)`) runs
+    under vmap, which the kernels have no batching rule for: it takes the same re-run.
     """
     no_grads = (None,) * (library.NUM_FORWARD_INPUTS - 5)  # for the scalars, backend and state tensors
     if grad_out is None:  # x_L did not reach the loss
         return (None,) * 5 + no_grads
     spec = ctx.spec
     final, anchors, stages, layers, x, W, V, b, c = segments.saved_tensors(ctx) if spec.adaptive else ctx.saved_tensors
-    if torch.is_grad_enabled():
+    batched = torch._C._functorch.is_legacy_batchedtensor(grad_out) or torch._C._functorch.is_batchedtensor(grad_out)
+    if torch.is_grad_enabled() or batched:
+        if spec.backward == "adjoint" and batched:
+            raise RuntimeError(
+                "a batched backward (is_grads_batched=True, jacobian(vectorize=True)) through ode_mlp in adjoint mode "
+                "is not supported: its backward runs the backends' kernels, which vmap cannot batch. Loop over the "
+                "cotangents (jacobian(vectorize=False)), or use backward='backprop'."
+            )
         if spec.backward == "adjoint":
             raise RuntimeError(
                 "double backward (create_graph=True, or a torch.func transform: grad, jacrev, … differentiate that way) "
@@ -175,6 +188,9 @@ def ode_mlp(
         anchor_every=anchor_every, scale_in=scale_in, scale_out=scale_out,
         input_precision=input_precision, deterministic=deterministic, drift_tol=drift_tol, strict=strict,
     )  # fmt: skip
+    if spec.adaptive and x.device.type == "meta":
+        raise ValueError("anchor_every='auto' reads its layout from anchor_mask's values, which meta tensors do not "
+                         "have: use a fixed anchor_every (or None) on the meta device — every mode's output has x's shape")
     backend_name = resolve_backend(backend, x.device)
     if drift_out is None:
         drift_out = x.new_zeros((), dtype=torch.float32)
@@ -182,6 +198,9 @@ def ode_mlp(
           or not drift_out.is_floating_point()):  # fmt: skip
         raise TypeError(f"drift_out must be a 0-dim floating-point tensor on {x.device} or None")
     anchor_mask, segment_drift_out = _error_control_state(spec, x, anchor_mask, segment_drift_out)
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, W, V, b, c))):
+        spec = spec.storing_least()  # no backward can follow: keep no states for it
+        anchor_mask = segment_drift_out = x.new_empty(0)
     # Batch rows flattened to 2-D; a 2-D input goes through as it is, so that the result is not a view
     # (FSDP2 and other output hooks warn about, and in-place ops on it would bypass, a view).
     rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])

@@ -7,7 +7,7 @@ may then assume shapes, dtypes and devices are consistent.
 
 import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -75,6 +75,12 @@ class StackSpec:
     @property
     def num_anchors(self) -> int:
         return len(range(0, self.depth, self.anchor_interval))
+
+    def storing_least(self) -> "StackSpec":
+        """The same stack storing what plain adjoint mode stores (x_0), for a call no backward can follow:
+        a plain loop under no_grad keeps no activations either, and backprop mode's L states or the
+        anchors would be allocated for nothing."""
+        return replace(self, backward="adjoint", anchor_every=None, drift_tol=None, strict=False)
 
     def op_args(self) -> tuple:
         """The OP_FIELDS values, as the library ops take them (None travels as 0)."""

@@ -8,6 +8,12 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# torch.compile's on-disk caches key a compiled graph by the graph, not by the custom ops' fake implementations:
+# a graph compiled against an older fake (other output strides) would be reused, and the tests would check it
+# rather than this code.
+os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "0")
+os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "0")
+
 
 @pytest.fixture(autouse=True)
 def _no_backend_env(monkeypatch):

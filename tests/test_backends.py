@@ -26,6 +26,14 @@ def test_automatic_choice_on_other_devices_is_the_reference(device):
     assert ode_mlp(x, W, V).shape == x.shape
 
 
+def test_error_controlled_anchors_on_meta_tensors_are_a_clear_error():
+    """(The layout read from the mask's values failed inside torch.nonzero's meta kernel.)"""
+    x, W, V = [t.to("meta") for t in make_stack()[:3]]
+    assert ode_mlp(x, W, V, anchor_every=2).shape == x.shape
+    with pytest.raises(ValueError, match="anchor_every='auto' reads its layout .* meta tensors"):
+        ode_mlp(x, W, V, anchor_every="auto")
+
+
 def test_env_var_overrides(monkeypatch):
     monkeypatch.setenv("ODENETS_FAST_BACKEND", "reference")
     assert backends.select_backend(None, torch.device("cpu")) is reference

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from helpers import BACKENDS, backend, make_stack  # noqa: F401 (backend: a fixture)
-from odenets_fast import ODEMLP, ode_mlp
+from odenets_fast import ODEMLP, library, ode_mlp
 
 MODES = [("backprop", None), ("adjoint", None), ("adjoint", 2)]
 INTERPRETER_DTYPES = (torch.float16, torch.float32)  # what Triton's interpreter runs
@@ -119,3 +119,51 @@ def test_drift_does_not_depend_on_the_scale_of_the_states(backend, scale):
     want = drift(x)
     assert 1e-3 < want < 1  # there is drift to measure
     torch.testing.assert_close(drift(x * scale), want, rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("method", ["euler", "heun"])
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_an_in_place_op_on_a_backprop_mode_output_is_allowed(backend, method):
+    """Backprop mode's backward reads the stored states, not x_L: a ReLU(inplace=True) after the stack works
+    as after a plain loop (autograd reported x_L modified), with relu's gradients."""
+    device = _device(backend)
+    tensors = [t.to(device) for t in make_stack(B=5, q=4, m=6, L=3, method=method, dtype=torch.float32)[:3]]
+
+    def grads(in_place):
+        leaves = [t.clone().requires_grad_(True) for t in tensors]
+        out = ode_mlp(*leaves, method=method, backward="backprop", backend=backend)
+        out = out.relu_() if in_place else out.relu()
+        return torch.autograd.grad(out.square().sum(), leaves)
+
+    for got, want in zip(grads(True), grads(False)):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("backward, anchor_every", [("backprop", None), ("adjoint", 1), ("adjoint", "auto")])
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_a_call_no_backward_can_follow_stores_no_states(backend, backward, anchor_every, monkeypatch):
+    """Under no_grad, or with nothing requiring grad, backprop mode and anchors stored L states for nothing
+    (400 MiB at L = 2000, B = 1000, q = 64): now only plain adjoint's x_0, and the same output."""
+    device = _device(backend)
+    tensors = [t.to(device) for t in make_stack(B=5, q=4, m=6, L=4, method="heun", dtype=torch.float32)[:3]]
+    stored = []
+    forward_impl = library.forward_impl
+
+    def recording(*args):
+        outputs = forward_impl(*args)
+        stored.append(outputs[2].shape[0] + outputs[3].shape[0])  # anchors and Heun stages
+        return outputs
+
+    monkeypatch.setattr(library, "forward_impl", recording)
+
+    def call(*leaves):
+        every_layer = torch.ones(4, dtype=torch.bool, device=device) if anchor_every == "auto" else None
+        return ode_mlp(*leaves, method="heun", backward=backward, anchor_every=anchor_every, backend=backend,
+                       anchor_mask=every_layer)  # fmt: skip
+
+    want = call(*[t.clone().requires_grad_(True) for t in tensors])
+    with torch.no_grad():
+        without_grad = call(*[t.clone().requires_grad_(True) for t in tensors])
+    frozen = call(*tensors)
+    assert stored[0] >= 4 and stored[1:] == [1, 1]
+    assert torch.equal(without_grad, want.detach()) and torch.equal(frozen, want.detach())

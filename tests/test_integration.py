@@ -49,6 +49,39 @@ def test_opcheck_forward_and_backward(backend, method, backward, anchor_every, b
     torch.library.opcheck(ode_mlp_backward, backward_args)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_opcheck_with_views_of_other_layouts(backend):
+    """A transposed x, tied weights V = Wᵀ (a transposed view), column-major biases: the fake implementations
+    give the dense layout the kernels write (empty_like copied the views' strides)."""
+    x, W, _, b, c = _forward_args("heun", "adjoint", 2, backend, True)[:5]
+    args = list(_forward_args("heun", "adjoint", 2, backend, True))
+    args[:5] = (x.detach().t().contiguous().t().requires_grad_(True), W, W.transpose(1, 2),
+                b.detach().t().contiguous().t().requires_grad_(True), c.detach().t().contiguous().t().requires_grad_(True))
+    assert not (args[0].is_contiguous() or args[2].is_contiguous() or args[3].is_contiguous())
+    torch.library.opcheck(ode_mlp_forward, tuple(args))
+    out, final, anchors, stages, layers = ode_mlp_forward(*[a.detach() if isinstance(a, torch.Tensor) else a
+                                                            for a in args])  # fmt: skip
+    backward_args = (torch.randn_like(out), out if is_absent(final) else final, anchors, stages, layers,
+                     *[t.detach() for t in args[1:5]], *args[5:-3])  # fmt: skip
+    torch.library.opcheck(ode_mlp_backward, backward_args)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_torch_compile_with_tied_weights_and_a_transposed_input(backend):
+    """(The backward's fake gave a transposed V's gradient V's strides: the compiled graph failed its stride check,
+    and without that check read the gradient wrongly; the reference's output kept a transposed x's layout.)"""
+    torch._dynamo.reset()
+    x = make_stack(B=6, q=3, m=5, L=4, dtype=torch.float32)[0].t().contiguous().t()
+    W = make_stack(B=6, q=3, m=5, L=4, dtype=torch.float32)[1].requires_grad_(True)
+
+    def loss(x, W):
+        return ode_mlp(x, W, W.transpose(1, 2), activation="tanh", backend=backend).square().sum()
+
+    want = torch.autograd.grad(loss(x, W), W)[0]
+    got = torch.autograd.grad(torch.compile(loss, fullgraph=True)(x, W), W)[0]
+    torch.testing.assert_close(got, want)
+
+
 def test_opcheck_cpp_kernels():
     if "cpp" not in CPU_BACKENDS:
         pytest.fail("the C++ extension is not built")
@@ -58,9 +91,10 @@ def test_opcheck_cpp_kernels():
         forward = (x, W, V, b, c, *scalars, backward, anchor_every)
         torch.library.opcheck(torch.ops.odenets_fast.mlp_stack_forward.default, forward)
         final, anchors, stages = torch.ops.odenets_fast.mlp_stack_forward(*forward)
-        torch.library.opcheck(torch.ops.odenets_fast.mlp_stack_backward.default,
-                              (torch.randn_like(x), final, anchors, stages, W, V, b, c, *scalars, backward,
-                               anchor_every))  # fmt: skip
+        for V_given in (V, W.transpose(1, 2)):  # tied weights: a transposed view, whose gradient is dense
+            torch.library.opcheck(torch.ops.odenets_fast.mlp_stack_backward.default,
+                                  (torch.randn_like(x), final, anchors, stages, W, V_given, b, c, *scalars, backward,
+                                   anchor_every))  # fmt: skip
 
 
 def _train_step(model, x, y):
@@ -186,6 +220,27 @@ def test_double_backward_in_adjoint_mode_is_a_clear_error(backend):
     out = ode_mlp(x, W, V, backend=backend)
     with pytest.raises(RuntimeError, match="double backward .* adjoint mode is not supported.*backward='backprop'"):
         torch.autograd.grad(out.sum(), x, create_graph=True)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("method", ["euler", "heun"])
+def test_batched_backward_in_backprop_mode_is_exact(backend, method):
+    """jacobian(vectorize=True) and is_grads_batched run the backward under vmap: backprop mode differentiates
+    the re-run there (the kernels have no batching rule: an internal error before); adjoint mode says what to
+    do instead."""
+    x, W, V = make_stack(B=3, q=4, m=5, L=3, method=method)[:3]
+
+    def f(x, backward="backprop"):
+        return ode_mlp(x, W, V, method=method, backward=backward, backend=backend)
+
+    want = torch.func.jacrev(lambda x: naive.eager_forward(x, W, V, method=method, activation="gelu"))(x)
+    torch.testing.assert_close(torch.autograd.functional.jacobian(f, x, vectorize=True), want)
+    leaf = x.clone().requires_grad_(True)
+    cotangents = torch.randn(2, *x.shape, dtype=x.dtype)
+    batched = torch.autograd.grad(f(leaf), leaf, cotangents, is_grads_batched=True)[0]
+    torch.testing.assert_close(batched, torch.einsum("kbq,bqcr->kcr", cotangents, want))
+    with pytest.raises(RuntimeError, match=r"batched backward .* adjoint mode .*vectorize=False.*'backprop'"):
+        torch.autograd.functional.jacobian(lambda x: f(x, "adjoint"), x, vectorize=True)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
