@@ -71,6 +71,31 @@ def test_the_diagnostics_need_a_fixed_layout():
         diagnostics.gradient_error(x, W, V, anchor_every="auto")
 
 
+def test_gradient_error_of_float16_gradients_beyond_65504():
+    """The gradients are finite float16 but the exact one's norm is not (66015 > 65504): a float16 norm
+    gave inf / inf → a relative error of 0.0. In float64 it is the error of those two gradients."""
+    torch.manual_seed(0)
+    x, W, V, _, _ = smooth_stack(8, method="euler", B=256, q=16, m=32, dtype=torch.float16)
+    grad_out = (1024 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))).half()
+    err = diagnostics.gradient_error(x, W, V, grad_out=grad_out)
+    grads = {}
+    for mode in ("backprop", "adjoint"):
+        xi = x.clone().requires_grad_(True)
+        (grads[mode],) = torch.autograd.grad(ode_mlp(xi, W, V, backward=mode), xi, grad_out)
+    exact, approx = grads["backprop"].double(), grads["adjoint"].double()
+    assert torch.isinf(torch.linalg.vector_norm(grads["backprop"])) and exact.norm() > 65504
+    assert err["x"] == pytest.approx(float((approx - exact).norm() / exact.norm()), rel=1e-12)
+    assert err["x"] > 0 and err["W_per_layer"].dtype == torch.float64
+
+
+def test_depth_smoothness_of_16_bit_weights_in_float64():
+    torch.manual_seed(0)
+    W = torch.randn(3, 64, 64) * 100
+    for dtype in (torch.float16, torch.bfloat16):
+        low = W.to(dtype)
+        assert diagnostics.depth_smoothness(low) == pytest.approx(diagnostics.depth_smoothness(low.double()), rel=1e-12)
+
+
 def test_depth_smoothness():
     W = torch.zeros(4, 2, 2)
     W[2] = 3.0  # ‖W_2 − W_1‖_F = ‖W_3 − W_2‖_F = 6
