@@ -83,7 +83,8 @@ def gradient_error(
     Both come from the same backend, for the cotangent `grad_out` on x_L (default: a standard
     Gaussian drawn from a fixed seed, so repeated calls agree). Returns a dict with a float per
     input ("x", "W", "V", and "b", "c" when given) — ‖ĝ − g‖ / ‖g‖, the norms taken in float64 — and
-    "W_per_layer", a (P,) float64 tensor of the same error for each W_k.
+    "W_per_layer", a (P,) float64 tensor of the same error for each W_k. The two backward passes run
+    with gradients enabled, also inside torch.no_grad() or inference_mode.
     """
     check_fixed_layout(anchor_every, "gradient_error")  # "auto" would start from a fresh layout: plain adjoint's
     check_stack(
@@ -98,14 +99,20 @@ def gradient_error(
     elif not isinstance(grad_out, Tensor) or grad_out.shape != x.shape:
         raise ValueError(f"grad_out must be a tensor of the shape of x {tuple(x.shape)}")
 
+    def leaf(t: Tensor) -> Tensor:
+        # a tensor made under torch.inference_mode cannot enter an autograd graph; a copy of it can
+        return (t.clone() if t.is_inference() else t).detach().requires_grad_(True)
+
     def grads(mode: str, anchors: Optional[int]):
-        leaves = {k: t.detach().requires_grad_(True) for k, t in given.items()}
-        full = {k: leaves.get(k) for k in tensors}
-        out = ode_mlp(
-            full["x"], full["W"], full["V"], full["b"], full["c"], method=method, activation=activation,
-            T=T, backward=mode, anchor_every=anchors, scale_in=scale_in, scale_out=scale_out, backend=backend,
-        )  # fmt: skip
-        return dict(zip(leaves, torch.autograd.grad(out, list(leaves.values()), grad_out)))
+        # the measurement is two backward passes: they run inside torch.no_grad() and inference_mode too
+        with torch.inference_mode(False), torch.enable_grad():
+            leaves = {k: leaf(t) for k, t in given.items()}
+            full = {k: leaves.get(k) for k in tensors}
+            out = ode_mlp(
+                full["x"], full["W"], full["V"], full["b"], full["c"], method=method, activation=activation,
+                T=T, backward=mode, anchor_every=anchors, scale_in=scale_in, scale_out=scale_out, backend=backend,
+            )  # fmt: skip
+            return dict(zip(leaves, torch.autograd.grad(out, list(leaves.values()), grad_out)))
 
     exact, approx = grads("backprop", None), grads("adjoint", anchor_every)
     result = {k: float(_relative(approx[k], exact[k])) for k in given}
@@ -128,7 +135,8 @@ def saved_tensor_bytes(fn: Callable[[], Tensor], exclude: tuple = ()) -> int:
     """Bytes of the distinct tensors autograd saves for backward while running `fn()`.
 
     Storages shared with `exclude` (typically the parameters, which exist anyway) are not
-    counted, nor is any storage counted twice. This is the activation memory of a backward mode.
+    counted, nor is any storage counted twice. This is the activation memory of a backward mode. `fn`
+    runs with gradients enabled, as in a training step, also inside torch.no_grad() or inference_mode.
     `exclude`: tensors, in any iterable (`model.parameters()`), or one tensor.
     """
     if not callable(fn):
@@ -145,6 +153,7 @@ def saved_tensor_bytes(fn: Callable[[], Tensor], exclude: tuple = ()) -> int:
             seen[ptr] = t.untyped_storage().nbytes()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    # what a training step would save: inside torch.no_grad() or inference_mode autograd would save nothing
+    with torch.inference_mode(False), torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
     return sum(seen.values())

@@ -62,6 +62,31 @@ def test_gradient_error_checks_its_stack_first():
         diagnostics.gradient_error(x, W, V, anchor_every=0)
 
 
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_gradient_error_inside_no_grad_and_inference_mode(context):
+    """Its two backward passes run with gradients enabled: before, autograd's "element 0 of tensors does
+    not require grad". Under inference_mode the tensors may be inference tensors, made there."""
+    x, W, V, b, c = make_stack(L=5, bias=True)
+    want = diagnostics.gradient_error(x, W, V, b, c)
+    with context():
+        got = diagnostics.gradient_error(*(t.clone() for t in (x, W, V, b, c)))
+    assert {k: got[k] for k in "xWVbc"} == {k: want[k] for k in "xWVbc"}
+    assert torch.equal(got["W_per_layer"], want["W_per_layer"])
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_saved_tensor_bytes_inside_no_grad_and_inference_mode(context):
+    """fn runs as in a training step: inside no_grad autograd saved nothing and the answer was 0."""
+    x, W, V, b, c = make_stack(B=32, q=8, m=8, L=16, dtype=torch.float32)
+    W.requires_grad_(True)
+
+    def run():
+        return ode_mlp(x, W, V, backward="adjoint")
+
+    with context():
+        assert diagnostics.saved_tensor_bytes(run, exclude=(W, V)) == 2 * 32 * 8 * 4  # x_0 and x_L
+
+
 def test_the_diagnostics_need_a_fixed_layout():
     x, W, V, b, c = make_stack()
     with pytest.raises(ValueError, match="reconstruction_error: anchor_every='auto' places the stored states at run time"):
