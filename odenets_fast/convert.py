@@ -23,7 +23,8 @@ and Python state; no fx Proxy assigned anywhere); effects of its forward outside
 (globals, printing) do happen, once per mode, at conversion. A block torch.fx cannot trace
 (data-dependent control flow) or that is ``x + g(x)`` in one mode only stays as it is, with a
 warning naming it and saying why. torch.nn's own layers (fx's leaf modules) are not residual and
-are not traced; a module that already contains an AdjointResidualStack is left as it is.
+are not traced; a module that already contains an AdjointResidualStack or an ODEMLP (memory-free
+already) is left as it is, quietly.
 
 Rescaling, so that the converted model computes the same function: a run of L residual blocks
 with increments g_n becomes a stack with step h (default 1, T = L, or `step`) and vector fields
@@ -54,6 +55,7 @@ import torch.fx
 from torch import Tensor, nn
 
 from .spec import BACKWARD_MODES, check_anchor_every, check_choice, check_real, check_vjp_at, type_name
+from .nn import ODEMLP
 from .stack import AdjointResidualStack
 
 _ADDS = (operator.add, torch.add)
@@ -148,8 +150,8 @@ def _torchvision_style_block(block: nn.Module) -> bool:
 def residual_increment(block: nn.Module) -> Optional[nn.Module]:
     """The increment g of a residual block (block(x) = x + g(x) up to a final activation), or None if
     it is not one; `NotRecognised` if it cannot tell, or the form depends on the mode."""
-    already_converted = any(isinstance(module, AdjointResidualStack) for module in block.modules())
-    if already_converted or torch.fx.Tracer().is_leaf_module(block, ""):  # torch.nn's own layers
+    memory_free = any(isinstance(module, (AdjointResidualStack, ODEMLP)) for module in block.modules())
+    if memory_free or torch.fx.Tracer().is_leaf_module(block, ""):  # torch.nn's own layers
         return None
     if _torchvision_style_block(block) or _traced_residual(block):
         return BlockIncrement(block)

@@ -10,7 +10,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from odenets_fast import AdjointResidualStack, convert
+from odenets_fast import ODEMLP, AdjointResidualStack, convert
 
 
 class Residual(nn.Module):
@@ -291,6 +291,16 @@ def test_top_level_sequential_is_converted_in_place_keeping_modes(training):
         warnings.simplefilter("error")
         convert(model)  # converting again changes nothing, quietly
     assert [(m, m.training) for m in model.modules()] == structure
+
+
+def test_an_odemlp_is_left_as_it_is_quietly():
+    """ODEMLP is memory-free already; before, a warning said torch.fx could not trace it."""
+    model = nn.Sequential(nn.Linear(4, 4), ODEMLP(4, 8, 16), Residual(4), nn.Sequential(ODEMLP(4, 8, 2)))
+    odemlp, inner = model[1], model[3]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        convert(model)
+    assert model[1] is odemlp and isinstance(model[2], AdjointResidualStack) and list(model[3]) == list(inner)
 
 
 def test_named_sequential_keeps_its_names():
