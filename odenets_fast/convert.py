@@ -41,7 +41,7 @@ modules (a downsampling block, say) stay as they are. The model is changed in pl
 a top-level ``nn.Sequential`` included. Every module keeps its train/eval mode; the inserted
 stacks take the mode of their Sequential, the wrappers around a block that block's mode. A
 Sequential with the default names 0, 1, … is renumbered; other names are kept, a stack taking the
-name of its run's first block.
+name of its run's first block. Warnings name modules as the converted model does.
 """
 
 import copy
@@ -165,10 +165,6 @@ def _residual_or_unsure(block: nn.Module) -> bool:
         return True
 
 
-def _full_name(path: str, name: str) -> str:
-    return f"{path}.{name}" if path else name
-
-
 def convert(
     model: nn.Module,
     *,
@@ -193,6 +189,9 @@ def convert(
     check_anchor_every(anchor_every, backward)
     check_vjp_at(vjp_at, backward)
     step = None if step is None else check_real("step", step, positive=True)
+    # (module, what to say of it): warned about at the end, naming each module as the converted model does
+    # (renumbering moves children, and converting an outer Sequential moves the inner ones)
+    notes = []
 
     def stack_of(increments: list, training: bool) -> AdjointResidualStack:
         h = 1.0 if step is None else step
@@ -203,7 +202,7 @@ def convert(
         stack.training = stack.blocks.training = training
         return stack
 
-    def replace_runs(seq: nn.Sequential, path: str, increments: dict) -> None:
+    def replace_runs(seq: nn.Sequential, increments: dict) -> None:
         """Each run of children with an increment becomes one stack, named after its first block."""
         parts = []  # (name, module)
         runs = itertools.groupby(seq._modules.items(), key=lambda item: increments[item[0]] is not None)
@@ -213,38 +212,39 @@ def convert(
                 parts.append((group[0][0], stack_of([increments[name] for name, _ in group], seq.training)))
             else:
                 parts.extend(group)
-        for (_, part), (name, after) in zip(parts, parts[1:]):
+        for (_, part), (_, after) in zip(parts, parts[1:]):
             if isinstance(part, AdjointResidualStack) and backward == "adjoint" and getattr(after, "inplace", False):
                 # the adjoint backward starts its reconstruction from the stack's output: an in-place
                 # module after it would overwrite that (autograd's "modified by an inplace operation")
                 after.inplace = False
-                warnings.warn(f"convert: {_full_name(path, name)!r} ({type(after).__name__}) follows converted "
-                              "blocks and now runs with inplace=False: the adjoint backward reads the stack's "
-                              "output", stacklevel=3)  # fmt: skip
+                notes.append((after, "follows converted blocks and now runs with inplace=False: the adjoint "
+                                     "backward reads the stack's output"))  # fmt: skip
         numbered = list(seq._modules) == [str(i) for i in range(len(seq._modules))]
         seq._modules.clear()
         for position, (name, part) in enumerate(parts):
             seq.add_module(str(position) if numbered else name, part)
 
     # Innermost first (reversed pre-order), so a Sequential's converted children are seen as such.
-    for path, module in reversed(list(model.named_modules())):
+    for module in reversed(list(model.modules())):
         if not isinstance(module, nn.Sequential):
             continue
         if type(module).forward is not nn.Sequential.forward:
             # its forward may do more than chain its children (return an intermediate one, index them)
             if any(_residual_or_unsure(child) for child in module._modules.values()):
-                warnings.warn(f"convert: {path or 'the model'!r} ({type(module).__name__}) left unconverted: an "
-                              "nn.Sequential subclass with its own forward, which may use its children other than "
-                              "by chaining them", stacklevel=2)  # fmt: skip
+                notes.append((module, "left unconverted: an nn.Sequential subclass with its own forward, which may "
+                                      "use its children other than by chaining them"))  # fmt: skip
             continue
         increments = {}
         for name, child in module._modules.items():
             try:
                 increments[name] = residual_increment(child)
             except NotRecognised as why:
-                warnings.warn(f"convert: {_full_name(path, name)!r} ({type(child).__name__}) left unconverted: {why}",
-                              stacklevel=2)  # fmt: skip
+                notes.append((child, f"left unconverted: {why}"))
                 increments[name] = None
         if any(increment is not None for increment in increments.values()):
-            replace_runs(module, path, increments)
+            replace_runs(module, increments)
+    final_names = {id(module): name for name, module in model.named_modules()}
+    for module, note in notes:
+        warnings.warn(f"convert: {final_names[id(module)] or 'the model'!r} ({type(module).__name__}) {note}",
+                      stacklevel=2)  # fmt: skip
     return model

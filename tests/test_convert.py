@@ -96,7 +96,7 @@ def test_an_in_place_module_after_converted_blocks_still_trains(backward):
         convert(model, backward=backward, anchor_every=1 if backward == "adjoint" else None)
     assert model[2].inplace == (backward == "backprop")
     messages = [str(w.message) for w in caught]
-    assert messages == (["convert: '3' (ReLU) follows converted blocks and now runs with inplace=False: the adjoint "
+    assert messages == (["convert: '2' (ReLU) follows converted blocks and now runs with inplace=False: the adjoint "
                          "backward reads the stack's output"] if backward == "adjoint" else [])  # fmt: skip
     got = torch.autograd.grad(model(x).sum(), list(model.parameters()))
     for a, b in zip(got, want):
@@ -266,6 +266,20 @@ def test_unrecognisable_block_stays_with_a_warning(block, reason):
     assert caught[0].filename == __file__  # points at the caller's line
     assert model[1] is odd and [s.depth for s in _stacks(model)] == [1, 1]
     torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-6)
+
+
+def test_warnings_name_modules_as_in_the_converted_model():
+    """Renumbering moves the children after a run, and converting an outer Sequential moves the inner ones:
+    the warnings named them by their places before conversion ('4' for what is model[2] after it)."""
+    torch.manual_seed(0)
+    inner_odd, outer_odd = DataDependent(4), DataDependent(4)
+    model = nn.Sequential(Residual(4), Residual(4), Residual(4), nn.Sequential(inner_odd, Residual(4)), outer_odd)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        convert(model)
+    named = [str(w.message).split(" left unconverted")[0] for w in caught]
+    assert named == ["convert: '1.0' (DataDependent)", "convert: '2' (DataDependent)"]
+    assert model.get_submodule("1.0") is inner_odd and model.get_submodule("2") is outer_odd
 
 
 @pytest.mark.parametrize("training", [True, False])
