@@ -42,6 +42,14 @@ a top-level ``nn.Sequential`` included. Every module keeps its train/eval mode; 
 stacks take the mode of their Sequential, the wrappers around a block that block's mode. A
 Sequential with the default names 0, 1, … is renumbered; other names are kept, a stack taking the
 name of its run's first block. Warnings name modules as the converted model does.
+
+In adjoint mode the backward reconstructs from the stack's output, so nothing may modify that output in
+place. The module that receives it — read off the chaining of nn.Sequentials: the next module, out of a
+Sequential's last child to the Sequential's next sibling, into a Sequential's first child, through
+nn.Identity — is set to ``inplace=False`` if it has ``inplace=True`` (``nn.ReLU(inplace=True)``,
+dropout), with a warning. Anything else that writes into that output is not seen — a custom module
+calling ``F.relu(x, inplace=True)``, a custom forward modifying the result of a Sequential that ends
+with converted blocks — and makes the backward raise autograd's "modified by an inplace operation".
 """
 
 import copy
@@ -165,6 +173,52 @@ def _residual_or_unsure(block: nn.Module) -> bool:
         return True
 
 
+def _chains(module: nn.Module) -> bool:
+    """Whether module is an nn.Sequential whose forward is nn.Sequential's: each child's output is the
+    next one's input."""
+    return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
+
+
+def _full_name(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def _next_in_chain(modules: dict, path: str) -> Optional[str]:
+    """The path of the module that the nn.Sequential chaining passes the output of the module at `path`
+    to: its next sibling, or past a Sequential's last child the Sequential's own next sibling. None where
+    the output leaves the model or a module whose forward is not nn.Sequential's."""
+    while path:
+        parent_path, _, name = path.rpartition(".")
+        parent = modules[parent_path]
+        if not _chains(parent):
+            return None
+        names = list(parent._modules)
+        position = names.index(name)
+        if position + 1 < len(names):
+            return _full_name(parent_path, names[position + 1])
+        path = parent_path
+    return None
+
+
+def _receiver(model: nn.Module, path: str) -> Optional[tuple]:
+    """(path, module) of the first module that computes with the output of `model`'s submodule at `path`:
+    the next module in the nn.Sequential chaining (_next_in_chain), entering Sequentials at their first
+    child and passing through nn.Identity and empty Sequentials, which return their input. None where the
+    output leaves the model, or a Sequential subclass or other module with a forward of its own (what
+    that forward does with it is not known)."""
+    modules = dict(model.named_modules(remove_duplicate=False))
+    path = _next_in_chain(modules, path)
+    while path is not None:
+        module = modules[path]
+        if _chains(module) and len(module) > 0:
+            path = _full_name(path, next(iter(module._modules)))
+        elif isinstance(module, nn.Identity) or _chains(module):
+            path = _next_in_chain(modules, path)
+        else:
+            return path, module
+    return None
+
+
 def convert(
     model: nn.Module,
     *,
@@ -193,6 +247,8 @@ def convert(
     # (renumbering moves children, and converting an outer Sequential moves the inner ones)
     notes = []
 
+    inserted = []  # the stacks this call builds
+
     def stack_of(increments: list, training: bool) -> AdjointResidualStack:
         h = 1.0 if step is None else step
         fields = [ScaledIncrement(increment, h) for increment in increments]
@@ -200,6 +256,7 @@ def convert(
                                      vjp_at=vjp_at)  # fmt: skip
         # Only the new containers: .train() would also reset the blocks' own modes.
         stack.training = stack.blocks.training = training
+        inserted.append(stack)
         return stack
 
     def replace_runs(seq: nn.Sequential, increments: dict) -> None:
@@ -212,13 +269,6 @@ def convert(
                 parts.append((group[0][0], stack_of([increments[name] for name, _ in group], seq.training)))
             else:
                 parts.extend(group)
-        for (_, part), (_, after) in zip(parts, parts[1:]):
-            if isinstance(part, AdjointResidualStack) and backward == "adjoint" and getattr(after, "inplace", False):
-                # the adjoint backward starts its reconstruction from the stack's output: an in-place
-                # module after it would overwrite that (autograd's "modified by an inplace operation")
-                after.inplace = False
-                notes.append((after, "follows converted blocks and now runs with inplace=False: the adjoint "
-                                     "backward reads the stack's output"))  # fmt: skip
         numbered = list(seq._modules) == [str(i) for i in range(len(seq._modules))]
         seq._modules.clear()
         for position, (name, part) in enumerate(parts):
@@ -228,7 +278,7 @@ def convert(
     for module in reversed(list(model.modules())):
         if not isinstance(module, nn.Sequential):
             continue
-        if type(module).forward is not nn.Sequential.forward:
+        if not _chains(module):
             # its forward may do more than chain its children (return an intermediate one, index them)
             if any(_residual_or_unsure(child) for child in module._modules.values()):
                 notes.append((module, "left unconverted: an nn.Sequential subclass with its own forward, which may "
@@ -244,6 +294,15 @@ def convert(
         if any(increment is not None for increment in increments.values()):
             replace_runs(module, increments)
     final_names = {id(module): name for name, module in model.named_modules()}
+    if backward == "adjoint":
+        # The adjoint backward starts its reconstruction from the stack's output: a module that overwrote
+        # it in place would make the backward autograd's "modified by an inplace operation" error.
+        for stack in inserted:
+            receiver = _receiver(model, final_names[id(stack)])
+            if receiver is not None and getattr(receiver[1], "inplace", False):
+                receiver[1].inplace = False
+                notes.append((receiver[1], "receives the output of converted blocks and now runs with inplace=False: "
+                                           "the adjoint backward reads that output"))  # fmt: skip
     for module, note in notes:
         warnings.warn(f"convert: {final_names[id(module)] or 'the model'!r} ({type(module).__name__}) {note}",
                       stacklevel=2)  # fmt: skip

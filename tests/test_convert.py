@@ -96,11 +96,61 @@ def test_an_in_place_module_after_converted_blocks_still_trains(backward):
         convert(model, backward=backward, anchor_every=1 if backward == "adjoint" else None)
     assert model[2].inplace == (backward == "backprop")
     messages = [str(w.message) for w in caught]
-    assert messages == (["convert: '2' (ReLU) follows converted blocks and now runs with inplace=False: the adjoint "
-                         "backward reads the stack's output"] if backward == "adjoint" else [])  # fmt: skip
+    assert messages == (["convert: '2' (ReLU) receives the output of converted blocks and now runs with "
+                         "inplace=False: the adjoint backward reads that output"] if backward == "adjoint" else [])  # fmt: skip
     got = torch.autograd.grad(model(x).sum(), list(model.parameters()))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _relu_in_place_after_nesting():
+    return nn.Sequential(nn.Linear(5, 6), nn.Sequential(Residual(6), Residual(6)), nn.ReLU(inplace=True), nn.Linear(6, 2))
+
+
+def _relu_in_place_after_identity():
+    return nn.Sequential(nn.Linear(5, 6), Residual(6), Residual(6), nn.Identity(), nn.ReLU(inplace=True), nn.Linear(6, 2))
+
+
+def _relu_in_place_first_in_a_sequential():
+    return nn.Sequential(nn.Linear(5, 6), Residual(6), Residual(6), nn.Sequential(nn.ReLU(inplace=True), nn.Linear(6, 2)))
+
+
+def _relu_in_place_after_an_empty_sequential():
+    return nn.Sequential(nn.Linear(5, 6), Residual(6), Residual(6), nn.Sequential(), nn.ReLU(inplace=True))
+
+
+@pytest.mark.parametrize("make, name", [
+    (_relu_in_place_after_nesting, "2"), (_relu_in_place_after_identity, "3"),
+    (_relu_in_place_first_in_a_sequential, "2.0"), (_relu_in_place_after_an_empty_sequential, "3"),
+])  # fmt: skip
+def test_the_module_receiving_the_stack_s_output_through_nesting_runs_out_of_place(make, name):
+    """The stack's output is followed through the Sequential chaining: out of a Sequential, into one,
+    through nn.Identity and an empty Sequential (which return their input). Before, only the next sibling
+    was checked and these failed in backward with autograd's "modified by an inplace operation"."""
+    torch.manual_seed(0)
+    model = make()
+    x = torch.randn(8, 5)
+    want = torch.autograd.grad(model(x).sum(), list(model.parameters()))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        convert(model, anchor_every=1)
+    assert [str(w.message).split(" receives")[0] for w in caught] == [f"convert: {name!r} (ReLU)"]
+    assert model.get_submodule(name).inplace is False
+    got = torch.autograd.grad(model(x).sum(), list(model.parameters()))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+class FunctionalReLUInPlace(nn.Module):
+    def forward(self, x):
+        return F.relu(x, inplace=True)
+
+
+def test_an_in_place_call_inside_a_custom_module_is_autograd_s_error():
+    """What convert does not see (documented): a custom module's own in-place call on the stack's output."""
+    model = convert(nn.Sequential(nn.Linear(5, 6), Residual(6), Residual(6), FunctionalReLUInPlace(), nn.Linear(6, 2)))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        model(torch.randn(8, 5)).sum().backward()
 
 
 @pytest.mark.parametrize("train", [True, False])
