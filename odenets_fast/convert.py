@@ -46,10 +46,11 @@ name of its run's first block. Warnings name modules as the converted model does
 In adjoint mode the backward reconstructs from the stack's output, so nothing may modify that output in
 place. The module that receives it — read off the chaining of nn.Sequentials: the next module, out of a
 Sequential's last child to the Sequential's next sibling, into a Sequential's first child, through
-nn.Identity — is set to ``inplace=False`` if it has ``inplace=True`` (``nn.ReLU(inplace=True)``,
-dropout), with a warning. Anything else that writes into that output is not seen — a custom module
-calling ``F.relu(x, inplace=True)``, a custom forward modifying the result of a Sequential that ends
-with converted blocks — and makes the backward raise autograd's "modified by an inplace operation".
+nn.Identity and empty Sequentials — is set to ``inplace=False`` if it has ``inplace=True``
+(``nn.ReLU(inplace=True)``, dropout), with a warning. Anything else that writes into that output is not
+seen — a custom module calling ``F.relu(x, inplace=True)``, a custom forward modifying the result of a
+Sequential that ends with converted blocks — and makes the backward raise autograd's "modified by an
+inplace operation".
 """
 
 import copy
