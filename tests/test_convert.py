@@ -96,23 +96,25 @@ def test_an_in_place_module_after_converted_blocks_still_trains(backward):
         convert(model, backward=backward, anchor_every=1 if backward == "adjoint" else None)
     assert model[2].inplace == (backward == "backprop")
     messages = [str(w.message) for w in caught]
-    assert messages == (["convert: '2' (ReLU) receives the output of converted blocks and now runs with "
-                         "inplace=False: the adjoint backward reads that output"] if backward == "adjoint" else [])  # fmt: skip
+    warned = ["convert: '2' (ReLU) receives the output of converted blocks and now runs with inplace=False: the "
+              "adjoint backward reads that output"]  # fmt: skip
+    assert messages == (warned if backward == "adjoint" else [])
     got = torch.autograd.grad(model(x).sum(), list(model.parameters()))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def _relu_in_place_after_nesting():
-    return nn.Sequential(nn.Linear(5, 6), nn.Sequential(Residual(6), Residual(6)), nn.ReLU(inplace=True), nn.Linear(6, 2))
+    return nn.Sequential(nn.Linear(5, 6), nn.Sequential(Residual(6), Residual(6)), nn.ReLU(inplace=True))
 
 
 def _relu_in_place_after_identity():
-    return nn.Sequential(nn.Linear(5, 6), Residual(6), Residual(6), nn.Identity(), nn.ReLU(inplace=True), nn.Linear(6, 2))
+    return nn.Sequential(nn.Linear(5, 6), Residual(6), Residual(6), nn.Identity(), nn.ReLU(inplace=True))
 
 
 def _relu_in_place_first_in_a_sequential():
-    return nn.Sequential(nn.Linear(5, 6), Residual(6), Residual(6), nn.Sequential(nn.ReLU(inplace=True), nn.Linear(6, 2)))
+    head = nn.Sequential(nn.ReLU(inplace=True), nn.Linear(6, 2))
+    return nn.Sequential(nn.Linear(5, 6), Residual(6), Residual(6), head)
 
 
 def _relu_in_place_after_an_empty_sequential():
