@@ -63,8 +63,8 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 
-from .spec import BACKWARD_MODES, check_anchor_every, check_choice, check_real, check_vjp_at, type_name
 from .nn import ODEMLP
+from .spec import BACKWARD_MODES, check_anchor_every, check_choice, check_real, check_vjp_at, type_name
 from .stack import AdjointResidualStack
 
 _ADDS = (operator.add, torch.add)
@@ -201,8 +201,8 @@ def _next_in_chain(modules: dict, path: str) -> Optional[str]:
     return None
 
 
-def _receiver(model: nn.Module, path: str) -> Optional[tuple]:
-    """(path, module) of the first module that computes with the output of `model`'s submodule at `path`:
+def _receiver(model: nn.Module, path: str) -> Optional[nn.Module]:
+    """The first module that computes with the output of `model`'s submodule at `path`:
     the next module in the nn.Sequential chaining (_next_in_chain), entering Sequentials at their first
     child and passing through nn.Identity and empty Sequentials, which return their input. None where the
     output leaves the model, or a Sequential subclass or other module with a forward of its own (what
@@ -216,7 +216,7 @@ def _receiver(model: nn.Module, path: str) -> Optional[tuple]:
         elif isinstance(module, nn.Identity) or _chains(module):
             path = _next_in_chain(modules, path)
         else:
-            return path, module
+            return module
     return None
 
 
@@ -247,7 +247,6 @@ def convert(
     # (module, what to say of it): warned about at the end, naming each module as the converted model does
     # (renumbering moves children, and converting an outer Sequential moves the inner ones)
     notes = []
-
     inserted = []  # the stacks this call builds
 
     def stack_of(increments: list, training: bool) -> AdjointResidualStack:
@@ -300,10 +299,10 @@ def convert(
         # it in place would make the backward autograd's "modified by an inplace operation" error.
         for stack in inserted:
             receiver = _receiver(model, final_names[id(stack)])
-            if receiver is not None and getattr(receiver[1], "inplace", False):
-                receiver[1].inplace = False
-                notes.append((receiver[1], "receives the output of converted blocks and now runs with inplace=False: "
-                                           "the adjoint backward reads that output"))  # fmt: skip
+            if getattr(receiver, "inplace", False):
+                receiver.inplace = False
+                notes.append((receiver, "receives the output of converted blocks and now runs with inplace=False: "
+                                        "the adjoint backward reads that output"))  # fmt: skip
     for module, note in notes:
         warnings.warn(f"convert: {final_names[id(module)] or 'the model'!r} ({type(module).__name__}) {note}",
                       stacklevel=2)  # fmt: skip
