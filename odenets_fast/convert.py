@@ -23,7 +23,8 @@ and Python state; no fx Proxy assigned anywhere); effects of its forward outside
 (globals, printing) do happen, once per mode, at conversion. A block torch.fx cannot trace
 (data-dependent control flow) or that is ``x + g(x)`` in one mode only stays as it is, with a
 warning naming it and saying why. torch.nn's own layers (fx's leaf modules) are not residual and
-are not traced; a module that already contains an AdjointResidualStack is left as it is.
+are not traced; a module that already contains an AdjointResidualStack or an ODEMLP (memory-free
+already) is left as it is, quietly.
 
 Rescaling, so that the converted model computes the same function: a run of L residual blocks
 with increments g_n becomes a stack with step h (default 1, T = L, or `step`) and vector fields
@@ -40,7 +41,16 @@ modules (a downsampling block, say) stay as they are. The model is changed in pl
 a top-level ``nn.Sequential`` included. Every module keeps its train/eval mode; the inserted
 stacks take the mode of their Sequential, the wrappers around a block that block's mode. A
 Sequential with the default names 0, 1, … is renumbered; other names are kept, a stack taking the
-name of its run's first block.
+name of its run's first block. Warnings name modules as the converted model does.
+
+In adjoint mode the backward reconstructs from the stack's output, so nothing may modify that output in
+place. The module that receives it — read off the chaining of nn.Sequentials: the next module, out of a
+Sequential's last child to the Sequential's next sibling, into a Sequential's first child, through
+nn.Identity and empty Sequentials — is set to ``inplace=False`` if it has ``inplace=True``
+(``nn.ReLU(inplace=True)``, dropout), with a warning. Anything else that writes into that output is not
+seen — a custom module calling ``F.relu(x, inplace=True)``, a custom forward modifying the result of a
+Sequential that ends with converted blocks — and makes the backward raise autograd's "modified by an
+inplace operation".
 """
 
 import copy
@@ -53,6 +63,7 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 
+from .nn import ODEMLP
 from .spec import BACKWARD_MODES, check_anchor_every, check_choice, check_real, check_vjp_at, type_name
 from .stack import AdjointResidualStack
 
@@ -148,8 +159,8 @@ def _torchvision_style_block(block: nn.Module) -> bool:
 def residual_increment(block: nn.Module) -> Optional[nn.Module]:
     """The increment g of a residual block (block(x) = x + g(x) up to a final activation), or None if
     it is not one; `NotRecognised` if it cannot tell, or the form depends on the mode."""
-    already_converted = any(isinstance(module, AdjointResidualStack) for module in block.modules())
-    if already_converted or torch.fx.Tracer().is_leaf_module(block, ""):  # torch.nn's own layers
+    memory_free = any(isinstance(module, (AdjointResidualStack, ODEMLP)) for module in block.modules())
+    if memory_free or torch.fx.Tracer().is_leaf_module(block, ""):  # torch.nn's own layers
         return None
     if _torchvision_style_block(block) or _traced_residual(block):
         return BlockIncrement(block)
@@ -163,8 +174,50 @@ def _residual_or_unsure(block: nn.Module) -> bool:
         return True
 
 
+def _chains(module: nn.Module) -> bool:
+    """Whether module is an nn.Sequential whose forward is nn.Sequential's: each child's output is the
+    next one's input."""
+    return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
+
+
 def _full_name(path: str, name: str) -> str:
     return f"{path}.{name}" if path else name
+
+
+def _next_in_chain(modules: dict, path: str) -> Optional[str]:
+    """The path of the module that the nn.Sequential chaining passes the output of the module at `path`
+    to: its next sibling, or past a Sequential's last child the Sequential's own next sibling. None where
+    the output leaves the model or a module whose forward is not nn.Sequential's."""
+    while path:
+        parent_path, _, name = path.rpartition(".")
+        parent = modules[parent_path]
+        if not _chains(parent):
+            return None
+        names = list(parent._modules)
+        position = names.index(name)
+        if position + 1 < len(names):
+            return _full_name(parent_path, names[position + 1])
+        path = parent_path
+    return None
+
+
+def _receiver(model: nn.Module, path: str) -> Optional[nn.Module]:
+    """The first module that computes with the output of `model`'s submodule at `path`:
+    the next module in the nn.Sequential chaining (_next_in_chain), entering Sequentials at their first
+    child and passing through nn.Identity and empty Sequentials, which return their input. None where the
+    output leaves the model, or a Sequential subclass or other module with a forward of its own (what
+    that forward does with it is not known)."""
+    modules = dict(model.named_modules(remove_duplicate=False))
+    path = _next_in_chain(modules, path)
+    while path is not None:
+        module = modules[path]
+        if _chains(module) and len(module) > 0:
+            path = _full_name(path, next(iter(module._modules)))
+        elif isinstance(module, nn.Identity) or _chains(module):
+            path = _next_in_chain(modules, path)
+        else:
+            return module
+    return None
 
 
 def convert(
@@ -191,6 +244,10 @@ def convert(
     check_anchor_every(anchor_every, backward)
     check_vjp_at(vjp_at, backward)
     step = None if step is None else check_real("step", step, positive=True)
+    # (module, what to say of it): warned about at the end, naming each module as the converted model does
+    # (renumbering moves children, and converting an outer Sequential moves the inner ones)
+    notes = []
+    inserted = []  # the stacks this call builds
 
     def stack_of(increments: list, training: bool) -> AdjointResidualStack:
         h = 1.0 if step is None else step
@@ -199,9 +256,10 @@ def convert(
                                      vjp_at=vjp_at)  # fmt: skip
         # Only the new containers: .train() would also reset the blocks' own modes.
         stack.training = stack.blocks.training = training
+        inserted.append(stack)
         return stack
 
-    def replace_runs(seq: nn.Sequential, path: str, increments: dict) -> None:
+    def replace_runs(seq: nn.Sequential, increments: dict) -> None:
         """Each run of children with an increment becomes one stack, named after its first block."""
         parts = []  # (name, module)
         runs = itertools.groupby(seq._modules.items(), key=lambda item: increments[item[0]] is not None)
@@ -211,38 +269,41 @@ def convert(
                 parts.append((group[0][0], stack_of([increments[name] for name, _ in group], seq.training)))
             else:
                 parts.extend(group)
-        for (_, part), (name, after) in zip(parts, parts[1:]):
-            if isinstance(part, AdjointResidualStack) and backward == "adjoint" and getattr(after, "inplace", False):
-                # the adjoint backward starts its reconstruction from the stack's output: an in-place
-                # module after it would overwrite that (autograd's "modified by an inplace operation")
-                after.inplace = False
-                warnings.warn(f"convert: {_full_name(path, name)!r} ({type(after).__name__}) follows converted "
-                              "blocks and now runs with inplace=False: the adjoint backward reads the stack's "
-                              "output", stacklevel=3)  # fmt: skip
         numbered = list(seq._modules) == [str(i) for i in range(len(seq._modules))]
         seq._modules.clear()
         for position, (name, part) in enumerate(parts):
             seq.add_module(str(position) if numbered else name, part)
 
     # Innermost first (reversed pre-order), so a Sequential's converted children are seen as such.
-    for path, module in reversed(list(model.named_modules())):
+    for module in reversed(list(model.modules())):
         if not isinstance(module, nn.Sequential):
             continue
-        if type(module).forward is not nn.Sequential.forward:
+        if not _chains(module):
             # its forward may do more than chain its children (return an intermediate one, index them)
             if any(_residual_or_unsure(child) for child in module._modules.values()):
-                warnings.warn(f"convert: {path or 'the model'!r} ({type(module).__name__}) left unconverted: an "
-                              "nn.Sequential subclass with its own forward, which may use its children other than "
-                              "by chaining them", stacklevel=2)  # fmt: skip
+                notes.append((module, "left unconverted: an nn.Sequential subclass with its own forward, which may "
+                                      "use its children other than by chaining them"))  # fmt: skip
             continue
         increments = {}
         for name, child in module._modules.items():
             try:
                 increments[name] = residual_increment(child)
             except NotRecognised as why:
-                warnings.warn(f"convert: {_full_name(path, name)!r} ({type(child).__name__}) left unconverted: {why}",
-                              stacklevel=2)  # fmt: skip
+                notes.append((child, f"left unconverted: {why}"))
                 increments[name] = None
         if any(increment is not None for increment in increments.values()):
-            replace_runs(module, path, increments)
+            replace_runs(module, increments)
+    final_names = {id(module): name for name, module in model.named_modules()}
+    if backward == "adjoint":
+        # The adjoint backward starts its reconstruction from the stack's output: a module that overwrote
+        # it in place would make the backward autograd's "modified by an inplace operation" error.
+        for stack in inserted:
+            receiver = _receiver(model, final_names[id(stack)])
+            if getattr(receiver, "inplace", False):
+                receiver.inplace = False
+                notes.append((receiver, "receives the output of converted blocks and now runs with inplace=False: "
+                                        "the adjoint backward reads that output"))  # fmt: skip
+    for module, note in notes:
+        warnings.warn(f"convert: {final_names[id(module)] or 'the model'!r} ({type(module).__name__}) {note}",
+                      stacklevel=2)  # fmt: skip
     return model

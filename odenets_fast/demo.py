@@ -34,6 +34,22 @@ def _activation_bytes(model: ODEMLP, x, mode: str) -> int:
     return diagnostics.saved_tensor_bytes(run, exclude=[p for p in params if p is not None])
 
 
+def _positive_int(text: str) -> int:
+    """argparse type of --steps and --depth: no step leaves nothing to report, no layer no network."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer; got {text!r}")
+    return value
+
+
+def _ratio(value: float) -> str:
+    """One decimal below 10 (1.5x is not 2x), none above."""
+    return f"{value:.1f}x" if value < 10 else f"{value:.0f}x"
+
+
 def _table(rows) -> str:
     width = max(len(k) for k, _ in rows)
     lines = [f"{'quantity':<{width}}  value", f"{'-' * width}  {'-' * 24}"]
@@ -42,8 +58,8 @@ def _table(rows) -> str:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--depth", type=int, default=256)
+    parser.add_argument("--steps", type=_positive_int, default=300)
+    parser.add_argument("--depth", type=_positive_int, default=256)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--backend", default=None, help="reference, triton or cpp (default: automatic)")
     parser.add_argument("--seed", type=int, default=0)
@@ -98,7 +114,7 @@ def main(argv=None) -> dict:
         ("time per step (median)", f"{median_ms:.2f} ms"),
         ("activation memory, adjoint", f"{adjoint_bytes / 1024:.1f} KiB"),
         ("activation memory, backprop", f"{backprop_bytes / 1024:.1f} KiB"),
-        ("backprop / adjoint memory", f"{backprop_bytes / max(adjoint_bytes, 1):.0f}x"),
+        ("backprop / adjoint memory", _ratio(backprop_bytes / max(adjoint_bytes, 1))),
         ("last_drift |x0~ - x0| / |x0|", f"{results['last_drift']:.2e}" if results["last_drift"] is not None else "-"),
         ("gradient error W (adjoint vs exact)", f"{err['W']:.2e}"),
         ("gradient error V (adjoint vs exact)", f"{err['V']:.2e}"),

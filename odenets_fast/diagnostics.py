@@ -17,7 +17,14 @@ from .ops import ode_mlp
 from .spec import check_fixed_layout, check_stack, type_name
 
 
+def _widened(t: Tensor) -> Tensor:
+    """t in float64 (float32 on MPS, which has no float64), for norms: a float16 tensor's norm overflows
+    past 65504 though every entry is finite, and bfloat16's rounds to 3 digits."""
+    return t.detach().to(torch.float32 if t.device.type == "mps" else torch.float64)
+
+
 def _relative(approx: Tensor, exact: Tensor, dims=None) -> Tensor:
+    approx, exact = _widened(approx), _widened(exact)
     err = torch.linalg.vector_norm(approx - exact, dim=dims)
     return err / torch.linalg.vector_norm(exact, dim=dims).clamp_min(torch.finfo(exact.dtype).tiny)
 
@@ -40,8 +47,8 @@ def reconstruction_error(
     """Relative error ‖x̃_n − x_n‖ / ‖x_n‖ (norms over the whole batch) for n = 0 … L.
 
     x_n are the forward states, x̃_n those the adjoint backward reconstructs from x̃_L = x_L (reset
-    to x_n at every multiple of `anchor_every`). Entry L is 0 by construction. Computed by the
-    reference in the compute dtype of x (float64 stays float64).
+    to x_n at every multiple of `anchor_every`). Entry L is 0 by construction. The states are
+    computed by the reference in the compute dtype of x (float64 stays float64), the norms in float64.
     """
     check_fixed_layout(anchor_every, "reconstruction_error")
     spec = check_stack(
@@ -75,8 +82,9 @@ def gradient_error(
 
     Both come from the same backend, for the cotangent `grad_out` on x_L (default: a standard
     Gaussian drawn from a fixed seed, so repeated calls agree). Returns a dict with a float per
-    input ("x", "W", "V", and "b", "c" when given) — ‖ĝ − g‖ / ‖g‖ — and "W_per_layer", a (P,)
-    tensor of the same error for each W_k.
+    input ("x", "W", "V", and "b", "c" when given) — ‖ĝ − g‖ / ‖g‖, the norms taken in float64 — and
+    "W_per_layer", a (P,) float64 tensor of the same error for each W_k. The two backward passes run
+    with gradients enabled, also inside torch.no_grad() or inference_mode.
     """
     check_fixed_layout(anchor_every, "gradient_error")  # "auto" would start from a fresh layout: plain adjoint's
     check_stack(
@@ -91,14 +99,20 @@ def gradient_error(
     elif not isinstance(grad_out, Tensor) or grad_out.shape != x.shape:
         raise ValueError(f"grad_out must be a tensor of the shape of x {tuple(x.shape)}")
 
+    def leaf(t: Tensor) -> Tensor:
+        # a tensor made under torch.inference_mode cannot enter an autograd graph; a copy of it can
+        return (t.clone() if t.is_inference() else t).detach().requires_grad_(True)
+
     def grads(mode: str, anchors: Optional[int]):
-        leaves = {k: t.detach().requires_grad_(True) for k, t in given.items()}
-        full = {k: leaves.get(k) for k in tensors}
-        out = ode_mlp(
-            full["x"], full["W"], full["V"], full["b"], full["c"], method=method, activation=activation,
-            T=T, backward=mode, anchor_every=anchors, scale_in=scale_in, scale_out=scale_out, backend=backend,
-        )  # fmt: skip
-        return dict(zip(leaves, torch.autograd.grad(out, list(leaves.values()), grad_out)))
+        # the measurement is two backward passes: they run inside torch.no_grad() and inference_mode too
+        with torch.inference_mode(False), torch.enable_grad():
+            leaves = {k: leaf(t) for k, t in given.items()}
+            full = {k: leaves.get(k) for k in tensors}
+            out = ode_mlp(
+                full["x"], full["W"], full["V"], full["b"], full["c"], method=method, activation=activation,
+                T=T, backward=mode, anchor_every=anchors, scale_in=scale_in, scale_out=scale_out, backend=backend,
+            )  # fmt: skip
+            return dict(zip(leaves, torch.autograd.grad(out, list(leaves.values()), grad_out)))
 
     exact, approx = grads("backprop", None), grads("adjoint", anchor_every)
     result = {k: float(_relative(approx[k], exact[k])) for k in given}
@@ -107,12 +121,13 @@ def gradient_error(
 
 
 def depth_smoothness(W: Tensor) -> float:
-    """max_k ‖W_{k+1} − W_k‖_F over the depth axis (dim 0) of stacked weights; 0 for one layer."""
+    """max_k ‖W_{k+1} − W_k‖_F over the depth axis (dim 0) of stacked weights, in float64; 0 for one layer."""
     if not isinstance(W, Tensor) or W.dim() < 1 or not W.is_floating_point():
         raise TypeError("W must be a floating-point tensor with depth as dim 0")
     if W.shape[0] < 2:
         return 0.0
-    diffs = (W[1:] - W[:-1]).detach().reshape(W.shape[0] - 1, -1)
+    wide = _widened(W)
+    diffs = (wide[1:] - wide[:-1]).reshape(W.shape[0] - 1, -1)
     return float(torch.linalg.vector_norm(diffs, dim=1).max())
 
 
@@ -120,7 +135,8 @@ def saved_tensor_bytes(fn: Callable[[], Tensor], exclude: tuple = ()) -> int:
     """Bytes of the distinct tensors autograd saves for backward while running `fn()`.
 
     Storages shared with `exclude` (typically the parameters, which exist anyway) are not
-    counted, nor is any storage counted twice. This is the activation memory of a backward mode.
+    counted, nor is any storage counted twice. This is the activation memory of a backward mode. `fn`
+    runs with gradients enabled, as in a training step, also inside torch.no_grad() or inference_mode.
     `exclude`: tensors, in any iterable (`model.parameters()`), or one tensor.
     """
     if not callable(fn):
@@ -137,6 +153,7 @@ def saved_tensor_bytes(fn: Callable[[], Tensor], exclude: tuple = ()) -> int:
             seen[ptr] = t.untyped_storage().nbytes()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    # what a training step would save: inside torch.no_grad() or inference_mode autograd would save nothing
+    with torch.inference_mode(False), torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
     return sum(seen.values())

@@ -27,6 +27,9 @@ from .spec import (
 
 INITS = ("tied", "iid", "smooth")
 SMOOTH_V_STD = 0.1  # "smooth" init: V small so that the stack starts close to the identity map
+# The `drift` buffer before the first adjoint backward. Not NaN: a drift is ≥ 0 or NaN (a non-finite
+# batch), and a NaN drift must read as nan, not as "not measured yet".
+NOT_MEASURED = -1.0
 
 
 def smooth_in_depth(num_layers: int, depth: int, shape: tuple, lengthscale: float) -> Tensor:
@@ -61,7 +64,8 @@ class ODEMLP(nn.Module):
     ``input_precision`` and ``deterministic`` are the Triton backend's knobs (see ``ode_mlp``).
 
     After a backward pass in adjoint mode, ``last_drift`` is the float ‖x̃_0 − x_0‖ / ‖x_0‖ of
-    that batch (None before the first one; backprop-mode passes leave it unchanged).
+    that batch (None before the first one; nan after a batch with a non-finite state; backprop-mode
+    passes leave it unchanged).
 
     ``anchor_every="auto"``: anchors placed by the error controller to keep each segment's drift
     under ``drift_tol`` (``strict=True`` redoes those that exceed it; see ``ode_mlp`` and
@@ -119,8 +123,8 @@ class ODEMLP(nn.Module):
         self.b = nn.Parameter(torch.empty(P, hidden, **factory)) if bias else None
         self.c = nn.Parameter(torch.empty(P, dim, **factory)) if bias else None
         # written by the adjoint backward (a tensor, not a Python attribute, so that it also works under
-        # torch.compile); NaN until the first one
-        self.register_buffer("drift", torch.full((), float("nan"), **factory), persistent=False)
+        # torch.compile); NOT_MEASURED until the first one
+        self.register_buffer("drift", torch.full((), NOT_MEASURED, **factory), persistent=False)
         if self.anchor_every == AUTO:  # the controller's state, from plain adjoint's one segment on
             self.register_buffer("anchor_mask", torch.zeros(depth, dtype=torch.bool, device=device))
             self.register_buffer("segment_drift", torch.full((depth,), segments.NO_SEGMENT, device=device),
@@ -150,7 +154,7 @@ class ODEMLP(nn.Module):
     @property
     def last_drift(self) -> Optional[float]:
         value = float(self.drift)
-        return None if math.isnan(value) else value
+        return None if value == NOT_MEASURED else value
 
     @property
     def anchor_positions(self) -> Optional[list]:

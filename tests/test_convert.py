@@ -10,7 +10,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from odenets_fast import AdjointResidualStack, convert
+from odenets_fast import ODEMLP, AdjointResidualStack, convert
 
 
 class Residual(nn.Module):
@@ -96,11 +96,63 @@ def test_an_in_place_module_after_converted_blocks_still_trains(backward):
         convert(model, backward=backward, anchor_every=1 if backward == "adjoint" else None)
     assert model[2].inplace == (backward == "backprop")
     messages = [str(w.message) for w in caught]
-    assert messages == (["convert: '3' (ReLU) follows converted blocks and now runs with inplace=False: the adjoint "
-                         "backward reads the stack's output"] if backward == "adjoint" else [])  # fmt: skip
+    warned = ["convert: '2' (ReLU) receives the output of converted blocks and now runs with inplace=False: the "
+              "adjoint backward reads that output"]  # fmt: skip
+    assert messages == (warned if backward == "adjoint" else [])
     got = torch.autograd.grad(model(x).sum(), list(model.parameters()))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _relu_in_place_after_nesting():
+    return nn.Sequential(nn.Linear(5, 6), nn.Sequential(Residual(6), Residual(6)), nn.ReLU(inplace=True))
+
+
+def _relu_in_place_after_identity():
+    return nn.Sequential(nn.Linear(5, 6), Residual(6), Residual(6), nn.Identity(), nn.ReLU(inplace=True))
+
+
+def _relu_in_place_first_in_a_sequential():
+    head = nn.Sequential(nn.ReLU(inplace=True), nn.Linear(6, 2))
+    return nn.Sequential(nn.Linear(5, 6), Residual(6), Residual(6), head)
+
+
+def _relu_in_place_after_an_empty_sequential():
+    return nn.Sequential(nn.Linear(5, 6), Residual(6), Residual(6), nn.Sequential(), nn.ReLU(inplace=True))
+
+
+@pytest.mark.parametrize("make, name", [
+    (_relu_in_place_after_nesting, "2"), (_relu_in_place_after_identity, "3"),
+    (_relu_in_place_first_in_a_sequential, "2.0"), (_relu_in_place_after_an_empty_sequential, "3"),
+])  # fmt: skip
+def test_the_module_receiving_the_stack_s_output_through_nesting_runs_out_of_place(make, name):
+    """The stack's output is followed through the Sequential chaining: out of a Sequential, into one,
+    through nn.Identity and an empty Sequential (which return their input). Before, only the next sibling
+    was checked and these failed in backward with autograd's "modified by an inplace operation"."""
+    torch.manual_seed(0)
+    model = make()
+    x = torch.randn(8, 5)
+    want = torch.autograd.grad(model(x).sum(), list(model.parameters()))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        convert(model, anchor_every=1)
+    assert [str(w.message).split(" receives")[0] for w in caught] == [f"convert: {name!r} (ReLU)"]
+    assert model.get_submodule(name).inplace is False
+    got = torch.autograd.grad(model(x).sum(), list(model.parameters()))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+class FunctionalReLUInPlace(nn.Module):
+    def forward(self, x):
+        return F.relu(x, inplace=True)
+
+
+def test_an_in_place_call_inside_a_custom_module_is_autograd_s_error():
+    """What convert does not see (documented): a custom module's own in-place call on the stack's output."""
+    model = convert(nn.Sequential(nn.Linear(5, 6), Residual(6), Residual(6), FunctionalReLUInPlace(), nn.Linear(6, 2)))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        model(torch.randn(8, 5)).sum().backward()
 
 
 @pytest.mark.parametrize("train", [True, False])
@@ -268,6 +320,20 @@ def test_unrecognisable_block_stays_with_a_warning(block, reason):
     torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-6)
 
 
+def test_warnings_name_modules_as_in_the_converted_model():
+    """Renumbering moves the children after a run, and converting an outer Sequential moves the inner ones:
+    the warnings named them by their places before conversion ('4' for what is model[2] after it)."""
+    torch.manual_seed(0)
+    inner_odd, outer_odd = DataDependent(4), DataDependent(4)
+    model = nn.Sequential(Residual(4), Residual(4), Residual(4), nn.Sequential(inner_odd, Residual(4)), outer_odd)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        convert(model)
+    named = [str(w.message).split(" left unconverted")[0] for w in caught]
+    assert named == ["convert: '1.0' (DataDependent)", "convert: '2' (DataDependent)"]
+    assert model.get_submodule("1.0") is inner_odd and model.get_submodule("2") is outer_odd
+
+
 @pytest.mark.parametrize("training", [True, False])
 def test_top_level_sequential_is_converted_in_place_keeping_modes(training):
     torch.manual_seed(0)
@@ -291,6 +357,16 @@ def test_top_level_sequential_is_converted_in_place_keeping_modes(training):
         warnings.simplefilter("error")
         convert(model)  # converting again changes nothing, quietly
     assert [(m, m.training) for m in model.modules()] == structure
+
+
+def test_an_odemlp_is_left_as_it_is_quietly():
+    """ODEMLP is memory-free already; before, a warning said torch.fx could not trace it."""
+    model = nn.Sequential(nn.Linear(4, 4), ODEMLP(4, 8, 16), Residual(4), nn.Sequential(ODEMLP(4, 8, 2)))
+    odemlp, inner = model[1], model[3]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        convert(model)
+    assert model[1] is odemlp and isinstance(model[2], AdjointResidualStack) and list(model[3]) == list(inner)
 
 
 def test_named_sequential_keeps_its_names():

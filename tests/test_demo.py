@@ -1,5 +1,7 @@
 """`make demo` end to end, at a depth and step count small enough for CI."""
 
+import pytest
+
 from odenets_fast import demo
 
 
@@ -15,3 +17,20 @@ def test_demo_trains_and_reports(capsys):
     assert 0 < results["last_drift"] < 1e-2
     assert 0 < results["gradient_error"]["W"] < 1e-2
 
+
+
+def test_demo_prints_a_small_memory_ratio_with_a_decimal(capsys):
+    """At L = 1 backprop keeps 1.5× adjoint's bytes (x_0, x_1 and x against x_0 and x_1): printed as 2x before."""
+    demo.main(["--steps", "1", "--depth", "1"])
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("backprop / adjoint memory")]
+    assert line.split()[-1] == "1.5x"
+
+
+@pytest.mark.parametrize("argument", ["--steps", "--depth"])
+@pytest.mark.parametrize("value", ["0", "-3", "many"])
+def test_demo_rejects_counts_below_one(argument, value, capsys):
+    """--steps 0 crashed with statistics.StatisticsError (the median of no step times)."""
+    with pytest.raises(SystemExit) as raised:
+        demo.main([argument, value])
+    assert raised.value.code == 2
+    assert f"argument {argument}: must be a positive integer; got {value!r}" in capsys.readouterr().err

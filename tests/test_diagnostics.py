@@ -62,6 +62,31 @@ def test_gradient_error_checks_its_stack_first():
         diagnostics.gradient_error(x, W, V, anchor_every=0)
 
 
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_gradient_error_inside_no_grad_and_inference_mode(context):
+    """Its two backward passes run with gradients enabled: before, autograd's "element 0 of tensors does
+    not require grad". Under inference_mode the tensors may be inference tensors, made there."""
+    x, W, V, b, c = make_stack(L=5, bias=True)
+    want = diagnostics.gradient_error(x, W, V, b, c)
+    with context():
+        got = diagnostics.gradient_error(*(t.clone() for t in (x, W, V, b, c)))
+    assert {k: got[k] for k in "xWVbc"} == {k: want[k] for k in "xWVbc"}
+    assert torch.equal(got["W_per_layer"], want["W_per_layer"])
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_saved_tensor_bytes_inside_no_grad_and_inference_mode(context):
+    """fn runs as in a training step: inside no_grad autograd saved nothing and the answer was 0."""
+    x, W, V, b, c = make_stack(B=32, q=8, m=8, L=16, dtype=torch.float32)
+    W.requires_grad_(True)
+
+    def run():
+        return ode_mlp(x, W, V, backward="adjoint")
+
+    with context():
+        assert diagnostics.saved_tensor_bytes(run, exclude=(W, V)) == 2 * 32 * 8 * 4  # x_0 and x_L
+
+
 def test_the_diagnostics_need_a_fixed_layout():
     x, W, V, b, c = make_stack()
     with pytest.raises(ValueError, match="reconstruction_error: anchor_every='auto' places the stored states at run time"):
@@ -69,6 +94,31 @@ def test_the_diagnostics_need_a_fixed_layout():
     # each call would start the controller from one segment: plain adjoint's error, whatever auto trains with
     with pytest.raises(ValueError, match="gradient_error: anchor_every='auto' places the stored states at run time"):
         diagnostics.gradient_error(x, W, V, anchor_every="auto")
+
+
+def test_gradient_error_of_float16_gradients_beyond_65504():
+    """The gradients are finite float16 but the exact one's norm is not (66015 > 65504): a float16 norm
+    gave inf / inf → a relative error of 0.0. In float64 it is the error of those two gradients."""
+    torch.manual_seed(0)
+    x, W, V, _, _ = smooth_stack(8, method="euler", B=256, q=16, m=32, dtype=torch.float16)
+    grad_out = (1024 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))).half()
+    err = diagnostics.gradient_error(x, W, V, grad_out=grad_out)
+    grads = {}
+    for mode in ("backprop", "adjoint"):
+        xi = x.clone().requires_grad_(True)
+        (grads[mode],) = torch.autograd.grad(ode_mlp(xi, W, V, backward=mode), xi, grad_out)
+    exact, approx = grads["backprop"].double(), grads["adjoint"].double()
+    assert torch.isinf(torch.linalg.vector_norm(grads["backprop"])) and exact.norm() > 65504
+    assert err["x"] == pytest.approx(float((approx - exact).norm() / exact.norm()), rel=1e-12)
+    assert err["x"] > 0 and err["W_per_layer"].dtype == torch.float64
+
+
+def test_depth_smoothness_of_16_bit_weights_in_float64():
+    torch.manual_seed(0)
+    W = torch.randn(3, 64, 64) * 100
+    for dtype in (torch.float16, torch.bfloat16):
+        low = W.to(dtype)
+        assert diagnostics.depth_smoothness(low) == pytest.approx(diagnostics.depth_smoothness(low.double()), rel=1e-12)
 
 
 def test_depth_smoothness():

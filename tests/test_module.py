@@ -1,5 +1,7 @@
 """ODEMLP: init structure, equivalence with the functional op, last_drift."""
 
+import math
+
 import pytest
 import torch
 
@@ -103,6 +105,19 @@ def test_backprop_mode_has_no_drift():
     model(torch.randn(2, 3)).sum().backward()
     assert model.last_drift is None
     assert model.W.grad is not None
+
+
+def test_a_nan_drift_reads_as_nan_not_as_not_measured():
+    """None means only "no adjoint backward yet": a batch with an inf entry reconstructs a NaN x̃_0, and
+    last_drift says nan (as AdjointResidualStack's does) instead of pretending nothing was measured."""
+    torch.manual_seed(0)
+    model = ODEMLP(3, 5, 4, init="smooth")
+    x = torch.randn(2, 3)
+    x[0, 0] = float("inf")
+    model(x).sum().backward()
+    assert math.isnan(model.last_drift)
+    model(torch.randn(2, 3)).sum().backward()  # a finite batch after it: measured again
+    assert 0 < model.last_drift < 1
 
 
 def test_module_trains():
