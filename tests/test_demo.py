@@ -12,16 +12,16 @@ def test_demo_trains_and_reports(capsys):
                   "depth smoothness"):  # fmt: skip
         assert label in out
     assert results["loss_end"] < results["loss_start"]
-    # x_0 and x_L only, against all 17 states and x itself (kept for a double backward)
-    assert results["activation_bytes_backprop"] == 18 * results["activation_bytes_adjoint"] // 2
+    # x_0 and x_L only, against x_0 … x_15, x itself (kept for a double backward) and a 4-byte stand-in for x_L
+    assert results["activation_bytes_backprop"] == 17 * results["activation_bytes_adjoint"] // 2 + 4
     assert 0 < results["last_drift"] < 1e-2
     assert 0 < results["gradient_error"]["W"] < 1e-2
 
 
 
 def test_demo_prints_a_small_memory_ratio_with_a_decimal(capsys):
-    """At L = 1 backprop keeps 1.5× adjoint's bytes (x_0, x_1 and x against x_0 and x_1): printed as 2x before."""
-    demo.main(["--steps", "1", "--depth", "1"])
+    """At L = 2 backprop keeps 1.5× adjoint's bytes (x_0, x_1 and x against x_0 and x_2): printed as 2x before."""
+    demo.main(["--steps", "1", "--depth", "2"])
     (line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("backprop / adjoint memory")]
     assert line.split()[-1] == "1.5x"
 
