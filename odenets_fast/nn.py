@@ -167,6 +167,12 @@ class ODEMLP(nn.Module):
         return segments.described(self.segment_drift) if self.anchor_every == AUTO else None
 
     def forward(self, x: Tensor) -> Tensor:
+        layers = self.depth + (1 if self.method == "heun" else 0)
+        if isinstance(self.W, Tensor) and tuple(self.W.shape) != (layers, self.hidden, self.dim):
+            # a replaced W would run as a stack of another shape while depth, T / depth and the repr say otherwise
+            raise ValueError(f"an ODEMLP of depth {self.depth}, hidden {self.hidden}, dim {self.dim} and method "
+                             f"{self.method!r} (set at construction) needs W of shape {(layers, self.hidden, self.dim)}; "
+                             f"got {tuple(self.W.shape)}: build a new ODEMLP for other sizes")  # fmt: skip
         auto = self.anchor_every == AUTO
         return ode_mlp(
             x, self.W, self.V, self.b, self.c,

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 from odenets_fast import ODEMLP, diagnostics, ode_mlp, reference
 from odenets_fast.spec import check_stack
@@ -134,3 +135,16 @@ def test_module_trains():
         losses.append(loss.item())
     assert losses[-1] < 0.9 * losses[0]
     assert all(a >= b for a, b in zip(losses, losses[1:]))  # gradient descent on a smooth loss
+
+
+@pytest.mark.parametrize("change", [
+    lambda model: setattr(model, "W", nn.Parameter(torch.randn(6, 8, 4))),
+    lambda model: setattr(model, "method", "heun"),
+])  # fmt: skip
+def test_parameters_of_another_depth_are_a_clear_error(change):
+    """(A W of 6 layers ran as a depth-6 stack while depth, T / depth and the repr said 3; method="heun" set
+    on an Euler model ran a depth-2 Heun stack.)"""
+    model = ODEMLP(4, 8, 3)
+    change(model)
+    with pytest.raises(ValueError, match=r"an ODEMLP of depth 3, hidden 8, dim 4 .* needs W of shape"):
+        model(torch.randn(5, 4))
