@@ -479,13 +479,14 @@ def plan(
 
 def choose_path(B: int, q: int, m: int, spec, dtype: torch.dtype, device: torch.device) -> str:
     """The path `triton_backend` runs (see `plan`); under the interpreter, the override or "fused"
-    (there is no device to model; the tests run both paths by the override)."""
+    (there is no device to model; the tests run both paths by the override), and "fused" for an empty
+    batch, which `plan` rejects."""
     forced = path_override()
     if forced is not None:
         return forced
     if fused_unsupported(B, q, m, spec.num_params) is not None:
         return "layered"
-    if device.type != "cuda":
+    if device.type != "cuda" or B == 0:  # an empty batch runs no kernel: there is no time to model
         return "fused"
     return _planned_path(B, q, m, spec.depth, spec.method, dtype, spec.input_precision, spec.backward,
                          spec.anchor_every, spec.deterministic, device)  # fmt: skip

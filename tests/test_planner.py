@@ -166,12 +166,15 @@ def test_printed_plan_and_command_line(capsys):
 
 def test_the_backend_asks_the_planner_on_cuda_only(monkeypatch):
     """Under the interpreter (CPU tensors) there is no device to model: the fused path unless
-    overridden or too wide; on CUDA, the plan's choice."""
+    overridden or too wide; on CUDA, the plan's choice, but for an empty batch."""
     x, W, V = torch.zeros(4, 8), torch.zeros(2, 16, 8), torch.zeros(2, 8, 16)
     spec = check_stack(x, W, V, None, None, method="euler", activation="gelu", T=1.0, backward="adjoint",
                        anchor_every=None, scale_in=None, scale_out=None)  # fmt: skip
     assert planner.choose_path(4, 8, 16, spec, torch.float32, torch.device("cpu")) == "fused"
     assert planner.choose_path(4, 300, 16, spec, torch.float32, torch.device("cpu")) == "layered"
+    # an empty batch on CUDA: nothing to model (plan rejected B = 0, so every empty CUDA call raised)
+    assert planner.choose_path(0, 8, 16, spec, torch.float32, torch.device("cuda")) == "fused"
+    assert planner.choose_path(0, 300, 16, spec, torch.float32, torch.device("cuda")) == "layered"
     monkeypatch.setattr(planner, "plan", lambda *args, **kwargs: type("P", (), {"path": "layered"})())
     assert planner.choose_path(4, 8, 16, spec, torch.float32, torch.device("cuda")) == "layered"
 
