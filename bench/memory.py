@@ -150,8 +150,8 @@ def _plot(path: Path, measured: dict, contenders: list, depths: list, title: str
         return {name: (depths, [measured[(name, L)][key] / scale for L in depths]) for name in contenders}
 
     save_loglog_panels(path, [
-        dict(title="peak memory of a training step (lower is better)", xlabel="depth L",
-             ylabel="MiB above the step's start, parameters and gradients excluded", series=series("peak_bytes", 2**20)),
+        dict(title="peak memory of a step, parameters and gradients excluded (lower is better)", xlabel="depth L",
+             ylabel="MiB above the step's start", series=series("peak_bytes", 2**20)),
         dict(title="time of a training step, median (lower is better)", xlabel="depth L", ylabel="ms",
              series=series("median_ms", 1)),
     ], title)  # fmt: skip
@@ -230,7 +230,7 @@ def main(argv=None, *, deadline=None) -> dict:
         return results
     _plot(stem.with_suffix(".png"), measured, contenders, depths,
           f"{env['device']}, torch {env['torch']}, odenets_fast backend {backend_name}, B={sizes.batch}, "
-          f"q={sizes.dim}, m={sizes.hidden}, {torch.get_num_threads()} CPU threads")  # fmt: skip
+          f"q={sizes.dim}, m={sizes.hidden}, torch threads: {torch.get_num_threads()}")  # fmt: skip
     print()
     print(_tables(measured, contenders, depths))
     print()
