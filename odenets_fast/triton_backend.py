@@ -47,6 +47,18 @@ WEIGHT_GRADS_ENV = "ODENETS_FAST_TRITON_WEIGHT_GRADS"
 
 def check_supported(x: Tensor, W: Tensor, path: str) -> None:
     """Raise a clear error for inputs the kernels of `path` cannot run; never compute a wrong answer."""
+    check_device_and_dtype(x)
+    if path == "layered":  # cuBLAS products and int64-indexed elementwise kernels: no further limit
+        return
+    P, m, q = W.shape
+    unsupported = planner.fused_unsupported(x.shape[0], q, m, P)
+    if unsupported is not None:
+        raise ValueError(f"backend 'triton': {unsupported} with {planner.PATH_ENV}=fused. Unset it: the layered path "
+                         f"runs such stacks")  # fmt: skip
+
+
+def check_device_and_dtype(x: Tensor) -> None:
+    """What both paths need, checked before the planner is asked (`plan` would reject float64 in its own words)."""
     if x.device.type != "cuda" and not (INTERPRETED and x.device.type == "cpu"):
         raise ValueError(
             f"backend 'triton' runs on CUDA tensors (or on CPU tensors when TRITON_INTERPRET=1 was set before "
@@ -56,13 +68,6 @@ def check_supported(x: Tensor, W: Tensor, path: str) -> None:
         raise TypeError(f"the Triton interpreter does not support {x.dtype}; use float32 or float16")
     if x.dtype == torch.float64:
         raise TypeError("backend 'triton' supports float32, float16 and bfloat16; use 'reference' or 'cpp' for float64")
-    if path == "layered":  # cuBLAS products and int64-indexed elementwise kernels: no further limit
-        return
-    P, m, q = W.shape
-    unsupported = planner.fused_unsupported(x.shape[0], q, m, P)
-    if unsupported is not None:
-        raise ValueError(f"backend 'triton': {unsupported} with {planner.PATH_ENV}=fused. Unset it: the layered path "
-                         f"runs such stacks")  # fmt: skip
 
 
 def layers_per_launch(depth: int) -> int:
@@ -146,6 +151,7 @@ def _setup(spec: StackSpec, W, V, b, c, q: int) -> tuple:
 def _path(x: Tensor, W: Tensor, spec: StackSpec) -> str:
     """The planner's choice (odenets_fast.planner); forward and backward of a call agree on it, and
     both paths save the same states, so either backward can follow either forward."""
+    check_device_and_dtype(x)
     P, m, q = W.shape
     path = planner.choose_path(x.shape[0], q, m, spec, W.dtype, x.device)
     check_supported(x, W, path)

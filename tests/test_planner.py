@@ -179,6 +179,22 @@ def test_the_backend_asks_the_planner_on_cuda_only(monkeypatch):
     assert planner.choose_path(4, 8, 16, spec, torch.float32, torch.device("cuda")) == "layered"
 
 
+def test_a_changed_tuning_knob_is_planned_afresh(monkeypatch):
+    """plan's fused estimate reads the Triton knobs (weight-gradient reduction, gradient buffer, tiles): the
+    cached choice is per knob setting (a changed knob kept the path planned under the old one)."""
+    x, W, V = torch.zeros(4, 8), torch.zeros(2, 16, 8), torch.zeros(2, 8, 16)
+    spec = check_stack(x, W, V, None, None, method="euler", activation="gelu", T=1.0, backward="adjoint",
+                       anchor_every=None, scale_in=None, scale_out=None)  # fmt: skip
+    planned = []
+    monkeypatch.setattr(planner, "plan", lambda *args, **kwargs: planned.append(1) or type("P", (), {"path": "fused"})())
+    planner._planned_path.cache_clear()
+    for reduction in ("partials", "atomic", "partials"):
+        monkeypatch.setenv("ODENETS_FAST_TRITON_WEIGHT_GRADS", reduction)
+        planner.choose_path(4, 8, 16, spec, torch.float32, torch.device("cuda"))
+    assert len(planned) == 2  # the third setting is the first's, cached
+    planner._planned_path.cache_clear()
+
+
 class _Executed:
     """FLOPs of the products and kernel launches a Triton call executes under the interpreter: every tl.dot
     (fused path) or cuBLAS product (layered path) counted at the shapes it runs, every launch of the

@@ -13,7 +13,7 @@ from helpers import activation_through_stack, make_stack, special_values
 from odenets_fast import ode_mlp
 from odenets_fast.activations import ACTIVATIONS
 from odenets_fast.planner import PATH_ENV
-from odenets_fast.triton_backend import WEIGHT_GRADS_ENV, kernel_configs
+from odenets_fast.triton_backend import GRAD_BUFFER_ENV, WEIGHT_GRADS_ENV, backward_layers_per_launch, kernel_configs
 from odenets_fast.triton_kernels.mlp_step import GradSections, reverse_programs
 
 @pytest.fixture(autouse=True)
@@ -101,10 +101,13 @@ def test_past_32_bit_offsets_and_grid_axis_limits(grads, shape, monkeypatch):
     """Sizes where a 32-bit offset or a grid axis limited to 65535 programs would break; judged against
     the atomic reduction, which keeps no buffer (a reference run would not fit in memory here)."""
     B, q, m, L = shape["B"], shape["q"], shape["m"], shape["L"]
+    sms = torch.cuda.get_device_properties(CUDA).multi_processor_count  # the persistent programs' bound
+    programs = reverse_programs(B, kernel_configs(q, m, 4).reverse.block_b, sms)
     if grads == "partials":
-        sms = torch.cuda.get_device_properties(CUDA).multi_processor_count  # the persistent programs' bound
-        programs = reverse_programs(B, kernel_configs(q, m, 4).reverse.block_b, sms)
         assert programs * GradSections(q, m).row(1) > 2**31  # the premise of the case
+    else:  # a gradient buffer that holds every layer's factors: one product launch over all 70000 layers
+        monkeypatch.setenv(GRAD_BUFFER_ENV, "256")
+        assert backward_layers_per_launch("workspace", L, 1, B, q, m, programs) > 65535  # the premise
     tensors = _stack("euler", B=B, q=q, m=m, L=L)
     grad_out = torch.randn(B, q, device=CUDA)
     run = lambda **kw: run_grads(lambda *t: ode_mlp(*t, backend="triton", **kw), tensors, grad_out)  # noqa: E731
