@@ -38,7 +38,6 @@ import torch
 
 PATHS = ("layered", "fused")
 PATH_ENV = "ODENETS_FAST_TRITON_PATH"
-TRITON_ENV_PREFIX = "ODENETS_FAST_TRITON_"  # the Triton backend's knobs (triton_backend.*_ENV) and PATH_ENV
 MAX_FUSED_WIDTH = 256  # q: the fused kernels keep a (BLOCK_B, q) float32 block on-chip (mlp_step.MAX_STATE_WIDTH)
 # "tf32x3" splits every float32 operand of the fused kernels into three TF32 parts, and above q = 128 their
 # reverse kernel does not fit in registers with any tile tried: 656–2,056 bytes of spill a thread under
@@ -489,9 +488,11 @@ def choose_path(B: int, q: int, m: int, spec, dtype: torch.dtype, device: torch.
         return "layered"
     if device.type != "cuda" or B == 0:  # an empty batch runs no kernel: there is no time to model
         return "fused"
+    from . import triton_backend  # loaded already: it is the caller
+
     # plan's fused estimate reads the backend's tuning knobs (tiles, layers per launch, gradient buffer, weight
     # gradient reduction): they are part of the cache key, so that a changed knob is planned afresh
-    knobs = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(TRITON_ENV_PREFIX)))
+    knobs = tuple(os.environ.get(name) for name in triton_backend.TUNING_ENVS)
     return _planned_path(B, q, m, spec.depth, spec.method, dtype, spec.input_precision, spec.backward,
                          spec.anchor_every, spec.deterministic, device, knobs)  # fmt: skip
 

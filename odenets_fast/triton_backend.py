@@ -43,6 +43,8 @@ PRODUCT_TILES_ENV = "ODENETS_FAST_TRITON_PRODUCT_TILES"
 GRAD_BUFFER_ENV = "ODENETS_FAST_TRITON_GRAD_BUFFER_MIB"
 DEFAULT_GRAD_BUFFER_MIB = 64
 WEIGHT_GRADS_ENV = "ODENETS_FAST_TRITON_WEIGHT_GRADS"
+# what the planner's estimate of the fused path reads besides the sizes (its cached choices are keyed by them)
+TUNING_ENVS = (LAYERS_PER_LAUNCH_ENV, *TILES_ENV, PRODUCT_TILES_ENV, GRAD_BUFFER_ENV, WEIGHT_GRADS_ENV)
 
 
 def check_supported(x: Tensor, W: Tensor, path: str) -> None:
