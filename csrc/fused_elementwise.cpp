@@ -2,7 +2,7 @@
 
 #include <c10/util/Exception.h>
 
-#include <vector>
+#include <algorithm>
 
 // Multiversioned so that one build runs everywhere yet uses the widest vectors the CPU has: GCC
 // 12 is the first to accept the x86-64-v3/v4 levels here, and the choice at load time is a glibc
@@ -163,16 +163,21 @@ ODENETS_ALWAYS_INLINE void heun_cotangents_impl(T* u1, const T* g, T* gy_raw, T 
 
 // Bias gradients sum over the whole batch: a float32 running sum of 10^5–10^6 rows loses about B·2^-24
 // of its value (500× the reference's torch.sum at B = 2^18), so the rows are summed in double. Each term
-// is still scale·row in T, so an overflow there gives the reference's inf.
+// is still scale·row in T, so an overflow there gives the reference's inf. The double sums live on the
+// stack, a chunk of columns at a time: this runs per layer, where a heap buffer would be an allocation each.
 template <typename T>
 ODENETS_ALWAYS_INLINE void accumulate_column_sums_impl(T* sums, const T* data, T scale, int64_t rows, int64_t cols,
                                                        int64_t stride) {
-  std::vector<double> column(cols, 0.0);
-  for (int64_t i = 0; i < rows; ++i) {
-    const T* row = data + i * stride;
-    for (int64_t j = 0; j < cols; ++j) column[j] += static_cast<double>(scale * row[j]);
+  constexpr int64_t kChunk = 256;
+  for (int64_t j0 = 0; j0 < cols; j0 += kChunk) {
+    const int64_t width = std::min(kChunk, cols - j0);
+    double column[kChunk] = {};
+    for (int64_t i = 0; i < rows; ++i) {
+      const T* row = data + i * stride + j0;
+      for (int64_t j = 0; j < width; ++j) column[j] += static_cast<double>(scale * row[j]);
+    }
+    for (int64_t j = 0; j < width; ++j) sums[j0 + j] = static_cast<T>(static_cast<double>(sums[j0 + j]) + column[j]);
   }
-  for (int64_t j = 0; j < cols; ++j) sums[j] = static_cast<T>(static_cast<double>(sums[j]) + column[j]);
 }
 
 template <typename T>

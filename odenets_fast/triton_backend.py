@@ -47,9 +47,9 @@ WEIGHT_GRADS_ENV = "ODENETS_FAST_TRITON_WEIGHT_GRADS"
 TUNING_ENVS = (LAYERS_PER_LAUNCH_ENV, *TILES_ENV, PRODUCT_TILES_ENV, GRAD_BUFFER_ENV, WEIGHT_GRADS_ENV)
 
 
-def check_supported(x: Tensor, W: Tensor, path: str) -> None:
-    """Raise a clear error for inputs the kernels of `path` cannot run; never compute a wrong answer."""
-    check_device_and_dtype(x)
+def check_path_limits(x: Tensor, W: Tensor, path: str) -> None:
+    """A clear error for sizes the kernels of `path` cannot index (the fused kernels' int32 offsets and
+    on-chip state), never a wrong answer; device and dtype: `check_device_and_dtype`."""
     if path == "layered":  # cuBLAS products and int64-indexed elementwise kernels: no further limit
         return
     P, m, q = W.shape
@@ -156,7 +156,7 @@ def _path(x: Tensor, W: Tensor, spec: StackSpec) -> str:
     check_device_and_dtype(x)
     P, m, q = W.shape
     path = planner.choose_path(x.shape[0], q, m, spec, W.dtype, x.device)
-    check_supported(x, W, path)
+    check_path_limits(x, W, path)
     return path
 
 

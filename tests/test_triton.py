@@ -368,10 +368,10 @@ def test_32_bit_index_limits_are_a_clear_error(B, P, message):
     W = torch.zeros(1, 1, 64, device=DEVICE).expand(P, 1, 64)
     V = torch.zeros(1, 64, 1, device=DEVICE).expand(P, 64, 1)
     with pytest.raises(ValueError, match=f"index the stacked weights and one state with int32: .*{message}"):
-        triton_backend.check_supported(x, W, "fused")
-    triton_backend.check_supported(x[: 2**25 - 1], W[: 2**25 - 1], "fused")  # just below: accepted
-    triton_backend.check_supported(x[: 2**20], W[:64], "fused")  # (L + 1)·B·q = 65 · 2^26 stored floats: fine
-    triton_backend.check_supported(x, W, "layered")  # int64 offsets and cuBLAS: no such limit
+        triton_backend.check_path_limits(x, W, "fused")
+    triton_backend.check_path_limits(x[: 2**25 - 1], W[: 2**25 - 1], "fused")  # just below: accepted
+    triton_backend.check_path_limits(x[: 2**20], W[:64], "fused")  # (L + 1)·B·q = 65 · 2^26 stored floats: fine
+    triton_backend.check_path_limits(x, W, "layered")  # int64 offsets and cuBLAS: no such limit
 
 
 def test_float64_is_a_clear_error(monkeypatch):

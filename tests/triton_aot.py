@@ -134,9 +134,8 @@ def launches_of(case) -> list:
                        deterministic=grads != "atomic")  # fmt: skip
     env = {planner.PATH_ENV: path, triton_backend.WEIGHT_GRADS_ENV: grads if grads in ("partials", "workspace") else ""}
     saved_env = {key: os.environ.get(key) for key in env}
-    saved = triton_backend.check_supported, triton_backend.check_device_and_dtype, triton_backend._processors
-    # CPU tensors stand in for CUDA ones
-    triton_backend.check_supported = triton_backend.check_device_and_dtype = lambda *args: None
+    saved = triton_backend.check_device_and_dtype, triton_backend._processors
+    triton_backend.check_device_and_dtype = lambda *args: None  # CPU tensors stand in for CUDA ones
     triton_backend._processors = lambda device: H100_SMS
     os.environ.update(env)
     try:
@@ -144,7 +143,7 @@ def launches_of(case) -> list:
             out, stored = triton_backend.forward(x, W, V, b, c, spec)
             triton_backend.backward(torch.zeros_like(out), stored, W, V, b, c, spec)
     finally:
-        triton_backend.check_supported, triton_backend.check_device_and_dtype, triton_backend._processors = saved
+        triton_backend.check_device_and_dtype, triton_backend._processors = saved
         for key, value in saved_env.items():
             os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
     return launches
